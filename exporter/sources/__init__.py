@@ -1,0 +1,25 @@
+"""Checkpoint sources: each turns a path into a Checkpoint (config + lazily loaded weights)."""
+
+from pathlib import Path
+
+from exporter.errors import UserError
+from exporter.sources.base import Checkpoint, check_llama_config
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a Hugging Face model folder or a llama.cpp GGUF file, reading headers only."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"model path not found: {path}")
+    if path.is_dir():
+        from exporter.sources.hf import open_hf_folder
+
+        return open_hf_folder(path)
+    if path.suffix.lower() == ".gguf":
+        from exporter.sources.gguf_file import open_gguf
+
+        return open_gguf(path)
+    raise UserError(f"not a model: {path} (expected a Hugging Face folder with config.json, or a .gguf file)")
+
+
+__all__ = ["Checkpoint", "check_llama_config", "open_checkpoint"]

@@ -1,0 +1,119 @@
+"""Hugging Face model folders: config.json plus one or more safetensors files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from exporter.errors import UserError
+from exporter.sources.base import Checkpoint, WeightInfo, check_llama_config, require_supported
+
+# Files a runtime tokenizer needs; tokenizer.model is left out on purpose: onnxruntime-genai prefers it over
+# tokenizer.json when present, and tokenizer.json is what every runtime here reads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _load_config(folder: Path):
+    from transformers import AutoConfig
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+    require_supported(raw.get("model_type"), folder)
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise UserError(f"{config_path}: cannot read config ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no .safetensors weights (pytorch_model.bin is not supported; convert it first)")
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{folder}: shard {path.name} named in the index is missing")
+    return files
+
+
+def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of one safetensors file, checking that the file holds all the bytes it declares."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length is past the end of the file")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+    shapes, data_end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shapes[name] = tuple(info["shape"])
+        data_end = max(data_end, info["data_offsets"][1])
+    if 8 + header_len + data_end > size:
+        raise UserError(
+            f"{path}: truncated safetensors file ({size} bytes, its header describes {8 + header_len + data_end})"
+        )
+    return shapes
+
+
+def _tensor_loader(path: Path, name: str):
+    def load() -> np.ndarray:
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32).numpy()
+
+    return load
+
+
+def open_hf_folder(folder: Path) -> Checkpoint:
+    config = _load_config(folder)
+    check_llama_config(config, folder)
+    files = _safetensors_files(folder)
+    weights: dict[str, WeightInfo] = {}
+    for path in files:
+        for name, shape in _read_header(path).items():
+            weights[name] = WeightInfo(shape=shape, load=_tensor_loader(path, name))
+
+    def write_tokenizer(dest: Path) -> list[str]:
+        written = []
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, dest / name)
+                written.append(name)
+        return written
+
+    return Checkpoint(
+        name=folder.name,
+        kind="hf",
+        path=folder,
+        config=config,
+        weights=weights,
+        files=[folder / "config.json", *files],
+        write_tokenizer=write_tokenizer,
+    )

@@ -1,0 +1,116 @@
+"""Parity of a package with the PyTorch reference (transformers' implementation of the source model).
+
+For each built-in prompt the package prefills, then decodes greedily on its own, keeping its logits. The
+reference runs once over the prompt plus those tokens. Every position's logits are compared; the package's greedy
+tokens match the reference's exactly when each of its choices is the reference's argmax at that position."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from exporter.sources import Checkpoint
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a village at the edge of a great forest, there lived",
+)
+# Used when a package has no tokenizer (token ids chosen to be valid for any vocabulary of 32+).
+FALLBACK_PROMPTS = ((1, 7, 3, 12, 5), (2, 9, 30, 4, 4, 17, 8), (11, 6, 21))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_logit_diff: float | None  # None: not checked for this precision
+    min_top1_agreement: float
+    all_greedy_tokens: bool
+
+
+TOLERANCES = {"fp32": Tolerance(max_abs_logit_diff=1e-3, min_top1_agreement=1.0, all_greedy_tokens=True)}
+
+
+def reference_model(checkpoint: Checkpoint):
+    """transformers' LlamaForCausalLM with the checkpoint's weights, fp32, eager attention."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(checkpoint.config)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state = {name: torch.from_numpy(np.array(checkpoint.weight(name).load())) for name, _ in model.named_parameters()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.tie_weights()
+    return model.eval()
+
+
+def _prompt_ids(folder) -> list[list[int]]:
+    from runtimes.onnx_package import PackageError
+    from runtimes.tokenizer import PackageTokenizer
+
+    try:
+        tokenizer = PackageTokenizer(folder)
+    except PackageError:
+        return [list(p) for p in FALLBACK_PROMPTS]
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: int = 32, log=None,
+                   reference=None) -> dict:
+    from runtimes import Decoder, OnnxPackage
+
+    package = OnnxPackage(folder)
+    reference = reference if reference is not None else reference_model(checkpoint)
+    tolerance = TOLERANCES[precision]
+    max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0
+    per_prompt = []
+    for prompt in _prompt_ids(folder):
+        decoder = Decoder(package)
+        step_logits = [decoder.prefill(prompt)]
+        tokens = []
+        for i in range(new_tokens):
+            tokens.append(int(np.argmax(step_logits[-1][-1])))
+            if i < new_tokens - 1:
+                step_logits.append(decoder.decode(tokens[-1])[None, :])
+        ours = np.concatenate(step_logits).astype(np.float32)
+        with torch.no_grad():
+            theirs = reference(torch.tensor([prompt + tokens[:-1]])).logits[0].float().numpy()
+        diff = float(np.max(np.abs(ours - theirs)))
+        reference_next = theirs[len(prompt) - 1:].argmax(-1)
+        prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference_next)) if a != b), len(tokens))
+        top1 = ours.argmax(-1) == theirs.argmax(-1)
+        per_prompt.append({"prompt_tokens": len(prompt), "max_abs_logit_diff": diff, "greedy_tokens_matched": prefix,
+                           "top1_agreement": float(top1.mean())})
+        max_diff, compared, matched = max(max_diff, diff), compared + len(tokens), matched + prefix
+        agree, positions = agree + int(top1.sum()), positions + len(top1)
+        if log:
+            log(f"  prompt {len(per_prompt)}: max |logit diff| {diff:.2e}, greedy {prefix}/{len(tokens)} tokens match")
+    top1_agreement = agree / positions
+    passed = top1_agreement >= tolerance.min_top1_agreement
+    if tolerance.max_abs_logit_diff is not None:
+        passed = passed and max_diff <= tolerance.max_abs_logit_diff
+    if tolerance.all_greedy_tokens:
+        passed = passed and matched == compared
+    return {
+        "passed": bool(passed),
+        "precision": precision,
+        "max_abs_logit_diff": max_diff,
+        "greedy_tokens_compared": compared,
+        "greedy_tokens_matched": matched,
+        "top1_agreement": top1_agreement,
+        "positions_compared": positions,
+        "tolerance": asdict(tolerance),
+        "reference": f"transformers {_transformers_version()} LlamaForCausalLM (fp32, eager)",
+        "prompts": per_prompt,
+    }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -1,0 +1,52 @@
+"""The pass interface and the runner that times each pass and counts nodes around it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import onnx_ir as ir
+
+
+@dataclass
+class PassReport:
+    name: str
+    sites: int
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class GraphPass:
+    """Subclasses set `name` and implement `apply`, returning how many sites they rewrote (0: unchanged)."""
+
+    name = "pass"
+
+    def apply(self, model: ir.Model) -> int:
+        raise NotImplementedError
+
+
+def count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())
+
+
+def run_passes(model: ir.Model, passes: list[GraphPass], log=None) -> list[PassReport]:
+    reports = []
+    for graph_pass in passes:
+        before, start = count_nodes(model), time.perf_counter()
+        sites = graph_pass.apply(model)
+        report = PassReport(graph_pass.name, sites, before, count_nodes(model), time.perf_counter() - start)
+        reports.append(report)
+        if log:
+            log(f"  {report.name:<24} {report.sites:>5} sites  {report.nodes_before:>6} -> {report.nodes_after} nodes")
+    return reports
+
+
+def format_report(reports: list[PassReport]) -> str:
+    lines = [f"{'pass':<24} {'sites':>6} {'nodes before':>13} {'nodes after':>12} {'seconds':>8}"]
+    for r in reports:
+        lines.append(f"{r.name:<24} {r.sites:>6} {r.nodes_before:>13} {r.nodes_after:>12} {r.seconds:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""A package folder opened for inference with ONNX Runtime (no onnxruntime-genai needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class PackageError(Exception):
+    """The folder is not a package this runtime can run; reported as one line."""
+
+
+class OnnxPackage:
+    def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        config_path = self.folder / "genai_config.json"
+        if not self.folder.is_dir():
+            raise PackageError(f"package not found: {self.folder}")
+        if not config_path.is_file():
+            raise PackageError(f"{self.folder}: not a package (no genai_config.json)")
+        try:
+            self.genai_config = json.loads(config_path.read_text())
+            decoder = self.genai_config["model"]["decoder"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise PackageError(f"{config_path}: unreadable ({exc})") from None
+        self.num_layers = decoder["num_hidden_layers"]
+        self.kv_heads = decoder["num_key_value_heads"]
+        self.head_size = decoder["head_size"]
+        self.vocab_size = self.genai_config["model"]["vocab_size"]
+        eos = self.genai_config["model"].get("eos_token_id")
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        names = decoder["inputs"]
+        self.past_names = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.num_layers)]
+        outputs = decoder["outputs"]
+        self.present_names = [
+            (outputs["present_key_names"] % i, outputs["present_value_names"] % i) for i in range(self.num_layers)
+        ]
+        model_path = self.folder / (model_file or decoder["filename"])
+        if not model_path.is_file():
+            raise PackageError(f"{self.folder}: model file {model_path.name} is missing")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PackageError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0][0])
+        self.kv_dtype = np.float16 if "float16" in past_type else np.float32
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_size)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.num_layers)]
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = position_ids
+        for (key_name, value_name), i in zip(self.past_names, range(0, len(past), 2)):
+            feed[key_name], feed[value_name] = past[i], past[i + 1]
+        output_names = ["logits"] + [name for pair in self.present_names for name in pair]
+        logits, *present = self.session.run(output_names, feed)
+        return logits, present

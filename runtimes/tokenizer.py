@@ -1,0 +1,23 @@
+"""The package's tokenizer.json through the `tokenizers` library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtimes.onnx_package import PackageError
+
+
+class PackageTokenizer:
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise PackageError(f"{folder}: no tokenizer.json in the package; pass token ids instead of text")
+        self.tokenizer = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

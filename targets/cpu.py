@@ -1,0 +1,19 @@
+"""The `cpu` target: an ONNX Runtime package for x86-64 and Arm CPUs, loadable by onnxruntime-genai as is."""
+
+from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes
+from targets.base import Target
+
+
+def cpu_pipeline(precision: str):
+    return [FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
+
+
+CPU = Target(
+    name="cpu",
+    description="ONNX Runtime package for CPUs (x86-64, Arm64)",
+    device="any CPU",
+    runtime="onnxruntime (CPUExecutionProvider), onnxruntime-genai",
+    precisions=("fp32",),
+    default_precision="fp32",
+    pipeline=cpu_pipeline,
+)

@@ -1,0 +1,143 @@
+"""Writing package folders: staged in a hidden sibling folder and renamed into place only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import onnx_ir as ir
+
+from targets.base import TargetError
+
+MANIFEST = "manifest.json"
+TOOL = "llama-export"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# onnx-ir writes weights concurrently up to this many bytes; one tensor at a time keeps export memory flat.
+_IN_FLIGHT_BYTES = 64 << 20
+DEFAULT_MAX_LENGTH = 4096  # genai's search max_length; the full context would allocate huge KV buffers
+
+
+def is_package(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("tool") == TOOL
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse, before any work, an output path that exists and is not a package from this tool."""
+    if not output.exists() or force:
+        return
+    if output.is_dir() and (is_package(output) or not any(output.iterdir())):
+        return
+    raise TargetError(f"output path exists and is not a llama-export package: {output} (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def staged_package(output: Path, force: bool):
+    """Yields a staging folder; on success it replaces `output`, on any failure it is deleted."""
+    check_output(output, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists() or output.is_symlink():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+        staging.rename(output)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        staging.rename(output)
+
+
+def save_model(model: ir.Model, folder: Path, progress=None) -> None:
+    """model.onnx plus one external-data file; lazy weights are read and written one at a time."""
+    def callback(tensor, info) -> None:
+        if progress:
+            progress(info.index + 1, info.total)
+
+    ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE, max_workers=1,
+            max_in_flight_bytes=_IN_FLIGHT_BYTES, callback=callback)
+
+
+def io_dims(model: ir.Model) -> dict:
+    """Names, element types and dims (symbolic ones by name) of the graph's inputs and outputs."""
+
+    def describe(values):
+        return {
+            v.name: {"dtype": v.dtype.name.lower() if v.dtype else None,
+                     "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]}
+            for v in values
+        }
+
+    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+
+
+def genai_config(config, *, context_length: int, past_present_share_buffer: bool) -> dict:
+    """onnxruntime-genai's genai_config.json for a decoder-only llama package."""
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    eos = config.eos_token_id
+    return {
+        "model": {
+            "bos_token_id": config.bos_token_id,
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": head_size,
+                "hidden_size": config.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else
+            (eos[0] if isinstance(eos, list) else eos),
+            "type": "llama",
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": min(context_length, DEFAULT_MAX_LENGTH),
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": past_present_share_buffer,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
