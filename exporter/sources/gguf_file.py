@@ -117,7 +117,8 @@ def _open_reader(path: Path):
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError, struct errors, or numpy errors on bad files
-        raise UserError(f"{path}: not a readable GGUF file ({str(exc).strip().splitlines()[0]})") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable GGUF file: truncated or corrupt ({detail})") from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:

@@ -1,0 +1,96 @@
+"""The real default model (SmolLM2-135M-Instruct GGUF) end to end: export, verify, run, onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from runtimes import OnnxPackage, generate
+from runtimes.tokenizer import PackageTokenizer
+
+
+def test_gguf_weights_equal_transformers_gguf_loader(default_gguf):
+    """Our lazy GGUF reader (dequantization + Q/K row order) against transformers' own GGUF loading."""
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF
+    from transformers import AutoModelForCausalLM
+
+    from exporter.sources import open_checkpoint
+
+    checkpoint = open_checkpoint(default_gguf)
+    reference = AutoModelForCausalLM.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+    state = reference.state_dict()
+    assert len(state) == 273
+    for name, tensor in state.items():
+        assert np.array_equal(checkpoint.weight(name).load(), tensor.numpy()), name
+
+
+def test_default_package_verifies(default_package):
+    manifest = json.loads((default_package / "manifest.json").read_text())
+    parity = manifest["parity"]
+    assert parity["passed"]
+    assert parity["max_abs_logit_diff"] <= 1e-3
+    assert parity["greedy_tokens_compared"] >= 3 * 32
+    assert parity["greedy_tokens_matched"] == parity["greedy_tokens_compared"]
+    assert manifest["model"]["num_hidden_layers"] == 30 and manifest["model"]["tie_word_embeddings"]
+    assert manifest["source"]["content_hash"] == (
+        "sha256:" + __import__("hashlib").sha256(
+            b"SmolLM2-135M-Instruct.Q4_1.gguf" + open(manifest["source"]["path"], "rb").read()).hexdigest())
+
+
+def test_verify_command_writes_json(default_package, tmp_path):
+    report = tmp_path / "verify.json"
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "verify", str(default_package), "--json",
+                             str(report)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    for key in ("max_abs_logit_diff", "greedy_tokens_compared", "greedy_tokens_matched", "top1_agreement", "passed"):
+        assert key in data
+    assert data["passed"] and data["max_abs_logit_diff"] <= 1e-3
+    assert "PASSED" in result.stdout
+
+
+def test_run_command_prints_the_greedy_continuation(default_package):
+    prompt = "The capital of France is"
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "run", str(default_package), "--prompt", prompt,
+                             "--max-new-tokens", "12"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    tokenizer = PackageTokenizer(default_package)
+    tokens = list(generate(OnnxPackage(default_package), tokenizer.encode(prompt), 12))
+    assert result.stdout == prompt + tokenizer.decode(tokens) + "\n"
+    assert "Paris" in result.stdout
+
+
+def test_greedy_tokens_equal_transformers_generate(default_package, default_gguf):
+    """The package's own generation loop against transformers' generate() on the GGUF's weights."""
+    from conftest import transformers_greedy
+    from exporter.sources import open_checkpoint
+    from exporter.verify import reference_model
+
+    tokenizer = PackageTokenizer(default_package)
+    prompt = tokenizer.encode("Here is a short poem about the sea:\n")
+    ours = list(generate(OnnxPackage(default_package), prompt, 40, stop_ids=set()))
+    assert ours == transformers_greedy(reference_model(open_checkpoint(default_gguf)), prompt, 40)
+
+
+def test_onnxruntime_genai_loads_and_generates_the_same_tokens(default_package):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(default_package))
+    tokenizer = og.Tokenizer(model)
+    prompt = "List three colours of the rainbow:"
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    assert ids == PackageTokenizer(default_package).encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 32, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = list(generate(OnnxPackage(default_package), ids, len(theirs)))
+    assert len(theirs) >= 8
+    assert theirs == ours
