@@ -100,8 +100,20 @@ def transformers_greedy(folder_or_model, prompt_ids: list[int], new_tokens: int)
     return out[0, len(prompt_ids):].tolist()
 
 
-def numpy_close(a, b, atol):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= atol
+def genai_greedy(folder: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai on the package folder (it stops early at an end token)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
 
 
 def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:

@@ -74,22 +74,22 @@ def test_not_a_gguf(tmp_path):
     assert_clean_failure(run_cli("--model", str(path), "-o", str(out)), out, "not a readable GGUF")
 
 
-def test_non_llama_architecture(tmp_path, tiny_folder):
-    folder = tmp_path / "gpt2"
-    shutil.copytree(tiny_folder, folder)
+def copy_with_config(source: Path, folder: Path, **changes) -> Path:
+    shutil.copytree(source, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    config.update(changes)
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_non_llama_architecture(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"])
     out = tmp_path / "out"
     assert_clean_failure(run_cli("--model", str(folder), "-o", str(out)), out, "unsupported architecture 'gpt2'")
 
 
 def test_missing_tensor(tmp_path, tiny_folder):
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_folder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 3  # the weights hold only two layers
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = copy_with_config(tiny_folder, tmp_path / "model", num_hidden_layers=3)  # the weights hold two
     out = tmp_path / "out"
     assert_clean_failure(run_cli("--model", str(folder), "-o", str(out)), out, "model.layers.2")
 

@@ -78,19 +78,11 @@ def test_greedy_tokens_equal_transformers_generate(default_package, default_gguf
 
 def test_onnxruntime_genai_loads_and_generates_the_same_tokens(default_package):
     og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(default_package))
-    tokenizer = og.Tokenizer(model)
+    from conftest import genai_greedy
+
     prompt = "List three colours of the rainbow:"
-    ids = [int(i) for i in tokenizer.encode(prompt)]
+    ids = [int(i) for i in og.Tokenizer(og.Model(str(default_package))).encode(prompt)]
     assert ids == PackageTokenizer(default_package).encode(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 32, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
-    ours = list(generate(OnnxPackage(default_package), ids, len(theirs)))
+    theirs = genai_greedy(default_package, ids, 32)
     assert len(theirs) >= 8
-    assert theirs == ours
+    assert theirs == list(generate(OnnxPackage(default_package), ids, len(theirs)))

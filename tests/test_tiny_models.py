@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import VARIANTS, make_hf_model, transformers_greedy
+from conftest import VARIANTS, genai_greedy, make_hf_model, transformers_greedy
 from exporter.pipeline import ExportOptions, export
 from runtimes import OnnxPackage, generate
 
@@ -93,17 +93,9 @@ def test_sharded_checkpoint(tmp_path):
 
 
 def test_onnxruntime_genai_generates_the_same_tokens(packages):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     folder = packages["llama3-gqa"]
     prompt = [1, 17, 42, 99, 5]
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 20, min_length=len(prompt) + 20, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
-    ours = list(generate(OnnxPackage(folder), prompt, len(theirs), stop_ids=set()))
-    assert theirs == ours
+    theirs = genai_greedy(folder, prompt, 20)
+    assert len(theirs) >= 4
+    assert theirs == list(generate(OnnxPackage(folder), prompt, len(theirs), stop_ids=set()))

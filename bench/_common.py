@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmarks: the default model as a Hugging Face folder, and child-process peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def default_model_as_hf_folder(folder: Path) -> Path:
+    """Write the default GGUF's (dequantized) weights as an fp32 safetensors folder the reference tools read."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from safetensors.torch import save_file
+
+    from exporter.default_model import default_model_path
+    from exporter.sources import open_checkpoint
+
+    checkpoint = open_checkpoint(default_model_path())
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: torch.from_numpy(info.load().copy()) for name, info in checkpoint.weights.items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = checkpoint.config.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    checkpoint.write_tokenizer(folder)
+    return folder
+
+
+def run_measured(command: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak resident memory of a child process (run alone, so RUSAGE_CHILDREN is its own)."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+         "sys.exit(r.returncode)", *command],
+        capture_output=True, text=True, env={**os.environ, **(env or {})},
+    )
+    seconds = time.perf_counter() - start
+    peak = next((int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)
+    if result.returncode != 0:
+        raise SystemExit(f"{command[0]} failed:\n{result.stderr[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mb": peak / 1024}
