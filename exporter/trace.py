@@ -157,3 +157,8 @@ def _bind_weights(model: ir.Model, checkpoint: Checkpoint, parameter_names: set[
         model.graph.register_initializer(value)
     if bound == 0:
         raise UserError("tracing produced no weight initializers; the exporter's naming may have changed")
+    initializers = model.graph.initializers
+    if checkpoint.config.tie_word_embeddings and {"lm_head.weight", "model.embed_tokens.weight"} <= set(initializers):
+        # The exporter lists a tied parameter under both names; keep one so it is stored once.
+        lm_head = initializers.pop("lm_head.weight")
+        lm_head.replace_all_uses_with(initializers["model.embed_tokens.weight"])

@@ -55,6 +55,43 @@ def lazy_transform(source: ir.TensorProtocol, fn, dtype: ir.DataType, shape, nam
     return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
 
 
+class ShareTiedEmbedding(GraphPass):
+    """A tied embedding feeds both a row Gather (lookup) and a Transpose (lm_head). Looking tokens up as columns of
+    the transposed table, Gather(W^T, ids, axis=1) then a small activation transpose, leaves one weight to store."""
+
+    name = "share-tied-embedding"
+
+    def apply(self, model: ir.Model) -> int:
+        sites = 0
+        for weight in list(model.graph.initializers.values()):
+            if weight.shape is None or len(weight.shape) != 2:
+                continue
+            users = [node for node, _ in weight.uses()]
+            gathers = [n for n in users if n.op_type == "Gather" and n.inputs[0] is weight
+                       and n.attributes.get_int("axis", 0) == 0]
+            transposes = [n for n in users if n.op_type == "Transpose"
+                          and list(n.attributes.get_ints("perm", [1, 0])) == [1, 0]]
+            if not gathers or not transposes or len(gathers) + len(transposes) != len(users):
+                continue
+            if len({id(n) for n in transposes}) > 1:
+                continue
+            transposed = transposes[0].outputs[0]
+            for gather in gathers:
+                ids = gather.inputs[1]
+                rank = len(ids.shape) if ids.shape is not None else None
+                if rank is None:
+                    break
+                columns = ir.node("Gather", [transposed, ids], attributes={"axis": 1})
+                # [hidden, *ids] -> [*ids, hidden]
+                back = ir.node("Transpose", [columns.outputs[0]], attributes={"perm": [*range(1, rank + 1), 0]})
+                model.graph.insert_before(gather, [columns, back])
+                gather.outputs[0].replace_all_uses_with(back.outputs[0])
+                back.outputs[0].shape, back.outputs[0].type = gather.outputs[0].shape, gather.outputs[0].type
+                model.graph.remove(gather, safe=True)
+                sites += 1
+        return sites
+
+
 class FoldWeightTransposes(GraphPass):
     """Transpose(weight) -> a transposed weight, computed lazily when the package is written, so MatMul reads
     its weight directly instead of transposing it on every run (or at session start)."""

@@ -1,11 +1,11 @@
 """The `cpu` target: an ONNX Runtime package for x86-64 and Arm CPUs, loadable by onnxruntime-genai as is."""
 
-from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes
+from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
 from targets.base import Target
 
 
 def cpu_pipeline(precision: str):
-    return [FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
+    return [ShareTiedEmbedding(), FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
 
 
 CPU = Target(

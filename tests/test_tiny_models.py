@@ -99,3 +99,15 @@ def test_onnxruntime_genai_generates_the_same_tokens(packages):
     theirs = genai_greedy(folder, prompt, 20)
     assert len(theirs) >= 4
     assert theirs == list(generate(OnnxPackage(folder), prompt, len(theirs), stop_ids=set()))
+
+
+def test_tied_embedding_is_stored_once(packages, tiny_models):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_models["llama3.2-tied"])
+    unique_bytes = sum(p.numel() for p in model.parameters()) * 4  # parameters() counts a tied tensor once
+    embedding_bytes = model.model.embed_tokens.weight.numel() * 4
+    data_bytes = (packages["llama3.2-tied"] / "model.onnx.data").stat().st_size
+    assert unique_bytes <= data_bytes < unique_bytes + embedding_bytes // 2
+    manifest = json.loads((packages["llama3.2-tied"] / "manifest.json").read_text())
+    assert {p["name"]: p["sites"] for p in manifest["passes"]}["share-tied-embedding"] == 1
