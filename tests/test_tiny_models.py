@@ -108,6 +108,7 @@ def test_tied_embedding_is_stored_once(packages, tiny_models):
     unique_bytes = sum(p.numel() for p in model.parameters()) * 4  # parameters() counts a tied tensor once
     embedding_bytes = model.model.embed_tokens.weight.numel() * 4
     data_bytes = (packages["llama3.2-tied"] / "model.onnx.data").stat().st_size
-    assert unique_bytes <= data_bytes < unique_bytes + embedding_bytes // 2
+    # Tiny norm weights stay inline in model.onnx, so the file holds a little less than every parameter.
+    assert unique_bytes - embedding_bytes < data_bytes <= unique_bytes
     manifest = json.loads((packages["llama3.2-tied"] / "manifest.json").read_text())
     assert {p["name"]: p["sites"] for p in manifest["passes"]}["share-tied-embedding"] == 1
