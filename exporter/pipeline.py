@@ -65,7 +65,7 @@ def export(options: ExportOptions) -> Path:
     progress.end(f"{sum(1 for _ in model.graph)} nodes")
 
     progress.begin(f"Running the '{target.name}' passes ({precision})")
-    reports = run_passes(model, target.pipeline(precision), log=progress.log)
+    reports = run_passes(model, target.pipeline(precision, config), log=progress.log)
     progress.end()
     if options.report:
         print(format_report(reports))

@@ -1,11 +1,21 @@
 """The `cpu` target: an ONNX Runtime package for x86-64 and Arm CPUs, loadable by onnxruntime-genai as is."""
 
+from passes.attention import FuseGroupQueryAttention, FuseRMSNorm, FuseRotary, SimplifyPatterns
 from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
 from targets.base import Target
 
 
-def cpu_pipeline(precision: str):
-    return [ShareTiedEmbedding(), FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
+def cpu_pipeline(precision: str, config):
+    return [
+        ShareTiedEmbedding(),
+        FoldWeightTransposes(),
+        FoldConstants(),
+        SimplifyPatterns(),
+        FuseRMSNorm(),
+        FuseRotary(),
+        FuseGroupQueryAttention(max_positions=config.max_position_embeddings),
+        RemoveDeadNodes(),
+    ]
 
 
 CPU = Target(
