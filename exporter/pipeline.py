@@ -74,10 +74,8 @@ def export(options: ExportOptions) -> Path:
         progress.begin("Writing the package (weights streamed one tensor at a time)")
         pkg.save_model(model, staging, progress=progress.counter("weights"))
         io = pkg.io_dims(model)
+        pkg.write_json(staging / "genai_config.json", pkg.genai_config_for(model, config))
         del model
-        context = config.max_position_embeddings
-        pkg.write_json(staging / "genai_config.json",
-                       pkg.genai_config(config, context_length=context, past_present_share_buffer=False))
         tokenizer_files = checkpoint.write_tokenizer(staging)
         if not tokenizer_files:
             progress.log("      note: the source has no tokenizer; `run` will need token ids")

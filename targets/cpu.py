@@ -2,6 +2,8 @@
 
 from passes.attention import FuseGroupQueryAttention, FuseRMSNorm, FuseRotary, SimplifyPatterns
 from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
+from passes.normalization import FuseSkipRMSNorm
+from passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
 from targets.base import Target
 
 
@@ -14,7 +16,11 @@ def cpu_pipeline(precision: str, config):
         FuseRMSNorm(),
         FuseRotary(),
         FuseGroupQueryAttention(max_positions=config.max_position_embeddings),
+        FuseSkipRMSNorm(),
+        PackQKV(),
+        PackGateUp(),
         RemoveDeadNodes(),
+        RemoveUnusedInputs(),
     ]
 
 

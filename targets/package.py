@@ -85,7 +85,15 @@ def io_dims(model: ir.Model) -> dict:
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
 
 
-def genai_config(config, *, context_length: int, past_present_share_buffer: bool) -> dict:
+def genai_config_for(model: ir.Model, config) -> dict:
+    """genai_config.json matching the graph: position_ids only if it is an input, a shared KV buffer with GQA."""
+    inputs = {v.name for v in model.graph.inputs}
+    has_gqa = any(n.op_type == "GroupQueryAttention" for n in model.graph)
+    return genai_config(config, context_length=config.max_position_embeddings, past_present_share_buffer=has_gqa,
+                        position_ids="position_ids" in inputs)
+
+
+def genai_config(config, *, context_length: int, past_present_share_buffer: bool, position_ids: bool = True) -> dict:
     """onnxruntime-genai's genai_config.json for a decoder-only llama package."""
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     eos = config.eos_token_id
@@ -101,7 +109,7 @@ def genai_config(config, *, context_length: int, past_present_share_buffer: bool
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({"position_ids": "position_ids"} if position_ids else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },

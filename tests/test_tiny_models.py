@@ -68,10 +68,11 @@ def test_package_layout_and_io(packages):
     assert model.opset_import[0].version == 23 or any(o.version == 23 for o in model.opset_import if o.domain == "")
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    assert inputs == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+    # position_ids is dropped: rotary runs inside GroupQueryAttention, from the cache length.
+    assert inputs == ["input_ids", "attention_mask", "past_key_values.0.key",
                       "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
     assert outputs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
-    past = model.graph.input[3].type.tensor_type.shape.dim
+    past = model.graph.input[2].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in past] == ["batch", 2, "past_sequence", 16]
     # Every weight lives in the external-data file, none inline.
     big_inline = [t.name for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
@@ -83,7 +84,8 @@ def test_package_layout_and_io(packages):
     assert manifest["io"]["inputs"]["input_ids"]["shape"] == ["batch", "sequence"]
     genai = json.loads((folder / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2
-    assert genai["search"]["past_present_share_buffer"] is False
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert "position_ids" not in genai["model"]["decoder"]["inputs"]
 
 
 def test_sharded_checkpoint(tmp_path):
