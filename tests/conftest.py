@@ -32,10 +32,10 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. Once upon a time there w
           "def add(a, b):\n    return a + b\n") * 20
 
 
-def tiny_config(variant: str):
+def tiny_config(variant: str, **overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**{"tie_word_embeddings": False, **TINY, **VARIANTS[variant]})
+    return LlamaConfig(**{"tie_word_embeddings": False, **TINY, **VARIANTS[variant], **overrides})
 
 
 def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -53,11 +53,11 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
         "add_bos_token": False, "model_max_length": 512}))
 
 
-def make_hf_model(folder: Path, variant: str, seed: int = 0, max_shard_size: str | None = None) -> Path:
+def make_hf_model(folder: Path, variant: str, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(variant)).eval()
+    model = LlamaForCausalLM(tiny_config(variant, **overrides)).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     write_tiny_tokenizer(folder, TINY["vocab_size"])

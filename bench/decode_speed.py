@@ -1,0 +1,97 @@
+"""Decode and prefill speed of the default model's fp32 cpu package, llama-export against onnxruntime-genai's model
+builder, both run by onnxruntime-genai in one process, alternating.
+
+    python bench/decode_speed.py [--work DIR] [--runs 5] [--new-tokens 128] [--prefill 512] [--precision fp32]
+
+Builds both packages first (the builder from the default GGUF dequantized into a Hugging Face folder)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import default_model_as_hf_folder  # noqa: E402
+
+
+def build(work: Path, precision: str, extra_ours: list[str], extra_genai: list[str]) -> dict[str, Path]:
+    hf = default_model_as_hf_folder(work / "hf")
+    ours, genai = work / f"ours-{precision}", work / f"genai-{precision}"
+    if not (ours / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", precision, "-q",
+                        "--force", "-o", str(ours), *extra_ours], check=True)
+    if not (genai / "genai_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
+                        "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache"), *extra_genai], check=True,
+                       stdout=subprocess.DEVNULL)
+    return {"llama-export": ours, "onnxruntime-genai builder": genai}
+
+
+def decode_rate(og, model, tokenizer, new_tokens: int) -> float:
+    prompt = tokenizer.encode("Write a short story about a lighthouse keeper who finds a message in a bottle.")
+    params = og.GeneratorParams(model)
+    total = len(prompt) + new_tokens
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    generator.generate_next_token()  # the first token comes from the prefill
+    start = time.perf_counter()
+    steps = 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+def prefill_seconds(og, model, length: int) -> float:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length + 8, do_sample=False)
+    generator = og.Generator(model, params)
+    ids = [(i * 7919) % 40000 + 100 for i in range(length)]  # fixed, valid token ids
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="working folder, reused between runs (default: a temporary one)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--precision", default="fp32")
+    args = parser.parse_args()
+    import onnxruntime_genai as og
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
+    packages = build(work, args.precision, [], [])
+    models = {name: og.Model(str(path)) for name, path in packages.items()}
+    tokenizers = {name: og.Tokenizer(model) for name, model in models.items()}
+    for name, model in models.items():  # warm-up
+        decode_rate(og, model, tokenizers[name], 8)
+    decode, prefill = {n: [] for n in models}, {n: [] for n in models}
+    for run in range(args.runs):
+        for name, model in models.items():  # alternating, so drift hits both alike
+            decode[name].append(decode_rate(og, model, tokenizers[name], args.new_tokens))
+            prefill[name].append(prefill_seconds(og, model, args.prefill))
+        print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s" for n in models),
+              file=sys.stderr)
+    print(f"\n{args.precision} cpu package, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, "
+          f"median of {args.runs}")
+    print(f"{'package':<28} {'decode tok/s':>13} {f'prefill {args.prefill} ms':>15} {'size MB':>8}")
+    sizes = {n: sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) / 1e6 for n, path in packages.items()}
+    for name in models:
+        print(f"{name:<28} {statistics.median(decode[name]):>13.1f} {statistics.median(prefill[name]) * 1e3:>15.0f} "
+              f"{sizes[name]:>8.0f}")
+    ours, theirs = (statistics.median(decode[n]) for n in models)
+    ours_p, theirs_p = (statistics.median(prefill[n]) for n in models)
+    print(f"ratio (llama-export / builder): decode {ours / theirs:.2f}x, prefill time {ours_p / theirs_p:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Fusion passes on traced tiny models: sites rewritten per layer, outputs equal to the unfused graph, graphs the
+passes do not recognise left alone, and no weight read while the passes run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from conftest import make_hf_model
+from exporter.sources import open_checkpoint
+from exporter.trace import trace_to_onnx
+from passes import run_passes
+from passes.attention import FuseGroupQueryAttention
+from passes.cleanup import SMALL_VALUE_LIMIT, FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
+from targets.cpu import cpu_pipeline
+
+LAYERS = 2
+CLEANUP = [ShareTiedEmbedding(), FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
+
+
+def _counting(checkpoint, reads: list[str]):
+    """Wrap every weight loader so reads of weight-sized tensors are recorded."""
+    for name, info in checkpoint.weights.items():
+        original = info.load
+
+        def load(original=original, name=name, size=int(np.prod(info.shape))):
+            if size > SMALL_VALUE_LIMIT:
+                reads.append(name)
+            return original()
+
+        info.load = load
+    return checkpoint
+
+
+def _session(model: ir.Model, folder, name: str) -> ort.InferenceSession:
+    ir.save(model, folder / f"{name}.onnx", external_data=f"{name}.onnx.data")
+    return ort.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _run(session, feeds: dict) -> dict:
+    names = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    return dict(zip(outputs, session.run(None, {k: v for k, v in feeds.items() if k in names})))
+
+
+@pytest.fixture(scope="module", params=["llama1-mha", "llama2-gqa", "llama3.1-rope-scaling", "llama3.2-tied"])
+def traced(request, tmp_path_factory):
+    # Wider than TINY so that every matrix exceeds the folding size limit: a read of any of them is visible.
+    folder = make_hf_model(tmp_path_factory.mktemp("fusion") / request.param, request.param, seed=7,
+                           hidden_size=128, intermediate_size=256)
+    reads: list[str] = []
+    checkpoint = _counting(open_checkpoint(folder), reads)
+    unfused = trace_to_onnx(checkpoint)
+    run_passes(unfused, CLEANUP)
+    fused = trace_to_onnx(checkpoint)
+    reports = {r.name: r.sites for r in run_passes(fused, cpu_pipeline("fp32", checkpoint.config))}
+    reads_during_passes = list(reads)
+    work = tmp_path_factory.mktemp("sessions")
+    return {"config": checkpoint.config, "reports": reports, "reads": reads_during_passes,
+            "unfused": _session(unfused, work, "unfused"), "fused": _session(fused, work, "fused"), "model": fused}
+
+
+def test_each_fusion_rewrites_every_layer(traced):
+    r = traced["reports"]
+    assert r["fuse-rms-norm"] == 2 * LAYERS + 1
+    assert r["fuse-rotary"] == 2 * LAYERS  # q and k of each layer
+    assert r["fuse-gqa"] == LAYERS
+    assert r["fuse-skip-rms-norm"] == 2 * LAYERS + 1
+    assert r["pack-qkv"] == LAYERS
+    assert r["pack-gate-up"] == LAYERS
+    assert r["remove-unused-inputs"] == 1  # position_ids
+
+
+def test_fused_graph_has_the_onnxruntime_kernels(traced):
+    ops = [n.op_type for n in traced["model"].graph]
+    assert ops.count("GroupQueryAttention") == LAYERS
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    for gone in ("Attention", "RotaryEmbedding", "RMSNormalization", "Softmax"):
+        assert gone not in ops
+    assert ops.count("MatMul") <= 4 * LAYERS + 1
+
+
+def test_no_weight_is_read_by_the_passes(traced):
+    assert traced["reads"] == []
+
+
+def test_fused_outputs_equal_unfused(traced):
+    config = traced["config"]
+    head_dim = config.hidden_size // config.num_attention_heads
+    rng = np.random.default_rng(0)
+    past = {f"past_key_values.{i}.{kind}": np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32)
+            for i in range(LAYERS) for kind in ("key", "value")}
+    ids = rng.integers(3, config.vocab_size, size=(1, 6))
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, 6), np.int64),
+             "position_ids": np.arange(6)[None], **past}
+    first = {name: _run(traced[name], feeds) for name in ("unfused", "fused")}
+    for key in first["unfused"]:
+        np.testing.assert_allclose(first["fused"][key], first["unfused"][key], atol=1e-4, rtol=0)
+    # One decode step on the cache each graph produced.
+    step = {"input_ids": ids[:, -1:], "attention_mask": np.ones((1, 7), np.int64), "position_ids": np.array([[6]])}
+    for name in ("unfused", "fused"):
+        step_feeds = {**step, **{k.replace("present", "past_key_values"): v for k, v in first[name].items()
+                                 if k.startswith("present")}}
+        first[name] = _run(traced[name], step_feeds)
+    for key in first["unfused"]:
+        np.testing.assert_allclose(first["fused"][key], first["unfused"][key], atol=1e-4, rtol=0)
+
+
+def test_gqa_leaves_a_non_causal_attention_alone(tmp_path):
+    """A bidirectional mask is not what GroupQueryAttention computes: the site must be left unchanged."""
+    folder = make_hf_model(tmp_path / "m", "llama2-gqa", seed=1)
+    checkpoint = open_checkpoint(folder)
+    model = trace_to_onnx(checkpoint)
+    pipeline = cpu_pipeline("fp32", checkpoint.config)
+    upto_gqa = pipeline[: [type(p) for p in pipeline].index(FuseGroupQueryAttention)]
+    run_passes(model, upto_gqa)
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    mask = attention.inputs[3]
+    everything = ir.node("Or", [mask, ir.node("Not", [mask]).outputs[0]])  # always true: no causality
+    model.graph.insert_after(mask.producer(), [everything.inputs[1].producer(), everything])
+    attention.replace_input_with(3, everything.outputs[0])
+    before = [n.op_type for n in model.graph]
+    assert FuseGroupQueryAttention(checkpoint.config.max_position_embeddings).apply(model) == LAYERS - 1
+    after = [n.op_type for n in model.graph]
+    assert after.count("Attention") == 1 and before.count("Attention") == LAYERS
+
+
+def test_fusions_leave_an_unrelated_graph_unchanged():
+    x = ir.Value(name="x", shape=ir.Shape([2, 3, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", const_value=ir.tensor(np.ones((8, 4), np.float32)))
+    w.shape, w.type = ir.Shape([8, 4]), ir.TensorType(ir.DataType.FLOAT)
+    mm = ir.node("MatMul", [x, w])
+    relu = ir.node("Relu", [mm.outputs[0]])
+    relu.outputs[0].name = "y"
+    graph = ir.Graph([x], relu.outputs, nodes=[mm, relu], initializers=[w], opset_imports={"": 23})
+    model = ir.Model(graph, ir_version=10)
+
+    class Config:
+        max_position_embeddings = 64
+
+    reports = run_passes(model, cpu_pipeline("fp32", Config()))
+    assert all(r.sites == 0 for r in reports), [(r.name, r.sites) for r in reports]
+    assert [n.op_type for n in model.graph] == ["MatMul", "Relu"]
