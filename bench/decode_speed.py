@@ -28,7 +28,7 @@ def build(work: Path, precision: str, extra_ours: list[str], extra_genai: list[s
     if not (genai / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
                         "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache"), *extra_genai], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return {"llama-export": ours, "onnxruntime-genai builder": genai}
 
 

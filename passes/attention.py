@@ -17,7 +17,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import onnx_fusions, rewrite
 
-from passes.base import GraphPass, count_nodes
+from passes.base import GraphPass, count_nodes, replace_value
 from passes.cleanup import FoldConstants
 from passes.evaluate import NotEvaluable, evaluate
 
@@ -313,10 +313,6 @@ class FuseGroupQueryAttention(GraphPass):
         )
         graph.insert_before(site.attention, gqa)
         output, present_key, present_value = gqa.outputs
-        output.shape, output.type = site.output.shape, site.output.type
-        site.output.replace_all_uses_with(output, replace_graph_outputs=True)
-        for old, new in ((site.key_concat.outputs[0], present_key), (site.value_concat.outputs[0], present_value)):
-            new.shape, new.type = old.shape, old.type
-            name = old.name
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            old.name, new.name = f"{name}.unfused", name
+        replace_value(site.output, output)
+        replace_value(site.key_concat.outputs[0], present_key)
+        replace_value(site.value_concat.outputs[0], present_value)

@@ -29,6 +29,15 @@ class GraphPass:
         raise NotImplementedError
 
 
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Route every use of `old` to `new`; a graph output keeps its name, so the model's IO does not change."""
+    new.shape, new.type = old.shape, old.type
+    was_output, name = old.is_graph_output(), old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output:
+        old.name, new.name = f"{name}.replaced", name
+
+
 def count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in model.graph.all_nodes())
 

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 
-from passes.base import GraphPass, count_nodes
+from passes.base import GraphPass, count_nodes, replace_value
 
 # Folding reads its inputs; above this many elements a value is a weight, and weights are only touched lazily.
 SMALL_VALUE_LIMIT = 8192
@@ -56,8 +56,9 @@ def lazy_transform(source: ir.TensorProtocol, fn, dtype: ir.DataType, shape, nam
 
 
 class ShareTiedEmbedding(GraphPass):
-    """A tied embedding feeds both a row Gather (lookup) and a Transpose (lm_head). Looking tokens up as columns of
-    the transposed table, Gather(W^T, ids, axis=1) then a small activation transpose, leaves one weight to store."""
+    """A tied embedding feeds a row Gather (lookup) and, transposed, the lm_head MatMul. Folding that transpose would
+    store the table twice; instead the lm_head becomes Gemm(x, W, transB=1) on the same [vocab, hidden] tensor
+    (flattened to 2-D around it), so one copy serves both and the lookup stays a contiguous row Gather."""
 
     name = "share-tied-embedding"
 
@@ -71,25 +72,35 @@ class ShareTiedEmbedding(GraphPass):
                        and n.attributes.get_int("axis", 0) == 0]
             transposes = [n for n in users if n.op_type == "Transpose"
                           and list(n.attributes.get_ints("perm", [1, 0])) == [1, 0]]
-            if not gathers or not transposes or len(gathers) + len(transposes) != len(users):
+            if not gathers or len(transposes) != 1 or len(gathers) + 1 != len(users):
                 continue
-            if len({id(n) for n in transposes}) > 1:
+            matmuls = [n for n, i in transposes[0].outputs[0].uses() if n.op_type == "MatMul" and i == 1]
+            if not matmuls or len(matmuls) != len(transposes[0].outputs[0].uses()):
                 continue
-            transposed = transposes[0].outputs[0]
-            for gather in gathers:
-                ids = gather.inputs[1]
-                rank = len(ids.shape) if ids.shape is not None else None
-                if rank is None:
-                    break
-                columns = ir.node("Gather", [transposed, ids], attributes={"axis": 1})
-                # [hidden, *ids] -> [*ids, hidden]
-                back = ir.node("Transpose", [columns.outputs[0]], attributes={"perm": [*range(1, rank + 1), 0]})
-                model.graph.insert_before(gather, [columns, back])
-                gather.outputs[0].replace_all_uses_with(back.outputs[0])
-                back.outputs[0].shape, back.outputs[0].type = gather.outputs[0].shape, gather.outputs[0].type
-                model.graph.remove(gather, safe=True)
+            for matmul in matmuls:
+                self._to_gemm(model.graph, matmul, weight)
                 sites += 1
+            model.graph.remove(transposes[0], safe=True)
         return sites
+
+    @staticmethod
+    def _to_gemm(graph: ir.Graph, matmul: ir.Node, weight: ir.Value) -> None:
+        x = matmul.inputs[0]
+        vocab, hidden = weight.shape
+        consts = {
+            "flat": ir.tensor(np.array([-1, hidden], dtype=np.int64)),
+            "vocab": ir.tensor(np.array([vocab], dtype=np.int64)),
+        }
+        flat_shape = ir.node("Constant", [], attributes={"value": consts["flat"]})
+        vocab_dim = ir.node("Constant", [], attributes={"value": consts["vocab"]})
+        lead = ir.node("Shape", [x], attributes={"end": -1})
+        out_shape = ir.node("Concat", [lead.outputs[0], vocab_dim.outputs[0]], attributes={"axis": 0})
+        flat = ir.node("Reshape", [x, flat_shape.outputs[0]])
+        gemm = ir.node("Gemm", [flat.outputs[0], weight], attributes={"transB": 1})
+        logits = ir.node("Reshape", [gemm.outputs[0], out_shape.outputs[0]])
+        graph.insert_before(matmul, [flat_shape, vocab_dim, lead, out_shape, flat, gemm, logits])
+        replace_value(matmul.outputs[0], logits.outputs[0])
+        graph.remove(matmul, safe=True)
 
 
 class FoldWeightTransposes(GraphPass):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from passes.base import GraphPass
+from passes.base import GraphPass, replace_value
 
 MS_DOMAIN = "com.microsoft"
 
@@ -32,15 +32,12 @@ class FuseSkipRMSNorm(GraphPass):
                 fused = ir.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], scale],
                                 attributes={"epsilon": epsilon}, domain=MS_DOMAIN, num_outputs=4)
                 graph.insert_before(norm, fused)
-                residual = fused.outputs[3]
-                residual.shape, residual.type = x.shape, x.type
-                x.replace_all_uses_with(residual, replace_graph_outputs=True)
+                replace_value(x, fused.outputs[3])
             else:
                 fused = ir.node("SimplifiedLayerNormalization", [x, scale],
                                 attributes={"axis": -1, "epsilon": epsilon, "stash_type": 1})
                 graph.insert_before(norm, fused)
-            fused.outputs[0].shape, fused.outputs[0].type = norm.outputs[0].shape, norm.outputs[0].type
-            norm.outputs[0].replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
+            replace_value(norm.outputs[0], fused.outputs[0])
             graph.remove(norm, safe=True)
             if add is not None and not any(len(o.uses()) for o in add.outputs) and not add.outputs[0].is_graph_output():
                 graph.remove(add, safe=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import GraphPass
+from passes.base import GraphPass, replace_value
 
 
 def _weight_matmuls(activation: ir.Value) -> list[ir.Node]:
@@ -103,8 +103,7 @@ class PackGateUp(GraphPass):
             split = ir.node("Split", [packed, split_sizes.outputs[0]], attributes={"axis": -1}, num_outputs=2)
             graph.insert_before(product, [split_sizes, split])
             for new, old in zip(split.outputs, (gate_mm.outputs[0], up_mm.outputs[0])):
-                new.shape, new.type = old.shape, old.type
-                old.replace_all_uses_with(new)
+                replace_value(old, new)
             _drop(graph, [gate_mm, up_mm])
             sites += 1
         return sites

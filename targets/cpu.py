@@ -1,5 +1,6 @@
 """The `cpu` target: an ONNX Runtime package for x86-64 and Arm CPUs, loadable by onnxruntime-genai as is."""
 
+from passes.activation import FuseSiLU
 from passes.attention import FuseGroupQueryAttention, FuseRMSNorm, FuseRotary, SimplifyPatterns
 from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
 from passes.normalization import FuseSkipRMSNorm
@@ -19,6 +20,7 @@ def cpu_pipeline(precision: str, config):
         FuseSkipRMSNorm(),
         PackQKV(),
         PackGateUp(),
+        FuseSiLU(),
         RemoveDeadNodes(),
         RemoveUnusedInputs(),
     ]

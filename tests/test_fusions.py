@@ -70,6 +70,7 @@ def test_each_fusion_rewrites_every_layer(traced):
     assert r["fuse-skip-rms-norm"] == 2 * LAYERS + 1
     assert r["pack-qkv"] == LAYERS
     assert r["pack-gate-up"] == LAYERS
+    assert r["fuse-silu"] == LAYERS
     assert r["remove-unused-inputs"] == 1  # position_ids
 
 
@@ -78,7 +79,8 @@ def test_fused_graph_has_the_onnxruntime_kernels(traced):
     assert ops.count("GroupQueryAttention") == LAYERS
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * LAYERS
     assert ops.count("SimplifiedLayerNormalization") == 1
-    for gone in ("Attention", "RotaryEmbedding", "RMSNormalization", "Softmax"):
+    assert ops.count("QuickGelu") == LAYERS
+    for gone in ("Attention", "RotaryEmbedding", "RMSNormalization", "Softmax", "Sigmoid"):
         assert gone not in ops
     assert ops.count("MatMul") <= 4 * LAYERS + 1
 
