@@ -2,7 +2,7 @@
 
 from passes.activation import FuseSiLU
 from passes.attention import FuseGroupQueryAttention, FuseRMSNorm, FuseRotary, SimplifyPatterns
-from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
+from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes
 from passes.normalization import FuseSkipRMSNorm
 from passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
 from targets.base import Target
@@ -10,7 +10,6 @@ from targets.base import Target
 
 def cpu_pipeline(precision: str, config):
     return [
-        ShareTiedEmbedding(),
         FoldWeightTransposes(),
         FoldConstants(),
         SimplifyPatterns(),

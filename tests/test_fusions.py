@@ -13,11 +13,11 @@ from exporter.sources import open_checkpoint
 from exporter.trace import trace_to_onnx
 from passes import run_passes
 from passes.attention import FuseGroupQueryAttention
-from passes.cleanup import SMALL_VALUE_LIMIT, FoldConstants, FoldWeightTransposes, RemoveDeadNodes, ShareTiedEmbedding
+from passes.cleanup import SMALL_VALUE_LIMIT, FoldConstants, FoldWeightTransposes, RemoveDeadNodes
 from targets.cpu import cpu_pipeline
 
 LAYERS = 2
-CLEANUP = [ShareTiedEmbedding(), FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
+CLEANUP = [FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
 
 
 def _counting(checkpoint, reads: list[str]):
