@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from exporter import __version__
@@ -26,7 +26,6 @@ class ExportOptions:
     verify_tokens: int = 32
     report: bool = False
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_model(model: str | None, log) -> Path:
@@ -74,7 +73,7 @@ def export(options: ExportOptions) -> Path:
         progress.begin("Writing the package (weights streamed one tensor at a time)")
         pkg.save_model(model, staging, progress=progress.counter("weights"))
         io = pkg.io_dims(model)
-        pkg.write_json(staging / "genai_config.json", pkg.genai_config_for(model, config))
+        pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config))
         del model
         tokenizer_files = checkpoint.write_tokenizer(staging)
         if not tokenizer_files:

@@ -15,36 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.rewriter import onnx_fusions, rewrite
 
-from passes.base import GraphPass, count_nodes, replace_value
-from passes.cleanup import FoldConstants
+from passes.base import GraphPass, replace_value
 from passes.evaluate import NotEvaluable, evaluate
 
 MS_DOMAIN = "com.microsoft"
-
-
-class SimplifyPatterns(GraphPass):
-    """onnxscript's default rewrite rules (no-op removal, slice collapsing...) so the fusions see canonical forms."""
-
-    name = "simplify"
-
-    def apply(self, model: ir.Model) -> int:
-        before = count_nodes(model)
-        rewrite(model)
-        FoldConstants().apply(model)  # the fusions' matchers read constant values, not Constant nodes
-        return before - count_nodes(model)
-
-
-class FuseRMSNorm(GraphPass):
-    """RMSNorm arithmetic -> ONNX RMSNormalization (onnxscript's opset-23 fusion)."""
-
-    name = "fuse-rms-norm"
-
-    def apply(self, model: ir.Model) -> int:
-        from onnxscript.rewriter.rules.fusion import _rms_normalization
-
-        return _rms_normalization.fuse_rms_normalization(model)
 
 
 class FuseRotary(GraphPass):

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
+from onnxscript.rewriter import rewrite
 
 from passes.base import GraphPass, count_nodes, replace_value
 
@@ -35,6 +36,18 @@ class FoldConstants(GraphPass):
         return before - count_nodes(model)
 
 
+class SimplifyPatterns(GraphPass):
+    """onnxscript's default rewrite rules (no-op removal, slice collapsing...) so the fusions see canonical forms."""
+
+    name = "simplify"
+
+    def apply(self, model: ir.Model) -> int:
+        before = count_nodes(model)
+        rewrite(model)
+        FoldConstants().apply(model)  # the fusions' matchers read constant values, not Constant nodes
+        return before - count_nodes(model)
+
+
 class RemoveDeadNodes(GraphPass):
     name = "remove-dead-nodes"
 
@@ -46,11 +59,11 @@ class RemoveDeadNodes(GraphPass):
         return before - count_nodes(model)
 
 
-def lazy_transform(source: ir.TensorProtocol, fn, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
-    """A tensor computed from `source` only when it is written out."""
+def lazy_transform(sources: list[ir.TensorProtocol], fn, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:
+    """A tensor computed as fn(*sources) only when it is written out."""
 
     def load() -> ir.Tensor:
-        return ir.Tensor(np.ascontiguousarray(fn(source.numpy())), name=name)
+        return ir.Tensor(np.ascontiguousarray(fn(*(source.numpy() for source in sources))), name=name)
 
     return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
 
@@ -79,7 +92,7 @@ class FoldWeightTransposes(GraphPass):
             perm = node.attributes.get_ints("perm", list(reversed(range(len(tensor.shape)))))
             shape = [tensor.shape[i] for i in perm]
             others = [(user, index) for user, index in weight.uses() if user is not node]
-            weight.const_value = lazy_transform(tensor, lambda a, p=tuple(perm): a.transpose(p), tensor.dtype, shape,
+            weight.const_value = lazy_transform([tensor], lambda a, p=tuple(perm): a.transpose(p), tensor.dtype, shape,
                                                 weight.name)
             weight.shape = ir.Shape(shape)
             if others:

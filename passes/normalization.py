@@ -1,4 +1,4 @@
-"""RMSNormalization -> ONNX Runtime's SimplifiedLayerNormalization, and SkipSimplifiedLayerNormalization where a
+"""RMSNorm arithmetic -> ONNX RMSNormalization (onnxscript's fusion), then RMSNormalization -> ONNX Runtime's SimplifiedLayerNormalization, and SkipSimplifiedLayerNormalization where a
 residual Add feeds the norm (the kernel adds, normalizes, and hands the sum on to the next residual)."""
 
 from __future__ import annotations
@@ -8,6 +8,17 @@ import onnx_ir as ir
 from passes.base import GraphPass, replace_value
 
 MS_DOMAIN = "com.microsoft"
+
+
+class FuseRMSNorm(GraphPass):
+    """RMSNorm arithmetic -> ONNX RMSNormalization (onnxscript's opset-23 fusion)."""
+
+    name = "fuse-rms-norm"
+
+    def apply(self, model: ir.Model) -> int:
+        from onnxscript.rewriter.rules.fusion import _rms_normalization
+
+        return _rms_normalization.fuse_rms_normalization(model)
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:

@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.base import GraphPass, replace_value
+from passes.cleanup import lazy_transform
 
 
 def _weight_matmuls(activation: ir.Value) -> list[ir.Node]:
@@ -27,16 +28,14 @@ def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Val
     rows = tensors[0].shape[0]
     columns = sum(t.shape[1] for t in tensors)
 
-    def load() -> ir.Tensor:
-        return ir.Tensor(np.concatenate([t.numpy() for t in tensors], axis=1), name=name)
-
-    weight = ir.Value(name=name, const_value=ir.LazyTensor(load, dtype=tensors[0].dtype, shape=ir.Shape([rows, columns]),
-                                                            name=name))
+    concatenated = lazy_transform(tensors, lambda *arrays: np.concatenate(arrays, axis=1), tensors[0].dtype,
+                                  [rows, columns], name)
+    weight = ir.Value(name=name, const_value=concatenated)
     weight.shape, weight.type = ir.Shape([rows, columns]), ir.TensorType(tensors[0].dtype)
     graph.register_initializer(weight)
     packed = ir.node("MatMul", [matmuls[0].inputs[0], weight])
-    first = min(matmuls, key=lambda m: list(graph).index(m))
-    graph.insert_before(first, packed)
+    order = {id(node): i for i, node in enumerate(graph)}
+    graph.insert_before(min(matmuls, key=lambda m: order[id(m)]), packed)
     out_shape = matmuls[0].outputs[0].shape
     if out_shape is not None:
         packed.outputs[0].shape = ir.Shape([*list(out_shape)[:-1], columns])
@@ -91,15 +90,15 @@ class PackGateUp(GraphPass):
             match = self._match(silu_mul)
             if match is None:
                 continue
-            gate_mm, up_mm, gate_silu, product = match
+            gate_mm, up_mm, product = match
             activation = gate_mm.inputs[0]
             if up_mm.inputs[0] is not activation or not {gate_mm, up_mm} <= set(_weight_matmuls(activation)):
                 continue
             gate_columns = gate_mm.inputs[1].const_value.shape[1]
             up_columns = up_mm.inputs[1].const_value.shape[1]
             packed = _packed_matmul(graph, [gate_mm, up_mm], gate_mm.inputs[1].name.replace("gate_proj", "gate_up_proj"))
-            sizes = ir.Value(name=None, const_value=ir.tensor(np.array([gate_columns, up_columns], dtype=np.int64)))
-            split_sizes = ir.node("Constant", [], attributes={"value": sizes.const_value})
+            sizes = ir.tensor(np.array([gate_columns, up_columns], dtype=np.int64))
+            split_sizes = ir.node("Constant", [], attributes={"value": sizes})
             split = ir.node("Split", [packed, split_sizes.outputs[0]], attributes={"axis": -1}, num_outputs=2)
             graph.insert_before(product, [split_sizes, split])
             for new, old in zip(split.outputs, (gate_mm.outputs[0], up_mm.outputs[0])):
@@ -127,7 +126,7 @@ class PackGateUp(GraphPass):
                     continue
                 if len(gate.uses()) != 2 or len(up.uses()) != 1:
                     continue
-                return gate_mm, up_mm, silu_node, node
+                return gate_mm, up_mm, node
         return None
 
 

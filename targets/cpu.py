@@ -1,9 +1,9 @@
 """The `cpu` target: an ONNX Runtime package for x86-64 and Arm CPUs, loadable by onnxruntime-genai as is."""
 
 from passes.activation import FuseSiLU
-from passes.attention import FuseGroupQueryAttention, FuseRMSNorm, FuseRotary, SimplifyPatterns
-from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes
-from passes.normalization import FuseSkipRMSNorm
+from passes.attention import FuseGroupQueryAttention, FuseRotary
+from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
+from passes.normalization import FuseRMSNorm, FuseSkipRMSNorm
 from passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
 from targets.base import Target
 

@@ -85,16 +85,12 @@ def io_dims(model: ir.Model) -> dict:
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
 
 
-def genai_config_for(model: ir.Model, config) -> dict:
-    """genai_config.json matching the graph: position_ids only if it is an input, a shared KV buffer with GQA."""
-    inputs = {v.name for v in model.graph.inputs}
-    has_gqa = any(n.op_type == "GroupQueryAttention" for n in model.graph)
-    return genai_config(config, context_length=config.max_position_embeddings, past_present_share_buffer=has_gqa,
-                        position_ids="position_ids" in inputs)
-
-
-def genai_config(config, *, context_length: int, past_present_share_buffer: bool, position_ids: bool = True) -> dict:
-    """onnxruntime-genai's genai_config.json for a decoder-only llama package."""
+def genai_config(model: ir.Model, config) -> dict:
+    """onnxruntime-genai's genai_config.json for a decoder-only llama package, matching the graph: position_ids only
+    if it is an input, past and present sharing one buffer when GroupQueryAttention handles the cache."""
+    position_ids = "position_ids" in {v.name for v in model.graph.inputs}
+    past_present_share_buffer = any(n.op_type == "GroupQueryAttention" for n in model.graph)
+    context_length = config.max_position_embeddings
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     eos = config.eos_token_id
     return {
