@@ -14,6 +14,7 @@ EPILOG = """commands:
   llama-export [export options]     export a checkpoint to a package (this form)
   llama-export run PACKAGE ...      generate text from a package
   llama-export verify PACKAGE ...   compare a package with the PyTorch reference
+  llama-export eval MODEL --text F   perplexity of a package or a source model on a text
   llama-export targets              list the targets
 
 Run `llama-export COMMAND --help` for a command's options."""
@@ -43,6 +44,22 @@ def export_parser() -> Parser:
     parser.add_argument("--output", "-o", type=Path, metavar="DIR",
                         help="package folder to write (default: ./<model>-<target>-<precision>)")
     parser.add_argument("--precision", help="weight/compute precision (default: the target's; see `targets`)")
+    quant = parser.add_argument_group("int4 quantization (--precision int4)")
+    quant.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128, 256), metavar="N",
+                       help="weights per scale along K: 32 (default), 64 or 128 (smaller package, more loss)")
+    quant.add_argument("--quant", choices=("gptq", "clip", "rtn"), default=None, metavar="METHOD",
+                       help="gptq (default: error compensation calibrated on a built-in text), clip (per-block range "
+                            "search), rtn (plain round-to-nearest). GGUF Q4_0/Q4_1/Q8_0 blocks of the same size are "
+                            "carried over as they are")
+    quant.add_argument("--symmetric", action="store_true",
+                       help="no zero points (default: asymmetric, 4-bit zero points)")
+    quant.add_argument("--integer-zero-points", action="store_true",
+                       help="4-bit zero points (smaller at block 32; each block's range must then include 0) instead "
+                            "of float ones fitted to the block's range")
+    quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
+                       help="lm_head (and a tied embedding) at 4 or 8 bits (default: 4 at block 32/64, 8 at 128)")
+    quant.add_argument("--keep-embedding", action="store_true",
+                       help="keep the embedding table at full precision instead of GatherBlockQuantized")
     parser.add_argument("--force", action="store_true", help="replace an output path that is not a llama-export package")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the parity check against PyTorch")
@@ -78,6 +95,17 @@ def verify_parser() -> Parser:
     return parser
 
 
+def eval_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} eval",
+                    description="Perplexity over fixed-length windows of a text: a package (ONNX Runtime) or a source "
+                                "model (PyTorch fp32), tokenized alike so the numbers compare.")
+    parser.add_argument("model", metavar="PACKAGE|SRC", help="package folder, Hugging Face folder or .gguf file")
+    parser.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
+    parser.add_argument("--window", type=_positive, default=256, metavar="N", help="tokens per window (default: 256)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write {perplexity, tokens, ...} as JSON")
+    return parser
+
+
 def targets_parser() -> Parser:
     return Parser(prog=f"{PROG} targets", description="List the targets and their defaults.")
 
@@ -97,7 +125,10 @@ def cmd_export(args) -> int:
 
     output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
                                   force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
-                                  report=args.report, quiet=args.quiet))
+                                  report=args.report, quiet=args.quiet, block_size=args.block_size,
+                                  quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
+                                  quantize_embedding=not args.keep_embedding,
+                                  float_zero_points=not args.integer_zero_points))
     if args.quiet:
         print(output)
     return 0
@@ -163,6 +194,31 @@ def cmd_verify(args) -> int:
     return 0 if result["passed"] else 1
 
 
+def cmd_eval(args) -> int:
+    from exporter.errors import UserError
+    from exporter.evaluate import is_package_folder, package_perplexity, source_perplexity
+
+    if not args.text.is_file():
+        raise UserError(f"text file not found: {args.text}")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{args.text}: not UTF-8 text") from None
+    path = Path(args.model).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {path}")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if is_package_folder(path):
+        result = package_perplexity(path, text, args.window, log=log)
+    else:
+        result = source_perplexity(str(path), text, args.window, log=log)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens ({result['windows']} windows of "
+          f"{args.window})")
+    return 0
+
+
 def cmd_targets(args) -> int:
     from targets import TARGETS
 
@@ -176,6 +232,7 @@ def cmd_targets(args) -> int:
 COMMANDS = {
     "run": (run_parser, cmd_run),
     "verify": (verify_parser, cmd_verify),
+    "eval": (eval_parser, cmd_eval),
     "targets": (targets_parser, cmd_targets),
 }
 

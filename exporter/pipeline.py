@@ -26,6 +26,12 @@ class ExportOptions:
     verify_tokens: int = 32
     report: bool = False
     quiet: bool = False
+    block_size: int = 32
+    quant_method: str | None = None  # None: the default (gptq)
+    symmetric: bool = False
+    lm_head_bits: int | None = None  # None: chosen per block size
+    quantize_embedding: bool = True
+    float_zero_points: bool = True
 
 
 def resolve_model(model: str | None, log) -> Path:
@@ -63,8 +69,12 @@ def export(options: ExportOptions) -> Path:
     model = trace_to_onnx(checkpoint)
     progress.end(f"{sum(1 for _ in model.graph)} nodes")
 
+    quant, hints = None, None
+    if precision == "int4":
+        quant, hints = quantization_plan(options, checkpoint, progress.log)
+
     progress.begin(f"Running the '{target.name}' passes ({precision})")
-    reports = run_passes(model, target.pipeline(precision, config), log=progress.log)
+    reports = run_passes(model, target.pipeline(precision, config, quant, hints), log=progress.log)
     progress.end()
     if options.report:
         print(format_report(reports))
@@ -99,6 +109,26 @@ def export(options: ExportOptions) -> Path:
         pkg.write_json(staging / pkg.MANIFEST, manifest)
     progress.log(f"Package written to {output}")
     return output
+
+
+def quantization_plan(options: ExportOptions, checkpoint: Checkpoint, log):
+    """The quantizer's options, and what it may use: the source's own blocks, calibration statistics."""
+    from exporter.calibrate import SourceHints, collect_hessians, default_calibration_text, fully_prequantized
+    from passes.quantize import DEFAULT_METHOD, QuantOptions
+
+    method = options.quant_method or DEFAULT_METHOD
+    lm_head_bits = options.lm_head_bits or (8 if options.block_size >= 128 else 4)
+    try:
+        quant = QuantOptions(block_size=options.block_size, symmetric=options.symmetric, method=method,
+                             lm_head_bits=lm_head_bits, quantize_embedding=options.quantize_embedding,
+                             float_zero_points=options.float_zero_points)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    hessians = None
+    if method != "rtn" and not fully_prequantized(checkpoint, options.block_size):
+        log(f"      calibrating on the built-in text ({method})")
+        hessians = collect_hessians(checkpoint, default_calibration_text(), log=lambda m: None)
+    return quant, SourceHints(checkpoint, hessians)
 
 
 def build_manifest(checkpoint: Checkpoint, target: str, precision: str, folder: Path, io: dict, reports,

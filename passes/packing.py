@@ -8,6 +8,7 @@ import onnx_ir as ir
 
 from passes.base import GraphPass, replace_value
 from passes.cleanup import lazy_transform
+from passes.quantize import SOURCE_NAMES
 
 
 def _weight_matmuls(activation: ir.Value) -> list[ir.Node]:
@@ -32,6 +33,9 @@ def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Val
                                   [rows, columns], name)
     weight = ir.Value(name=name, const_value=concatenated)
     weight.shape, weight.type = ir.Shape([rows, columns]), ir.TensorType(tensors[0].dtype)
+    sources = [m.inputs[1].meta.get(SOURCE_NAMES) for m in matmuls]
+    if all(sources):  # which checkpoint tensors the packed weight stacks, for quantizers that use them
+        weight.meta[SOURCE_NAMES] = [name for names in sources for name in names]
     graph.register_initializer(weight)
     packed = ir.node("MatMul", [matmuls[0].inputs[0], weight])
     order = {id(node): i for i, node in enumerate(graph)}

@@ -20,7 +20,7 @@ class Target:
     runtime: str  # what runs the package
     precisions: tuple[str, ...]
     default_precision: str
-    pipeline: Callable[..., list[GraphPass]]  # (precision, model config) -> the passes to run, in order
+    pipeline: Callable[..., list[GraphPass]]  # (precision, config, quant options, weight hints) -> passes, in order
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:

@@ -122,8 +122,9 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0) -> dict[str, np.ndarray]:
-    """A GGUF as llama.cpp's converter writes it (Q8_0 matrices, permuted Q/K); returns the HF tensors."""
+def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matrix_type: str = "Q8_0",
+                    embedding_type: str = "Q8_0") -> dict[str, np.ndarray]:
+    """A GGUF as llama.cpp's converter writes it (quantized matrices, permuted Q/K); returns the HF tensors."""
     import gguf
     from transformers import LlamaForCausalLM
 
@@ -156,8 +157,9 @@ def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0) -> d
         elif "k_proj" in name:
             tensor = permute_rows(tensor, config.num_key_value_heads)
         if tensor.ndim == 2:
-            data = gguf.quants.quantize(tensor, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            kind = gguf.GGMLQuantizationType[embedding_type if gguf_name == "token_embd.weight" else matrix_type]
+            data = gguf.quants.quantize(tensor, kind)
+            writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, tensor.astype(np.float32))
     writer.write_header_to_file()

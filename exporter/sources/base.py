@@ -20,6 +20,7 @@ class WeightInfo:
 
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    load_quantized: Callable[[], object] | None = None  # the source's own blocks (passes.quantization.BlockQuantized)
 
 
 @dataclass

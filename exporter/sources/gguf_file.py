@@ -111,6 +111,43 @@ def _tensor_loader(tensor, n_heads: int | None):
     return load
 
 
+# llama.cpp block formats carried over without requantizing: (bytes per block of 32, has a minimum, bits)
+_BLOCK_FORMATS = {"Q4_0": (18, False, 4), "Q4_1": (20, True, 4), "Q8_0": (34, False, 8)}
+
+
+def _quantized_loader(tensor, n_heads: int | None):
+    """The tensor's own blocks as codes/scales/zero points (None for other formats): Q4_0 is d*(q-8), Q8_0 is
+    d*q with q signed (stored here as q+128 around the midpoint 128), Q4_1 is d*q+m, i.e. zero point -m/d."""
+    kind = tensor.tensor_type.name
+    if kind not in _BLOCK_FORMATS:
+        return None
+    block_bytes, has_min, bits = _BLOCK_FORMATS[kind]
+
+    def load():
+        from passes.quantization import BlockQuantized
+
+        rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
+        raw = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1, block_bytes)
+        scales = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        body = raw[..., 4:] if has_min else raw[..., 2:]
+        if bits == 8:
+            codes = (body.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+            zero_points = None
+        else:  # 16 bytes: element j in the low nibble of byte j, element j+16 in the high nibble
+            codes = np.concatenate([body & 0x0F, body >> 4], axis=-1)
+            zero_points = None
+            if has_min:
+                minimum = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+                zero_points = (-minimum / np.where(scales == 0, 1, scales)).astype(np.float32)
+        codes = codes.reshape(rows, -1)
+        if n_heads:
+            codes, scales = unpermute_rows(codes, n_heads), unpermute_rows(scales, n_heads)
+            zero_points = None if zero_points is None else unpermute_rows(zero_points, n_heads)
+        return BlockQuantized(codes, scales, zero_points, bits, 32)
+
+    return load
+
+
 def _open_reader(path: Path):
     from gguf import GGUFReader
 
@@ -141,7 +178,8 @@ def open_gguf(path: Path) -> Checkpoint:
         elif name.endswith("k_proj.weight"):
             n_heads = config.num_key_value_heads
         shape = tuple(reversed([int(d) for d in tensor.shape]))
-        weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads))
+        weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads),
+                                   load_quantized=_quantized_loader(tensor, n_heads))
 
     def write_tokenizer(dest: Path) -> list[str]:
         return write_gguf_tokenizer(path, reader, config, dest)

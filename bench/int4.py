@@ -1,0 +1,95 @@
+"""INT4 packages of the default model, llama-export against onnxruntime-genai's model builder, block 32 and 128:
+decode speed (both run by onnxruntime-genai, alternating, median), package size, and perplexity on the
+project's held-out text (exporter/data/heldout.txt, never used for calibration) next to the fp32 PyTorch one.
+
+    python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
+
+llama-export builds from the same Hugging Face folder as the builder (so its quantizer does the work) and, at
+block 32, also from the GGUF itself (its Q4_1/Q8_0 blocks carried over)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import default_model_as_hf_folder  # noqa: E402
+from bench.decode_speed import decode_rate  # noqa: E402
+
+HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
+
+
+def build(work: Path) -> dict[str, Path]:
+    from exporter.default_model import default_model_path
+
+    hf = default_model_as_hf_folder(work / "hf")
+    packages = {}
+    for block in (32, 128):
+        ours = work / f"ours-int4-hf-b{block}"
+        if not (ours / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", "int4",
+                            "--block-size", str(block), "-q", "--force", "--no-verify", "-o", str(ours)], check=True)
+        genai = work / f"genai-int4-b{block}"
+        if not (genai / "genai_config.json").is_file():
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
+                            "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"), "--extra_options",
+                            f"block_size={block}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        packages[f"llama-export b{block} (HF)"] = ours
+        packages[f"builder b{block}"] = genai
+    gguf = work / "ours-int4-gguf-b32"
+    if not (gguf / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(default_model_path()), "--precision",
+                        "int4", "-q", "--force", "--no-verify", "-o", str(gguf)], check=True)
+    packages["llama-export b32 (GGUF)"] = gguf
+    return packages
+
+
+def size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="working folder, reused between runs (default: a temporary one)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    import onnxruntime_genai as og
+
+    from exporter.evaluate import package_perplexity, source_perplexity
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
+    packages = build(work)
+    text = HELDOUT.read_text()
+    reference = source_perplexity(str(work / "hf"), text)["perplexity"]
+    perplexity = {name: package_perplexity(path, text)["perplexity"] for name, path in packages.items()}
+
+    models = {name: og.Model(str(path)) for name, path in packages.items()}
+    tokenizers = {name: og.Tokenizer(model) for name, model in models.items()}
+    for name, model in models.items():
+        decode_rate(og, model, tokenizers[name], 8)  # warm-up
+    rates = {name: [] for name in models}
+    for run in range(args.runs):
+        for name, model in models.items():  # alternating, so drift hits all alike
+            rates[name].append(decode_rate(og, model, tokenizers[name], args.new_tokens))
+        print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in models), file=sys.stderr)
+
+    print(f"\nINT4 cpu packages, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, median of "
+          f"{args.runs}; perplexity on {HELDOUT.name} (fp32 PyTorch: {reference:.3f})")
+    print(f"{'package':<26} {'decode tok/s':>12} {'size MB':>8} {'perplexity':>11} {'vs fp32':>8}")
+    for name in models:
+        ppl = perplexity[name]
+        print(f"{name:<26} {statistics.median(rates[name]):>12.1f} {size_mb(packages[name]):>8.1f} {ppl:>11.3f} "
+              f"{(ppl / reference - 1) * 100:>+7.1f}%")
+    for block in (32, 128):
+        ours, theirs = f"llama-export b{block} (HF)", f"builder b{block}"
+        print(f"block {block}: decode {statistics.median(rates[ours]) / statistics.median(rates[theirs]):.2f}x, "
+              f"size {size_mb(packages[ours]) / size_mb(packages[theirs]):.2f}x the builder's")
+
+
+if __name__ == "__main__":
+    main()

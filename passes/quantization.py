@@ -1,0 +1,233 @@
+"""Block-wise weight quantization numerics (numpy): the packed form ONNX Runtime's MatMulNBits and
+GatherBlockQuantized read, and three ways to choose the quantized values.
+
+A weight is W [N, K] (output rows, input columns, as in a Linear layer); blocks run along K. A block's values are
+w = scale * (q - zero_point) with q in [0, 2^bits). Symmetric blocks use the midpoint 2^(bits-1) as zero point;
+asymmetric blocks carry their own zero point, a float when it need not be an integer (GGUF Q4_1, clipped ranges).
+
+- `quantize_rtn`: round to nearest over each block's full range.
+- `quantize_clip`: per block, the range shrink that minimises the output error weighted by the input's
+  per-channel energy (diag of X^T X); it trades clipping a few outliers for finer steps everywhere else.
+- `quantize_gptq`: error compensation (Frantar et al., GPTQ): columns are quantized in order and each one's
+  rounding error is pushed onto the columns not yet quantized through the inverse Hessian of X^T X, with the
+  clip search choosing each block's range when the block is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLIP_RATIOS = np.linspace(1.0, 0.6, 17)
+
+
+@dataclass
+class BlockQuantized:
+    """Quantized weight W [N, K]: codes uint8 [N, K] (unpacked), scales float32 [N, K/block],
+    zero_points [N, K/block] as uint8 (integers) or float32, or None for the symmetric midpoint."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    bits: int
+    block_size: int
+    columns: int = 0  # K; codes are padded to whole blocks past it (0: no padding)
+
+    def __post_init__(self):
+        self.columns = self.columns or self.codes.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.columns
+
+    def effective_zero_points(self) -> np.ndarray:
+        if self.zero_points is None:
+            return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.float32)
+        return self.zero_points.astype(np.float32)
+
+    def dequantize(self) -> np.ndarray:
+        """W [N, K] float32, computed as ONNX Runtime's kernels do: scale * (q - zero_point)."""
+        n, k = self.codes.shape
+        blocks = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
+        zp = self.effective_zero_points()[..., None]
+        return ((blocks - zp) * self.scales[..., None]).astype(np.float32).reshape(n, k)[:, :self.columns]
+
+    # -- ONNX Runtime layouts --------------------------------------------------------------------------------
+    def matmulnbits_b(self) -> np.ndarray:
+        """MatMulNBits' B: uint8 [N, K/block, block*bits/8], packed along K, low nibble first."""
+        n, k = self.codes.shape
+        return pack_codes(self.codes, self.bits).reshape(n, k // self.block_size, self.block_size * self.bits // 8)
+
+    def gather_data(self) -> np.ndarray:
+        """GatherBlockQuantized's data: uint8 [N, K*bits/8]."""
+        return pack_codes(self.codes, self.bits)
+
+    def ort_zero_points(self) -> np.ndarray | None:
+        """uint8 zero points packed like the codes (two per byte at 4 bits), or float ones as they are."""
+        if self.zero_points is None or self.zero_points.dtype != np.uint8:
+            return self.zero_points
+        zp = self.zero_points
+        if self.bits == 4 and zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return pack_codes(zp, self.bits)
+
+    def signed_codes(self) -> np.ndarray:
+        """Symmetric codes as signed integers (q - midpoint), the INT4 DequantizeLinear form."""
+        if self.zero_points is not None:
+            raise ValueError("signed codes exist only for symmetric quantization")
+        return self.codes.astype(np.int8) - np.int8(1 << (self.bits - 1))
+
+
+def concatenate_rows(parts: list[BlockQuantized]) -> BlockQuantized:
+    """Weights stacked along N (packed q/k/v or gate/up) keep each part's blocks."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.block_size != first.block_size for p in parts):
+        raise ValueError("parts quantized differently")
+    kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
+    if len(kinds) == 1:
+        zero_points = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    else:  # mixed: spell every zero point out as a float
+        zero_points = np.concatenate([p.effective_zero_points() for p in parts])
+    return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                          zero_points, first.bits, first.block_size, first.columns)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if bits != 4:
+        raise ValueError(f"{bits}-bit packing is not supported")
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed.astype(np.uint8)
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out
+
+
+# -- choosing the codes ------------------------------------------------------------------------------------------
+def _block_params(w: np.ndarray, bits: int, symmetric: bool, ratio, integer_zero: bool = True):
+    """scale and zero point for blocks w [..., block] over their range shrunk by `ratio`. Integer zero points
+    (a range that contains 0) pack into 4 bits; float ones cost as much as the scales but fit any range."""
+    levels = (1 << bits) - 1
+    if symmetric:
+        # q - 8 spans [-8, 7]: the scale must cover the negative side in 8 steps and the positive one in 7.
+        half = 1 << (bits - 1)
+        scale = np.maximum(-w.min(-1) / half, w.max(-1) / (half - 1)) * ratio
+        zero = np.full(scale.shape, float(1 << (bits - 1)))
+    else:
+        # Float zero points: the range need not contain 0, so a block on a 4-bit grid (GGUF Q4_1) maps onto
+        # exactly that grid again. Shrinking keeps the block's midpoint.
+        lo, hi = w.min(-1), w.max(-1)
+        if integer_zero:
+            lo, hi = np.minimum(lo, 0) * ratio, np.maximum(hi, 0) * ratio
+        else:
+            middle, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
+            lo, hi = middle - half, middle + half
+        scale = (hi - lo) / levels
+        zero = np.where(scale > 0, -lo / np.where(scale > 0, scale, 1), 0.0)
+        if integer_zero:
+            zero = np.clip(np.rint(zero), 0, levels)
+    scale = np.where(scale == 0, 1.0, scale)
+    return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.rint(w / scale[..., None] + zero[..., None]), 0, (1 << bits) - 1)
+
+
+def _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero) -> BlockQuantized:
+    n = codes.shape[0]
+    zero_points = None if symmetric else zeros.astype(np.uint8 if integer_zero else np.float32)
+    return BlockQuantized(codes.reshape(n, -1).astype(np.uint8), scales.astype(np.float32), zero_points, bits,
+                          block_size, columns)
+
+
+def _pad(w: np.ndarray, block_size: int) -> np.ndarray:
+    """w [N, K] padded to whole blocks by repeating the last column (so a block's range does not grow); the
+    kernels never read past K."""
+    missing = -w.shape[1] % block_size
+    return np.pad(w, ((0, 0), (0, missing)), mode="edge") if missing else w
+
+
+def _importance(importance: np.ndarray | None, k: int, block_size: int) -> np.ndarray:
+    imp = np.ones(k, np.float32) if importance is None else importance.astype(np.float32)
+    return np.pad(imp, (0, -k % block_size)).reshape(-1, block_size)  # padding weighs nothing
+
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    w = _pad(w, block_size)
+    return w.reshape(w.shape[0], -1, block_size).astype(np.float32)
+
+
+def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
+                 integer_zero: bool = True) -> BlockQuantized:
+    blocks = _blocks(w, block_size)
+    scale, zero = _block_params(blocks, bits, symmetric, 1.0, integer_zero)
+    return _finish(_round(blocks, scale, zero, bits), scale, zero, bits, block_size, symmetric, w.shape[1],
+                   integer_zero)
+
+
+def _clip_search(blocks: np.ndarray, importance: np.ndarray, bits: int, symmetric: bool, integer_zero: bool):
+    """Per block, the range ratio minimising sum(importance * error^2); blocks [N, nb, bs], importance [nb, bs]."""
+    best_err = np.full(blocks.shape[:2], np.inf)
+    best_scale = np.ones(blocks.shape[:2], np.float32)
+    best_zero = np.zeros(blocks.shape[:2], np.float32)
+    for ratio in CLIP_RATIOS:
+        scale, zero = _block_params(blocks, bits, symmetric, ratio, integer_zero)
+        q = _round(blocks, scale, zero, bits)
+        err = (((q - zero[..., None]) * scale[..., None] - blocks) ** 2 * importance).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_clip(w: np.ndarray, importance: np.ndarray | None, bits: int = 4, block_size: int = 32,
+                  symmetric: bool = False, integer_zero: bool = True) -> BlockQuantized:
+    """importance [K]: mean squared input activation per column (ones when unknown)."""
+    blocks = _blocks(w, block_size)
+    scale, zero = _clip_search(blocks, _importance(importance, w.shape[1], block_size), bits, symmetric,
+                               integer_zero)
+    return _finish(_round(blocks, scale, zero, bits), scale, zero, bits, block_size, symmetric, w.shape[1],
+                   integer_zero)
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
+                  symmetric: bool = False, integer_zero: bool = True, damp: float = 0.1) -> BlockQuantized:
+    """hessian [K, K]: X^T X over calibration activations (any positive scale)."""
+    columns = w.shape[1]
+    w = _pad(w, block_size).astype(np.float64)
+    n, k = w.shape
+    h = np.zeros((k, k))
+    h[:columns, :columns] = hessian  # padding columns come out dead: no input reaches them
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead & (np.arange(k) < columns)] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns.
+    inv_chol = np.linalg.cholesky(np.linalg.inv(h)).T
+    importance = _importance(np.diag(hessian), columns, block_size)
+    nb = k // block_size
+    codes = np.empty((n, k), np.float64)
+    scales, zeros = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
+    for b in range(nb):
+        start, stop = b * block_size, (b + 1) * block_size
+        scale, zero = _clip_search(w[:, start:stop][:, None, :].astype(np.float32), importance[b:b + 1], bits,
+                                   symmetric, integer_zero)
+        scale, zero = scale[:, 0].astype(np.float64), zero[:, 0].astype(np.float64)
+        scales[:, b], zeros[:, b] = scale, zero
+        errors = np.empty((n, block_size))
+        for j in range(start, stop):
+            column = w[:, j]
+            q = np.clip(np.rint(column / scale + zero), 0, (1 << bits) - 1)
+            codes[:, j] = q
+            error = (column - (q - zero) * scale) / inv_chol[j, j]
+            w[:, j:stop] -= np.outer(error, inv_chol[j, j:stop])
+            errors[:, j - start] = error
+        w[:, stop:] -= errors @ inv_chol[start:stop, stop:]
+    return _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero)

@@ -1,0 +1,328 @@
+"""Weight-only quantization of the linear layers (and optionally the embedding) into the forms the targets run:
+com.microsoft MatMulNBits / GatherBlockQuantized for ONNX Runtime, INT4 DequantizeLinear (blocked, symmetric)
+feeding MatMul for TensorRT.
+
+Weights stay lazy: each quantized weight is computed when the package writer first asks for one of its parts
+(codes, scales, zero points) and dropped once all parts are written, so one weight is in memory at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from passes.base import GraphPass, replace_value
+from passes.quantization import BlockQuantized, quantize_clip, quantize_gptq, quantize_rtn
+
+METHODS = ("rtn", "clip", "gptq")
+DEFAULT_METHOD = "gptq"  # measured best (bench/int4_quality.py)
+SOURCE_NAMES = "checkpoint_names"  # Value.meta key: the checkpoint tensors a weight holds, stacked along N
+
+
+class WeightHints(Protocol):
+    """What the source knows about a weight, by checkpoint tensor name."""
+
+    def prequantized(self, name: str) -> BlockQuantized | None: ...  # the source's own blocks (GGUF)
+
+    def hessian(self, name: str) -> np.ndarray | None: ...  # X^T X of the weight's input on calibration text
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    method: str = "gptq"
+    form: str = "matmulnbits"  # or "dequantizelinear"
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
+    lm_head_bits: int = 4
+    quantize_embedding: bool = True
+    float_zero_points: bool = True  # exact block ranges; integer ones pack into 4 bits but must straddle 0
+    damp: float = 1.0  # GPTQ: diagonal loading, in units of the mean input energy (measured best on a short text)
+
+    def __post_init__(self):
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block size {self.block_size} is not a power of two >= 16")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.form == "dequantizelinear" and not self.symmetric:
+            raise ValueError("the DequantizeLinear form is symmetric only")
+
+
+class _Once:
+    """Computes a quantized weight on first use and forgets it once every part has been read."""
+
+    def __init__(self, compute: Callable[[], BlockQuantized], parts: int):
+        self._compute, self._parts, self._read, self._value = compute, parts, 0, None
+
+    def get(self) -> BlockQuantized:
+        if self._value is None:
+            self._value = self._compute()
+        self._read += 1
+        value = self._value
+        if self._read >= self._parts:
+            self._value, self._read = None, 0
+        return value
+
+
+def _lazy(once: _Once, pick: Callable[[BlockQuantized], np.ndarray], dtype, shape, name) -> ir.LazyTensor:
+    def load():
+        array = pick(once.get())
+        if tuple(array.shape) != tuple(shape) or (dtype != ir.DataType.INT4 and array.dtype != dtype.numpy()):
+            raise AssertionError(f"{name}: computed {array.dtype}{list(array.shape)}, declared {dtype}{list(shape)}")
+        if dtype == ir.DataType.INT4:
+            return ir.Tensor(array.astype(np.int8), dtype=ir.DataType.INT4, name=name)
+        return ir.Tensor(np.ascontiguousarray(array), name=name)
+
+    return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+def _initializer(graph: ir.Graph, name: str, tensor: ir.LazyTensor) -> ir.Value:
+    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _layout_only(q: BlockQuantized) -> BlockQuantized:
+    """Shapes and zero-point kind of a quantized weight, without its data."""
+    n, blocks = q.scales.shape
+    zero_points = None if q.zero_points is None else np.zeros((n, blocks), q.zero_points.dtype)
+    return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32), zero_points, q.bits,
+                          q.block_size, q.columns)
+
+
+def _dividing_block(block: int, k: int) -> int:
+    """The largest power-of-two block <= `block` (and >= 16) that divides k, else `block`."""
+    candidate = block
+    while k % candidate and candidate > 16:
+        candidate //= 2
+    return candidate if k % candidate == 0 else block
+
+
+def _weight_of(node: ir.Node, position: int) -> ir.Value | None:
+    value = node.inputs[position] if len(node.inputs) > position else None
+    if value is None or not value.is_initializer() or value.const_value is None:
+        return None
+    tensor = value.const_value
+    if tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
+        return None
+    return value
+
+
+class QuantizeWeights(GraphPass):
+    """MatMul(x, W[K, N]) -> MatMulNBits or DequantizeLinear+MatMul; Gather on the embedding table ->
+    GatherBlockQuantized (sharing the lm_head's data when the two are tied and quantized alike)."""
+
+    name = "quantize-weights"
+
+    def __init__(self, options: QuantOptions, hints: WeightHints | None = None):
+        self.options, self.hints = options, hints
+        self.sources = {"prequantized": 0, "quantized": 0}
+
+    def apply(self, model: ir.Model) -> int:
+        graph, sites = model.graph, 0
+        outputs = {id(v) for v in graph.outputs}
+        quantized: dict[int, tuple[_Once, BlockQuantized | None]] = {}
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain != "":
+                continue
+            weight = _weight_of(node, 1)
+            if weight is None:
+                continue
+            k, n = weight.const_value.shape
+            lm_head = id(node.outputs[0]) in outputs
+            bits = self.options.lm_head_bits if lm_head else self.options.bits
+            once, parts = self._plan(weight, bits, lm_head)
+            quantized[id(weight)] = (once, parts)
+            new = (self._matmulnbits if self.options.form == "matmulnbits" else self._dequantizelinear)(
+                graph, node, weight, once, parts, k, n)
+            replace_value(node.outputs[0], new)
+            graph.remove(node, safe=True)
+            sites += 1
+        if self.options.quantize_embedding and self.options.form == "matmulnbits":
+            sites += self._embeddings(graph, quantized)
+        for value in list(graph.initializers.values()):
+            if not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(value.name)
+        return sites
+
+    # -- choosing the values -------------------------------------------------------------------------------------
+    def _plan(self, weight: ir.Value, bits: int, lm_head: bool) -> tuple[_Once, BlockQuantized]:
+        """A lazy quantized weight, and a template of its layout (shapes and zero-point kind, no data)."""
+        names = list(weight.meta.get(SOURCE_NAMES, []))
+        tensor = weight.const_value
+        k, n = tensor.shape
+        pre = self._prequantized(names, bits, (n, k))
+        if pre is not None:
+            self.sources["prequantized"] += 1
+            template = _layout_only(pre)
+            del pre  # read again, one weight at a time, when the package is written
+            compute = lambda: self._prequantized(names, bits, (n, k))  # noqa: E731
+        else:
+            self.sources["quantized"] += 1
+            opts = self.options
+            hessian_name = names[0] if names else None
+            # A tied lm_head's blocks must tile its rows exactly for the embedding lookup to share them.
+            block = _dividing_block(opts.block_size, k) if lm_head and opts.quantize_embedding else opts.block_size
+            symmetric = opts.symmetric or (lm_head and self.options.quantize_embedding and bits == 8)
+
+            def compute():
+                w = tensor.numpy().T
+                hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
+                integer = not opts.float_zero_points
+                if opts.method == "gptq" and hessian is not None:
+                    return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp)
+                if opts.method in ("gptq", "clip"):
+                    importance = None if hessian is None else np.diag(hessian)
+                    return quantize_clip(w, importance, bits, block, symmetric, integer)
+                return quantize_rtn(w, bits, block, symmetric, integer)
+
+            blocks = -(-k // block)
+            zero_dtype = np.float32 if opts.float_zero_points else np.uint8
+            template = BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
+                                      None if symmetric else np.zeros((n, blocks), zero_dtype), bits,
+                                      block, k)
+        return _Once(compute, 3 if template.zero_points is not None else 2), template
+
+    def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
+        """The source's own blocks, when every stacked part has them in the requested block size."""
+        if not names or self.hints is None:
+            return None
+        parts = [self.hints.prequantized(name) for name in names]
+        if any(p is None or p.block_size != self.options.block_size for p in parts):
+            return None
+        if self.options.form == "dequantizelinear" and any(p.zero_points is not None for p in parts):
+            return None  # TensorRT takes symmetric blocks only: requantize
+        if len({p.bits for p in parts}) != 1 or (parts[0].bits != bits and parts[0].bits < bits):
+            return None
+        from passes.quantization import concatenate_rows
+
+        joined = concatenate_rows(parts) if len(parts) > 1 else parts[0]
+        return joined if joined.shape == tuple(shape) else None
+
+    # -- graph forms ---------------------------------------------------------------------------------------------
+    def _matmulnbits(self, graph, node, weight, once, layout: BlockQuantized, k, n) -> ir.Value:
+        blocks = layout.scales.shape[1]
+        blob = layout.block_size * layout.bits // 8
+        base = weight.name
+        inputs = [node.inputs[0],
+                  _initializer(graph, base + ".qweight", _lazy(once, BlockQuantized.matmulnbits_b, ir.DataType.UINT8,
+                                                              [n, blocks, blob], base + ".qweight")),
+                  _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
+                                                             [n, blocks], base + ".scales"))]
+        if layout.zero_points is not None:
+            inputs.append(self._zero_points(graph, once, layout, base))
+        new = ir.node("MatMulNBits", inputs, domain="com.microsoft",
+                      attributes={"K": k, "N": n, "bits": layout.bits, "block_size": layout.block_size,
+                                  "accuracy_level": self.options.accuracy_level})
+        graph.insert_before(node, new)
+        new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        return new.outputs[0]
+
+    @staticmethod
+    def _zero_points(graph, once, layout: BlockQuantized, base: str) -> ir.Value:
+        n, blocks = layout.scales.shape
+        if layout.zero_points.dtype == np.uint8:
+            shape, dtype = [n, -(-blocks * layout.bits // 8)], ir.DataType.UINT8
+        else:
+            shape, dtype = [n, blocks], ir.DataType.FLOAT
+        return _initializer(graph, base + ".zero_points",
+                            _lazy(once, BlockQuantized.ort_zero_points, dtype, shape, base + ".zero_points"))
+
+    def _dequantizelinear(self, graph, node, weight, once, layout: BlockQuantized, k, n) -> ir.Value:
+        base = weight.name
+        blocks = layout.scales.shape[1]
+        dtype = ir.DataType.INT4 if layout.bits == 4 else ir.DataType.INT8
+        codes = _initializer(graph, base + ".qweight", _lazy(once, lambda q: q.signed_codes()[:, :k].T, dtype,
+                                                             [k, n], base + ".qweight"))
+        scales = _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales.T, ir.DataType.FLOAT,
+                                                             [blocks, n], base + ".scales"))
+        dq = ir.node("DequantizeLinear", [codes, scales], attributes={"axis": 0, "block_size": layout.block_size})
+        matmul = ir.node("MatMul", [node.inputs[0], dq.outputs[0]])
+        graph.insert_before(node, [dq, matmul])
+        dq.outputs[0].shape, dq.outputs[0].type = ir.Shape([k, n]), ir.TensorType(ir.DataType.FLOAT)
+        matmul.outputs[0].shape, matmul.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        return matmul.outputs[0]
+
+    def _embeddings(self, graph: ir.Graph, quantized) -> int:
+        """Gather(table [V, H], ids) -> GatherBlockQuantized. A table tied to the lm_head (read here through a
+        Transpose of the lm_head's [H, V] weight) shares the lm_head's packed data when the layouts allow."""
+        sites = 0
+        for node in list(graph):
+            if node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0) != 0:
+                continue
+            transpose = node.inputs[0].producer()
+            if transpose is not None and transpose.op_type == "Transpose":
+                source = _weight_of(transpose, 0)
+                if source is None or list(transpose.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+                    continue
+            else:
+                transpose, source = None, _weight_of(node, 0)
+                if source is None:
+                    continue
+            shared = quantized.get(id(source)) if transpose is not None else None
+            if shared is not None and self._shareable(shared[1]):
+                data, scales, zero_points = self._shared_table(graph, source)
+                layout = shared[1]
+            else:
+                own = self._own_table(graph, source, transposed=transpose is not None)
+                if own is None:
+                    continue
+                data, scales, zero_points, layout = own
+            inputs = [data, node.inputs[1], scales] + ([zero_points] if zero_points is not None else [])
+            new = ir.node("GatherBlockQuantized", inputs, domain="com.microsoft",
+                          attributes={"bits": layout.bits, "block_size": layout.block_size, "gather_axis": 0,
+                                      "quantize_axis": 1})
+            graph.insert_before(node, new)
+            new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+            replace_value(node.outputs[0], new.outputs[0])
+            graph.remove(node, safe=True)
+            if transpose is not None and not transpose.outputs[0].uses():
+                graph.remove(transpose, safe=True)
+            sites += 1
+        return sites
+
+    @staticmethod
+    def _shareable(layout: BlockQuantized) -> bool:
+        """GatherBlockQuantized takes integer zero points only, and unpadded rows."""
+        integer = layout.zero_points is None or layout.zero_points.dtype == np.uint8
+        return integer and layout.columns % layout.block_size == 0
+
+    @staticmethod
+    def _shared_table(graph: ir.Graph, lm_head_weight: ir.Value):
+        """The lm_head's MatMulNBits inputs, reshaped to GatherBlockQuantized's [V, H*bits/8] (same bytes; ONNX
+        Runtime folds the Reshape when the session loads)."""
+        base = lm_head_weight.name
+        qweight, scales = graph.initializers[base + ".qweight"], graph.initializers[base + ".scales"]
+        n, blocks, blob = qweight.shape
+        shape = ir.Value(name=base + ".gather_shape",
+                         const_value=ir.tensor(np.array([n, blocks * blob], dtype=np.int64)))
+        graph.register_initializer(shape)
+        reshape = ir.node("Reshape", [qweight, shape])
+        graph.insert_before(graph.node(0), reshape)
+        reshape.outputs[0].shape, reshape.outputs[0].type = ir.Shape([n, blocks * blob]), qweight.type
+        return reshape.outputs[0], scales, graph.initializers.get(base + ".zero_points")
+
+    def _own_table(self, graph: ir.Graph, weight: ir.Value, transposed: bool):
+        """The table quantized on its own: symmetric round-to-nearest at the lm_head's bit width (a lookup has no
+        activations to calibrate against), blocks along H that divide it."""
+        tensor = weight.const_value
+        v, h = reversed(tensor.shape) if transposed else tensor.shape
+        bits = self.options.lm_head_bits
+        block = self.options.block_size
+        block = _dividing_block(block, h)
+        if h % block:
+            return None  # no block size divides the rows: the table stays as it is
+        compute = lambda: quantize_rtn(tensor.numpy().T if transposed else tensor.numpy(), bits, block,  # noqa: E731
+                                       symmetric=True)
+        once = _Once(compute, 2)
+        blocks = -(-h // block)
+        layout = BlockQuantized(np.zeros((v, 0), np.uint8), np.zeros((v, blocks), np.float32), None, bits, block, h)
+        base = weight.name + ".gather"
+        data = _initializer(graph, base + ".qdata", _lazy(once, BlockQuantized.gather_data, ir.DataType.UINT8,
+                                                         [v, blocks * block * bits // 8], base + ".qdata"))
+        scales = _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
+                                                            [v, blocks], base + ".scales"))
+        return data, scales, None, layout

@@ -1,0 +1,238 @@
+"""INT4: packing layouts against ONNX Runtime's kernels, the quantizers' quality order, GGUF transcoding, the
+MatMulNBits and DequantizeLinear forms, INT4 packages of the tiny models, and the eval command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import VARIANTS, make_hf_model, write_tiny_gguf
+from exporter.cli import main
+from passes.quantization import (BlockQuantized, pack_codes, quantize_clip, quantize_gptq, quantize_rtn,
+                                 unpack_codes)
+
+rng = np.random.default_rng(0)
+
+
+def _session(nodes, initializers, input_shape, optimize=True):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    if not optimize:  # ONNX Runtime would fuse DequantizeLinear+MatMul into MatMulNBits with int8 activations
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _matmulnbits(q: BlockQuantized, accuracy_level: int = 0):
+    n, k = q.shape
+    names = ["A", "B", "S"] + (["Z"] if q.zero_points is not None else [])
+    inits = [onnx.numpy_helper.from_array(q.matmulnbits_b(), "B"), onnx.numpy_helper.from_array(q.scales, "S")]
+    if q.zero_points is not None:
+        inits.append(onnx.numpy_helper.from_array(q.ort_zero_points(), "Z"))
+    node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=q.bits,
+                            block_size=q.block_size, accuracy_level=accuracy_level)
+    return _session([node], inits, [None, k])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = rng.integers(0, 1 << bits, (7, 64)).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (7, 64 * bits // 8)
+    assert np.array_equal(unpack_codes(packed, bits), codes)
+    if bits == 4:  # low nibble first
+        assert packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)
+
+
+@pytest.mark.parametrize("symmetric,bits,k", [(True, 4, 128), (False, 4, 96), (False, 4, 80), (True, 8, 64)])
+def test_matmulnbits_layout_dequantizes_like_the_numpy_form(symmetric, bits, k):
+    """ONNX Runtime's kernel on an identity input returns the weights: they equal BlockQuantized.dequantize()."""
+    w = rng.standard_normal((24, k)).astype(np.float32)
+    q = quantize_rtn(w, bits, 32, symmetric)
+    out = _matmulnbits(q).run(None, {"A": np.eye(k, dtype=np.float32)})[0]
+    np.testing.assert_allclose(out.T, q.dequantize(), rtol=0, atol=1e-6)
+    step = q.scales.max()
+    assert np.abs(q.dequantize() - w).max() <= step * (0.5 + 1e-3)  # round to nearest: at most half a step
+
+
+def test_matmulnbits_and_dequantizelinear_forms_agree():
+    """The ONNX Runtime form and the TensorRT form (INT4 DequantizeLinear with block_size) of the same weights."""
+    k, n, block = 128, 40, 32
+    q = quantize_rtn(rng.standard_normal((n, k)).astype(np.float32), 4, block, symmetric=True)
+    a = rng.standard_normal((3, k)).astype(np.float32)
+    nbits = _matmulnbits(q).run(None, {"A": a})[0]
+    codes = ir.Tensor(q.signed_codes().T.copy(), dtype=ir.DataType.INT4, name="Q")
+    dq = helper.make_node("DequantizeLinear", ["Q", "S"], ["W"], axis=0, block_size=block)
+    mm = helper.make_node("MatMul", ["A", "W"], ["Y"])
+    session = _session([dq, mm], [ir.serde.serialize_tensor(codes), onnx.numpy_helper.from_array(q.scales.T.copy(), "S")],
+                       [None, k], optimize=False)
+    qdq = session.run(None, {"A": a})[0]
+    np.testing.assert_allclose(qdq, nbits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qdq, a @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_accuracy_aware_methods_beat_round_to_nearest():
+    """On inputs with uneven channel energy and correlations, the output error X(W - Q) shrinks from rtn to clip
+    (energy-weighted range search) to gptq (error compensation)."""
+    k, n = 256, 64
+    x = rng.standard_normal((2048, k)) * np.exp(rng.standard_normal(k))  # uneven channels
+    x[:, 1::2] += 0.8 * x[:, 0::2]  # correlated neighbours
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    h = x.T @ x / len(x)
+
+    def output_error(q):
+        diff = q.dequantize() - w
+        return float(np.einsum("nk,kl,nl->", diff, h, diff))
+
+    rtn = output_error(quantize_rtn(w, 4, 128))
+    clip = output_error(quantize_clip(w, np.diag(h), 4, 128))
+    gptq = output_error(quantize_gptq(w, h, 4, 128))
+    assert clip < rtn
+    assert gptq < 0.8 * clip
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
+    """A GGUF of Q4_0/Q4_1 matrices (Q8_0 embedding) at block 32: the package's codes and scales are the file's,
+    and its weights dequantize to the GGUF's values (Q4_0 and Q8_0 bit for bit; Q4_1's d*q + m becomes
+    d*(q - zero point) with a float zero point -m/d, equal up to float rounding of that one multiplication)."""
+    import gguf
+
+    from exporter.sources.gguf_file import hf_name, unpermute_rows
+
+    path = tmp_path / f"tiny-{kind}.gguf"
+    write_tiny_gguf(path, "llama2-gqa", matrix_type=kind)
+    out = tmp_path / "pkg"
+    assert main(["--model", str(path), "--precision", "int4", "-o", str(out), "-q", "--no-verify"]) == 0
+    model = ir.load(out / "model.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    quantize = next(p for p in manifest["passes"] if p["name"] == "quantize-weights")
+    assert quantize["sites"] > 0
+
+    reader = gguf.GGUFReader(path)
+    heads = {"q_proj": 4, "k_proj": 2}
+    expected = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if tensor.tensor_type.name in ("F32", "F16"):
+            continue
+        values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(
+            tuple(reversed([int(d) for d in tensor.shape])))
+        for part, n_heads in heads.items():
+            if part in name:
+                values = unpermute_rows(values, n_heads)
+        expected[name] = values.astype(np.float32)
+
+    matmuls = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert matmuls and not [n for n in model.graph if n.op_type == "MatMul"]
+    for node in matmuls:
+        b, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+        zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        bits = node.attributes.get_int("bits")
+        q = BlockQuantized(unpack_codes(b.reshape(b.shape[0], -1), bits), scales,
+                           zp if zp is None or zp.dtype != np.uint8 else unpack_codes(zp, bits)[:, :scales.shape[1]],
+                           bits, node.attributes.get_int("block_size"))
+        name = node.inputs[1].name.removesuffix(".qweight")
+        parts = _stacked_parts(name, expected)
+        reference = np.concatenate([expected[p] for p in parts])
+        ours = q.dequantize()
+        if kind == "Q4_1" and bits == 4:
+            assert zp is not None and zp.dtype == np.float32
+            np.testing.assert_allclose(ours, reference, rtol=0, atol=float(np.abs(reference).max()) * 2 ** -22)
+        else:
+            assert np.array_equal(ours, reference), name
+    gathers = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and gathers[0].attributes.get_int("bits") == 8
+
+
+def _stacked_parts(name: str, expected: dict) -> list[str]:
+    if "qkv_proj" in name:
+        return [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    if "gate_up_proj" in name:
+        return [name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
+    return [name]
+
+
+# A random-weight tiny model has nearly flat logits: its top-2 margins are often smaller than INT4 rounding moves
+# them, so its top-1 agreement sits far below a trained model's (the default model's is asserted >= 0.85 in
+# test_default_model.py). Measured here: 0.56-0.78 across the variants. A wrong layout (nibble order, scale or
+# zero-point placement, transposed blocks) scores near chance (1/320 per position, a few percent with repeats),
+# which is what this floor is for.
+TINY_TOP1_FLOOR = 0.5
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_int4_tiny_packages_run_and_agree_with_fp32(tiny_models, tmp_path, variant):
+    from exporter.sources import open_checkpoint
+    from exporter.verify import verify_package
+
+    out = tmp_path / "pkg"
+    assert main(["--model", str(tiny_models[variant]), "--precision", "int4", "-o", str(out), "-q",
+                 "--no-verify"]) == 0
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    layers = 2
+    assert ops.count("MatMulNBits") == 4 * layers + 1  # qkv, o, gate/up, down per layer, and the lm_head
+    assert ops.count("MatMul") == 0 and ops.count("GatherBlockQuantized") == 1
+    result = verify_package(out, open_checkpoint(tiny_models[variant]), "int4", new_tokens=16)
+    assert result["top1_agreement"] >= TINY_TOP1_FLOOR, result["top1_agreement"]
+
+
+def test_tied_embedding_shares_the_lm_head_data(tiny_models, tmp_path):
+    out = tmp_path / "pkg"
+    assert main(["--model", str(tiny_models["llama3.2-tied"]), "--precision", "int4", "-o", str(out), "-q",
+                 "--no-verify"]) == 0
+    model = ir.load(out / "model.onnx")
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    reshape = gather.inputs[0].producer()
+    assert reshape is not None and reshape.op_type == "Reshape"
+    lm_head = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.outputs[0].is_graph_output())
+    assert reshape.inputs[0] is lm_head.inputs[1]  # one table in the file
+
+
+def test_block_128_and_symmetric_options(tiny_models, tmp_path):
+    out = tmp_path / "pkg"
+    assert main(["--model", str(tiny_models["llama2-gqa"]), "--precision", "int4", "--block-size", "64",
+                 "--symmetric", "--quant", "rtn", "-o", str(out), "-q", "--no-verify"]) == 0
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 64
+               for n in nbits)
+    assert all(len(n.input) == 3 for n in nbits)  # symmetric: no zero points
+
+
+def test_bad_block_size_is_one_line_error(tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tiny_models["llama2-gqa"]), "--precision", "int4", "--block-size", "48",
+              "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "block-size" in capsys.readouterr().err
+
+
+def test_eval_package_matches_source_perplexity(tiny_models, tmp_path):
+    """fp32 package and PyTorch source give the same perplexity on the same text; the JSON has the fields."""
+    from conftest import CORPUS
+
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS)
+    out = tmp_path / "pkg"
+    source = tiny_models["llama2-gqa"]
+    assert main(["--model", str(source), "-o", str(out), "-q", "--no-verify"]) == 0
+    assert main(["eval", str(out), "--text", str(text), "--window", "64", "--json", str(tmp_path / "p.json")]) == 0
+    assert main(["eval", str(source), "--text", str(text), "--window", "64", "--json", str(tmp_path / "s.json")]) == 0
+    ours, theirs = (json.loads((tmp_path / f).read_text()) for f in ("p.json", "s.json"))
+    assert ours["tokens"] == theirs["tokens"] > 100
+    assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
+    assert 1 < ours["perplexity"] < 320  # better than chance over the 320-token vocabulary... or at least not worse
+
+
+def test_eval_rejects_missing_text(tiny_models, tmp_path, capsys):
+    assert main(["eval", str(tiny_models["llama2-gqa"]), "--text", str(tmp_path / "none.txt")]) == 1
+    assert "text file not found" in capsys.readouterr().err
