@@ -53,11 +53,8 @@ def export_parser() -> Parser:
                             "carried over as they are")
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
-    quant.add_argument("--integer-zero-points", action="store_true",
-                       help="4-bit zero points (smaller at block 32; each block's range must then include 0) instead "
-                            "of float ones fitted to the block's range")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
-                       help="lm_head (and a tied embedding) at 4 or 8 bits (default: 4 at block 32/64, 8 at 128)")
+                       help="lm_head (and a tied embedding) at 4 or 8 bits (default: 4)")
     quant.add_argument("--keep-embedding", action="store_true",
                        help="keep the embedding table at full precision instead of GatherBlockQuantized")
     parser.add_argument("--force", action="store_true", help="replace an output path that is not a llama-export package")
@@ -127,8 +124,7 @@ def cmd_export(args) -> int:
                                   force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
                                   report=args.report, quiet=args.quiet, block_size=args.block_size,
                                   quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
-                                  quantize_embedding=not args.keep_embedding,
-                                  float_zero_points=not args.integer_zero_points))
+                                  quantize_embedding=not args.keep_embedding))
     if args.quiet:
         print(output)
     return 0

@@ -31,7 +31,6 @@ class ExportOptions:
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
-    float_zero_points: bool = True
 
 
 def resolve_model(model: str | None, log) -> Path:
@@ -117,11 +116,10 @@ def quantization_plan(options: ExportOptions, checkpoint: Checkpoint, log):
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
-    lm_head_bits = options.lm_head_bits or (8 if options.block_size >= 128 else 4)
+    lm_head_bits = options.lm_head_bits or 4
     try:
         quant = QuantOptions(block_size=options.block_size, symmetric=options.symmetric, method=method,
-                             lm_head_bits=lm_head_bits, quantize_embedding=options.quantize_embedding,
-                             float_zero_points=options.float_zero_points)
+                             lm_head_bits=lm_head_bits, quantize_embedding=options.quantize_embedding)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hessians = None

@@ -33,6 +33,7 @@ class BlockQuantized:
     bits: int
     block_size: int
     columns: int = 0  # K; codes are padded to whole blocks past it (0: no padding)
+    minimums: np.ndarray | None = None  # GGUF Q4_1: w = scale * q + minimum (zero_points then unused)
 
     def __post_init__(self):
         self.columns = self.columns or self.codes.shape[1]
@@ -42,6 +43,8 @@ class BlockQuantized:
         return self.codes.shape[0], self.columns
 
     def effective_zero_points(self) -> np.ndarray:
+        if self.minimums is not None:
+            return np.zeros(self.scales.shape, np.float32)
         if self.zero_points is None:
             return np.full(self.scales.shape, 1 << (self.bits - 1), dtype=np.float32)
         return self.zero_points.astype(np.float32)
@@ -50,6 +53,8 @@ class BlockQuantized:
         """W [N, K] float32, computed as ONNX Runtime's kernels do: scale * (q - zero_point)."""
         n, k = self.codes.shape
         blocks = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
+        if self.minimums is not None:
+            return (blocks * self.scales[..., None] + self.minimums[..., None]).reshape(n, k)[:, :self.columns]
         zp = self.effective_zero_points()[..., None]
         return ((blocks - zp) * self.scales[..., None]).astype(np.float32).reshape(n, k)[:, :self.columns]
 
@@ -64,10 +69,14 @@ class BlockQuantized:
         return pack_codes(self.codes, self.bits)
 
     def ort_zero_points(self) -> np.ndarray | None:
-        """uint8 zero points packed like the codes (two per byte at 4 bits), or float ones as they are."""
-        if self.zero_points is None or self.zero_points.dtype != np.uint8:
+        """uint8 zero points packed like the codes (two per byte at 4 bits), or float ones as they are; with
+        minimums, zeros (the minimum is added by a separate term)."""
+        if self.minimums is not None:
+            zp = np.zeros(self.scales.shape, np.uint8)
+        elif self.zero_points is None or self.zero_points.dtype != np.uint8:
             return self.zero_points
-        zp = self.zero_points
+        else:
+            zp = self.zero_points
         if self.bits == 4 and zp.shape[1] % 2:
             zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
         return pack_codes(zp, self.bits)
@@ -84,6 +93,12 @@ def concatenate_rows(parts: list[BlockQuantized]) -> BlockQuantized:
     first = parts[0]
     if any(p.bits != first.bits or p.block_size != first.block_size for p in parts):
         raise ValueError("parts quantized differently")
+    if any(p.minimums is not None for p in parts):
+        if not all(p.minimums is not None for p in parts):
+            raise ValueError("cannot stack blocks with and without minimums")
+        return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                              None, first.bits, first.block_size, first.columns,
+                              np.concatenate([p.minimums for p in parts]))
     kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
     if len(kinds) == 1:
         zero_points = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])

@@ -39,7 +39,9 @@ class QuantOptions:
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
     lm_head_bits: int = 4
     quantize_embedding: bool = True
-    float_zero_points: bool = True  # exact block ranges; integer ones pack into 4 bits but must straddle 0
+    # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs ~100x slower with them
+    # (measured, 1.32): integer ones, packed into 4 bits, are the default.
+    float_zero_points: bool = False
     damp: float = 1.0  # GPTQ: diagonal loading, in units of the mean input energy (measured best on a short text)
 
     def __post_init__(self):
@@ -89,8 +91,9 @@ def _layout_only(q: BlockQuantized) -> BlockQuantized:
     """Shapes and zero-point kind of a quantized weight, without its data."""
     n, blocks = q.scales.shape
     zero_points = None if q.zero_points is None else np.zeros((n, blocks), q.zero_points.dtype)
+    minimums = None if q.minimums is None else np.zeros((n, blocks), np.float32)
     return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32), zero_points, q.bits,
-                          q.block_size, q.columns)
+                          q.block_size, q.columns, minimums)
 
 
 def _dividing_block(block: int, k: int) -> int:
@@ -120,6 +123,7 @@ class QuantizeWeights(GraphPass):
     def __init__(self, options: QuantOptions, hints: WeightHints | None = None):
         self.options, self.hints = options, hints
         self.sources = {"prequantized": 0, "quantized": 0}
+        self._block_sums: dict = {}
 
     def apply(self, model: ir.Model) -> int:
         graph, sites = model.graph, 0
@@ -184,7 +188,8 @@ class QuantizeWeights(GraphPass):
             template = BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
                                       None if symmetric else np.zeros((n, blocks), zero_dtype), bits,
                                       block, k)
-        return _Once(compute, 3 if template.zero_points is not None else 2), template
+        parts = 2 + (template.zero_points is not None or template.minimums is not None) + (template.minimums is not None)
+        return _Once(compute, parts), template
 
     def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
         """The source's own blocks, when every stacked part has them in the requested block size."""
@@ -193,7 +198,8 @@ class QuantizeWeights(GraphPass):
         parts = [self.hints.prequantized(name) for name in names]
         if any(p is None or p.block_size != self.options.block_size for p in parts):
             return None
-        if self.options.form == "dequantizelinear" and any(p.zero_points is not None for p in parts):
+        if self.options.form == "dequantizelinear" and any(
+                p.zero_points is not None or p.minimums is not None for p in parts):
             return None  # TensorRT takes symmetric blocks only: requantize
         if len({p.bits for p in parts}) != 1 or (parts[0].bits != bits and parts[0].bits < bits):
             return None
@@ -212,19 +218,48 @@ class QuantizeWeights(GraphPass):
                                                               [n, blocks, blob], base + ".qweight")),
                   _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
                                                              [n, blocks], base + ".scales"))]
-        if layout.zero_points is not None:
+        if layout.zero_points is not None or layout.minimums is not None:
             inputs.append(self._zero_points(graph, once, layout, base))
         new = ir.node("MatMulNBits", inputs, domain="com.microsoft",
                       attributes={"K": k, "N": n, "bits": layout.bits, "block_size": layout.block_size,
                                   "accuracy_level": self.options.accuracy_level})
         graph.insert_before(node, new)
         new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
-        return new.outputs[0]
+        if layout.minimums is None:
+            return new.outputs[0]
+        return self._add_minimums(graph, node, new.outputs[0], once, layout, base)
+
+    def _add_minimums(self, graph, node, product: ir.Value, once, layout: BlockQuantized, base: str) -> ir.Value:
+        """w = scale*q + minimum (GGUF Q4_1): MatMulNBits computes x @ (scale*q); the minimums add
+        sum over blocks of (x summed within the block) * minimum, a small [K/block, N] MatMul. ONNX Runtime
+        accepts float zero points instead, but its CPU kernel then runs ~100x slower (measured)."""
+        x = node.inputs[0]
+        n, blocks = layout.scales.shape
+        key = (id(x), layout.block_size)
+        if key not in self._block_sums:
+            shape = ir.Value(name=f"{base}.block_shape", const_value=ir.tensor(
+                np.array([0, 0, blocks, layout.block_size], dtype=np.int64)))
+            axes = ir.Value(name=f"{base}.block_axis", const_value=ir.tensor(np.array([-1], dtype=np.int64)))
+            graph.register_initializer(shape)
+            graph.register_initializer(axes)
+            reshape = ir.node("Reshape", [x, shape])
+            summed = ir.node("ReduceSum", [reshape.outputs[0], axes], attributes={"keepdims": 0})
+            graph.insert_before(node, [reshape, summed])
+            summed.outputs[0].type = x.type
+            self._block_sums[key] = summed.outputs[0]
+        minimums = _initializer(graph, base + ".minimums", _lazy(once, lambda q: q.minimums.T.copy(),
+                                                                 ir.DataType.FLOAT, [blocks, n], base + ".minimums"))
+        offset = ir.node("MatMul", [self._block_sums[key], minimums])
+        total = ir.node("Add", [product, offset.outputs[0]])
+        graph.insert_before(node, [offset, total])
+        offset.outputs[0].type = total.outputs[0].type = node.outputs[0].type
+        total.outputs[0].shape = node.outputs[0].shape
+        return total.outputs[0]
 
     @staticmethod
     def _zero_points(graph, once, layout: BlockQuantized, base: str) -> ir.Value:
         n, blocks = layout.scales.shape
-        if layout.zero_points.dtype == np.uint8:
+        if layout.minimums is not None or layout.zero_points.dtype == np.uint8:
             shape, dtype = [n, -(-blocks * layout.bits // 8)], ir.DataType.UINT8
         else:
             shape, dtype = [n, blocks], ir.DataType.FLOAT
@@ -287,7 +322,7 @@ class QuantizeWeights(GraphPass):
     @staticmethod
     def _shareable(layout: BlockQuantized) -> bool:
         """GatherBlockQuantized takes integer zero points only, and unpadded rows."""
-        integer = layout.zero_points is None or layout.zero_points.dtype == np.uint8
+        integer = layout.minimums is None and (layout.zero_points is None or layout.zero_points.dtype == np.uint8)
         return integer and layout.columns % layout.block_size == 0
 
     @staticmethod
@@ -317,6 +352,12 @@ class QuantizeWeights(GraphPass):
             return None  # no block size divides the rows: the table stays as it is
         compute = lambda: quantize_rtn(tensor.numpy().T if transposed else tensor.numpy(), bits, block,  # noqa: E731
                                        symmetric=True)
+        names = list(weight.meta.get(SOURCE_NAMES, []))
+        source = self.hints.prequantized(names[0]) if self.hints is not None and len(names) == 1 else None
+        if source is not None and source.zero_points is None and source.minimums is None and h % source.block_size == 0:
+            bits, block = source.bits, source.block_size  # the source's own symmetric blocks (GGUF Q8_0/Q4_0)
+            compute = lambda: self.hints.prequantized(names[0])  # noqa: E731
+        del source
         once = _Once(compute, 2)
         blocks = -(-h // block)
         layout = BlockQuantized(np.zeros((v, 0), np.uint8), np.zeros((v, blocks), np.float32), None, bits, block, h)

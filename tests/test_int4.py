@@ -100,9 +100,8 @@ def test_accuracy_aware_methods_beat_round_to_nearest():
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
-    """A GGUF of Q4_0/Q4_1 matrices (Q8_0 embedding) at block 32: the package's codes and scales are the file's,
-    and its weights dequantize to the GGUF's values (Q4_0 and Q8_0 bit for bit; Q4_1's d*q + m becomes
-    d*(q - zero point) with a float zero point -m/d, equal up to float rounding of that one multiplication)."""
+    """A GGUF of Q4_0/Q4_1 matrices (Q8_0 embedding) at block 32: the package holds the file's codes, scales
+    and Q4_1 minimums, and its weights dequantize to the GGUF's values bit for bit."""
     import gguf
 
     from exporter.sources.gguf_file import hf_name, unpermute_rows
@@ -131,23 +130,24 @@ def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
         expected[name] = values.astype(np.float32)
 
     matmuls = [n for n in model.graph if n.op_type == "MatMulNBits"]
-    assert matmuls and not [n for n in model.graph if n.op_type == "MatMul"]
+    plain = [n for n in model.graph if n.op_type == "MatMul"]
+    assert matmuls and len(plain) == (4 * 2 + 1 if kind == "Q4_1" else 0)  # Q4_1: a minimum term per matrix
     for node in matmuls:
         b, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
         zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
         bits = node.attributes.get_int("bits")
-        q = BlockQuantized(unpack_codes(b.reshape(b.shape[0], -1), bits), scales,
-                           zp if zp is None or zp.dtype != np.uint8 else unpack_codes(zp, bits)[:, :scales.shape[1]],
-                           bits, node.attributes.get_int("block_size"))
         name = node.inputs[1].name.removesuffix(".qweight")
-        parts = _stacked_parts(name, expected)
-        reference = np.concatenate([expected[p] for p in parts])
-        ours = q.dequantize()
-        if kind == "Q4_1" and bits == 4:
-            assert zp is not None and zp.dtype == np.float32
-            np.testing.assert_allclose(ours, reference, rtol=0, atol=float(np.abs(reference).max()) * 2 ** -22)
+        minimums = model.graph.initializers.get(name + ".minimums")
+        if minimums is not None:  # Q4_1: w = d*q + m, the m term added after MatMulNBits
+            assert kind == "Q4_1" and not zp.any()
+            q = BlockQuantized(unpack_codes(b.reshape(b.shape[0], -1), bits), scales, None, bits,
+                               node.attributes.get_int("block_size"), minimums=minimums.const_value.numpy().T)
         else:
-            assert np.array_equal(ours, reference), name
+            q = BlockQuantized(unpack_codes(b.reshape(b.shape[0], -1), bits), scales,
+                               None if zp is None else unpack_codes(zp, bits)[:, :scales.shape[1]], bits,
+                               node.attributes.get_int("block_size"))
+        reference = np.concatenate([expected[p] for p in _stacked_parts(name, expected)])
+        assert np.array_equal(q.dequantize(), reference), name
     gathers = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1 and gathers[0].attributes.get_int("bits") == 8
 
@@ -230,7 +230,7 @@ def test_eval_package_matches_source_perplexity(tiny_models, tmp_path):
     ours, theirs = (json.loads((tmp_path / f).read_text()) for f in ("p.json", "s.json"))
     assert ours["tokens"] == theirs["tokens"] > 100
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-4)
-    assert 1 < ours["perplexity"] < 320  # better than chance over the 320-token vocabulary... or at least not worse
+    assert ours["perplexity"] > 1 and ours["windows"] == theirs["windows"] >= 2
 
 
 def test_eval_rejects_missing_text(tiny_models, tmp_path, capsys):

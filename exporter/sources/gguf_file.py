@@ -116,8 +116,8 @@ _BLOCK_FORMATS = {"Q4_0": (18, False, 4), "Q4_1": (20, True, 4), "Q8_0": (34, Fa
 
 
 def _quantized_loader(tensor, n_heads: int | None):
-    """The tensor's own blocks as codes/scales/zero points (None for other formats): Q4_0 is d*(q-8), Q8_0 is
-    d*q with q signed (stored here as q+128 around the midpoint 128), Q4_1 is d*q+m, i.e. zero point -m/d."""
+    """The tensor's own blocks as codes/scales (None for other formats): Q4_0 is d*(q-8), Q8_0 is d*q with q
+    signed (stored here as q+128 around the midpoint 128), Q4_1 is d*q+m (kept as scale and minimum)."""
     kind = tensor.tensor_type.name
     if kind not in _BLOCK_FORMATS:
         return None
@@ -136,14 +136,12 @@ def _quantized_loader(tensor, n_heads: int | None):
         else:  # 16 bytes: element j in the low nibble of byte j, element j+16 in the high nibble
             codes = np.concatenate([body & 0x0F, body >> 4], axis=-1)
             zero_points = None
-            if has_min:
-                minimum = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-                zero_points = (-minimum / np.where(scales == 0, 1, scales)).astype(np.float32)
+        minimums = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else None
         codes = codes.reshape(rows, -1)
         if n_heads:
             codes, scales = unpermute_rows(codes, n_heads), unpermute_rows(scales, n_heads)
-            zero_points = None if zero_points is None else unpermute_rows(zero_points, n_heads)
-        return BlockQuantized(codes, scales, zero_points, bits, 32)
+            minimums = None if minimums is None else unpermute_rows(minimums, n_heads)
+        return BlockQuantized(codes, scales, zero_points, bits, 32, minimums=minimums)
 
     return load
 
