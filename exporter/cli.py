@@ -118,7 +118,14 @@ def _positive(text: str) -> int:
 
 
 def cmd_export(args) -> int:
+    from exporter.errors import UserError
     from exporter.pipeline import ExportOptions, export
+
+    int4_only = {"--block-size": args.block_size != 32, "--quant": args.quant, "--symmetric": args.symmetric,
+                 "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
+    given = [flag for flag, value in int4_only.items() if value]
+    if given and args.precision != "int4":
+        raise UserError(f"{', '.join(given)} applies to --precision int4 only")
 
     output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
                                   force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,

@@ -213,8 +213,11 @@ def quantize_clip(w: np.ndarray, importance: np.ndarray | None, bits: int = 4, b
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
-                  symmetric: bool = False, integer_zero: bool = True, damp: float = 0.1) -> BlockQuantized:
-    """hessian [K, K]: X^T X over calibration activations (any positive scale)."""
+                  symmetric: bool = False, integer_zero: bool = True, damp: float = 0.1,
+                  act_order: bool = False) -> BlockQuantized:
+    """hessian [K, K]: X^T X over calibration activations (any positive scale). With act_order, every block's
+    range is fixed up front on the original weights and columns are quantized from the highest input energy
+    down, so the most important columns are rounded while the most freedom is left to compensate."""
     columns = w.shape[1]
     w = _pad(w, block_size).astype(np.float64)
     n, k = w.shape
@@ -224,20 +227,28 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
     h[dead, dead] = 1.0
     w[:, dead & (np.arange(k) < columns)] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns.
-    inv_chol = np.linalg.cholesky(np.linalg.inv(h)).T
     importance = _importance(np.diag(hessian), columns, block_size)
     nb = k // block_size
-    codes = np.empty((n, k), np.float64)
     scales, zeros = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
+    order = np.arange(k)
+    if act_order:
+        scales[:], zeros[:] = _clip_search(w.reshape(n, nb, block_size).astype(np.float32), importance, bits,
+                                           symmetric, integer_zero)
+        order = np.argsort(-np.diag(h), kind="stable")
+        w, h = w[:, order], h[order][:, order]
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns.
+    inv_chol = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.empty((n, k), np.float64)
     for b in range(nb):
         start, stop = b * block_size, (b + 1) * block_size
-        scale, zero = _clip_search(w[:, start:stop][:, None, :].astype(np.float32), importance[b:b + 1], bits,
-                                   symmetric, integer_zero)
-        scale, zero = scale[:, 0].astype(np.float64), zero[:, 0].astype(np.float64)
-        scales[:, b], zeros[:, b] = scale, zero
+        if not act_order:  # the block's range, chosen on the weights as compensated so far
+            scale, zero = _clip_search(w[:, start:stop][:, None, :].astype(np.float32), importance[b:b + 1], bits,
+                                       symmetric, integer_zero)
+            scales[:, b], zeros[:, b] = scale[:, 0], zero[:, 0]
         errors = np.empty((n, block_size))
         for j in range(start, stop):
+            group = order[j] // block_size
+            scale, zero = scales[:, group].astype(np.float64), zeros[:, group].astype(np.float64)
             column = w[:, j]
             q = np.clip(np.rint(column / scale + zero), 0, (1 << bits) - 1)
             codes[:, j] = q
@@ -245,4 +256,6 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
             w[:, j:stop] -= np.outer(error, inv_chol[j, j:stop])
             errors[:, j - start] = error
         w[:, stop:] -= errors @ inv_chol[start:stop, stop:]
-    return _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
+    unpermuted = np.empty_like(codes)
+    unpermuted[:, order] = codes
+    return _finish(unpermuted, scales, zeros, bits, block_size, symmetric, columns, integer_zero)

@@ -38,6 +38,9 @@ class QuantOptions:
     form: str = "matmulnbits"  # or "dequantizelinear"
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
     lm_head_bits: int = 4
+    # The lm_head (and a tied embedding) in finer blocks than the layers: it costs ~0.2 bit per weight of one
+    # matrix and, on the default model at block 128, measured +26% -> +15% perplexity over fp32 with it.
+    lm_head_block_size: int | None = 32  # None: the layers' block size
     quantize_embedding: bool = True
     # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs ~100x slower with them
     # (measured, 1.32): integer ones, packed into 4 bits, are the default.
@@ -169,7 +172,11 @@ class QuantizeWeights(GraphPass):
             opts = self.options
             hessian_name = names[0] if names else None
             # A tied lm_head's blocks must tile its rows exactly for the embedding lookup to share them.
-            block = _dividing_block(opts.block_size, k) if lm_head and opts.quantize_embedding else opts.block_size
+            block = opts.block_size
+            if lm_head:
+                block = min(block, opts.lm_head_block_size or block)
+                if opts.quantize_embedding:
+                    block = _dividing_block(block, k)
             symmetric = opts.symmetric or (lm_head and self.options.quantize_embedding and bits == 8)
 
             def compute():
@@ -177,7 +184,7 @@ class QuantizeWeights(GraphPass):
                 hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
                 integer = not opts.float_zero_points
                 if opts.method == "gptq" and hessian is not None:
-                    return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp)
+                    return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp, act_order=True)
                 if opts.method in ("gptq", "clip"):
                     importance = None if hessian is None else np.diag(hessian)
                     return quantize_clip(w, importance, bits, block, symmetric, integer)
@@ -346,7 +353,7 @@ class QuantizeWeights(GraphPass):
         tensor = weight.const_value
         v, h = reversed(tensor.shape) if transposed else tensor.shape
         bits = self.options.lm_head_bits
-        block = self.options.block_size
+        block = min(self.options.block_size, self.options.lm_head_block_size or self.options.block_size)
         block = _dividing_block(block, h)
         if h % block:
             return None  # no block size divides the rows: the table stays as it is

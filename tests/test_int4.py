@@ -94,8 +94,9 @@ def test_accuracy_aware_methods_beat_round_to_nearest():
     rtn = output_error(quantize_rtn(w, 4, 128))
     clip = output_error(quantize_clip(w, np.diag(h), 4, 128))
     gptq = output_error(quantize_gptq(w, h, 4, 128))
+    gptq_act_order = output_error(quantize_gptq(w, h, 4, 128, act_order=True))
     assert clip < rtn
-    assert gptq < 0.8 * clip
+    assert gptq < 0.8 * clip and gptq_act_order < 0.8 * clip
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
@@ -236,3 +237,9 @@ def test_eval_package_matches_source_perplexity(tiny_models, tmp_path):
 def test_eval_rejects_missing_text(tiny_models, tmp_path, capsys):
     assert main(["eval", str(tiny_models["llama2-gqa"]), "--text", str(tmp_path / "none.txt")]) == 1
     assert "text file not found" in capsys.readouterr().err
+
+
+def test_int4_options_need_int4_precision(tiny_models, tmp_path, capsys):
+    assert main(["--model", str(tiny_models["llama2-gqa"]), "--block-size", "64", "-o", str(tmp_path / "x")]) == 1
+    assert "--block-size applies to --precision int4 only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
