@@ -54,7 +54,7 @@ def export_parser() -> Parser:
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
-                       help="lm_head (and a tied embedding) at 4 or 8 bits (default: 4)")
+                       help="lm_head (and a tied embedding) at 4 or 8 bits (default: 8 at block 128+, else 4)")
     quant.add_argument("--keep-embedding", action="store_true",
                        help="keep the embedding table at full precision instead of GatherBlockQuantized")
     parser.add_argument("--force", action="store_true", help="replace an output path that is not a llama-export package")

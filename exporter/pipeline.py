@@ -116,7 +116,9 @@ def quantization_plan(options: ExportOptions, checkpoint: Checkpoint, log):
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
-    lm_head_bits = options.lm_head_bits or 4
+    # Measured on the default model at block 128: a 4-bit lm_head costs ~+3% perplexity over an 8-bit one (the
+    # layers alone: +12%); at block 32/64 the 4-bit one stays within the layers' own loss and is faster.
+    lm_head_bits = options.lm_head_bits or (8 if options.block_size >= 128 else 4)
     try:
         quant = QuantOptions(block_size=options.block_size, symmetric=options.symmetric, method=method,
                              lm_head_bits=lm_head_bits, quantize_embedding=options.quantize_embedding)

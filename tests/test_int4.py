@@ -204,8 +204,10 @@ def test_block_128_and_symmetric_options(tiny_models, tmp_path):
                  "--symmetric", "--quant", "rtn", "-o", str(out), "-q", "--no-verify"]) == 0
     model = onnx.load(out / "model.onnx", load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 64
-               for n in nbits)
+    blocks = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) for n in nbits]
+    lm_head = [i for i, n in enumerate(nbits) if n.output[0] == "logits"]
+    assert len(lm_head) == 1 and blocks[lm_head[0]] == 32  # the lm_head keeps 32-blocks by default
+    assert all(b == 64 for i, b in enumerate(blocks) if i != lm_head[0])
     assert all(len(n.input) == 3 for n in nbits)  # symmetric: no zero points
 
 
