@@ -23,11 +23,12 @@ def default_calibration_text() -> str:
 
 
 def tokenize(checkpoint: Checkpoint, text: str) -> list[int]:
+    """The text in the source's own tokenizer (the one its packages carry), without special tokens."""
     from tokenizers import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         if "tokenizer.json" not in checkpoint.write_tokenizer(Path(tmp)):
-            raise UserError(f"{checkpoint.path}: the source has no tokenizer to read the calibration text with")
+            raise UserError(f"{checkpoint.path}: the source has no tokenizer to read the text with")
         tokenizer = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
     return tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -108,7 +109,7 @@ def collect_hessians(checkpoint: Checkpoint, text: str, log=print) -> dict[str, 
             hidden = out[0] if isinstance(out, tuple) else out
             for handle in handles:
                 handle.remove()
-            del layer, seen
+            del layer
             log(f"      calibration: layer {index + 1}/{config.num_hidden_layers}")
         norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         norm.weight.copy_(torch.from_numpy(np.asarray(checkpoint.weight("model.norm.weight").load(), np.float32)))

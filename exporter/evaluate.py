@@ -4,7 +4,6 @@ transformers' LlamaForCausalLM in fp32), tokenized the same way so the two numbe
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,22 @@ from exporter.errors import UserError
 DEFAULT_WINDOW = 256
 
 
-def _windows(ids: list[int], window: int) -> list[list[int]]:
-    """Non-overlapping windows; each predicts its tokens from the ones before it in the same window."""
-    chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
-    return [c for c in chunks if len(c) >= 2]
-
-
-def _nll(logits: np.ndarray, targets: list[int]) -> float:
-    logits = logits.astype(np.float64)
-    peak = logits.max(-1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(-1)) + peak[:, 0]
-    return float((log_norm - logits[np.arange(len(targets)), targets]).sum())
-
-
-def _result(total_nll: float, tokens: int, windows: int, window: int, what: str) -> dict:
-    return {"perplexity": math.exp(total_nll / tokens), "tokens": tokens, "windows": windows, "window": window,
+def _perplexity(ids: list[int], window: int, logits_of, what: str, log=None) -> dict:
+    """Non-overlapping windows; each predicts its tokens from the ones before it in the same window.
+    `logits_of(window ids)` gives [len, vocab] logits."""
+    chunks = [c for c in (ids[i:i + window] for i in range(0, len(ids), window)) if len(c) >= 2]
+    if not chunks:
+        raise UserError("the text is too short to evaluate (fewer than 2 tokens)")
+    total, count = 0.0, 0
+    for index, chunk in enumerate(chunks):
+        logits = logits_of(chunk)[:-1].astype(np.float64)
+        peak = logits.max(-1, keepdims=True)
+        log_norm = np.log(np.exp(logits - peak).sum(-1)) + peak[:, 0]
+        total += float((log_norm - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+        count += len(chunk) - 1
+        if log:
+            log(f"  window {index + 1}/{len(chunks)}")
+    return {"perplexity": math.exp(total / count), "tokens": count, "windows": len(chunks), "window": window,
             "model": what}
 
 
@@ -43,41 +43,19 @@ def package_perplexity(folder: Path, text: str, window: int = DEFAULT_WINDOW, lo
 
     package = OnnxPackage(folder)
     ids = PackageTokenizer(folder).tokenizer.encode(text, add_special_tokens=False).ids
-    chunks = _windows(ids, window)
-    if not chunks:
-        raise UserError("the text is too short to evaluate (fewer than 2 tokens)")
-    total, count = 0.0, 0
-    for index, chunk in enumerate(chunks):
-        logits = Decoder(package).prefill(chunk)
-        total += _nll(logits[:-1], chunk[1:])
-        count += len(chunk) - 1
-        if log:
-            log(f"  window {index + 1}/{len(chunks)}")
-    return _result(total, count, len(chunks), window, str(folder))
+    return _perplexity(ids, window, lambda chunk: Decoder(package).prefill(chunk), str(folder), log)
 
 
 def source_perplexity(source: str, text: str, window: int = DEFAULT_WINDOW, log=None) -> dict:
     import torch
-    from tokenizers import Tokenizer
 
+    from exporter.calibrate import tokenize
     from exporter.sources import open_checkpoint
     from exporter.verify import reference_model
 
     checkpoint = open_checkpoint(Path(source).expanduser())
-    with tempfile.TemporaryDirectory() as tmp:
-        if "tokenizer.json" not in checkpoint.write_tokenizer(Path(tmp)):
-            raise UserError(f"{source}: the source has no tokenizer")
-        ids = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-    chunks = _windows(ids, window)
-    if not chunks:
-        raise UserError("the text is too short to evaluate (fewer than 2 tokens)")
+    ids = tokenize(checkpoint, text)
     model = reference_model(checkpoint)
-    total, count = 0.0, 0
     with torch.no_grad():
-        for index, chunk in enumerate(chunks):
-            logits = model(torch.tensor([chunk])).logits[0].float().numpy()
-            total += _nll(logits[:-1], chunk[1:])
-            count += len(chunk) - 1
-            if log:
-                log(f"  window {index + 1}/{len(chunks)}")
-    return _result(total, count, len(chunks), window, f"{source} (PyTorch fp32)")
+        return _perplexity(ids, window, lambda chunk: model(torch.tensor([chunk])).logits[0].float().numpy(),
+                           f"{source} (PyTorch fp32)", log)

@@ -144,13 +144,6 @@ def _lazy_weight(checkpoint: Checkpoint, name: str, shape) -> ir.LazyTensor:
     return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=name)
 
 
-def checkpoint_name(checkpoint: Checkpoint, name: str) -> str:
-    """The checkpoint's own tensor for a parameter (a tied lm_head is the embedding)."""
-    if name == "lm_head.weight" and name not in checkpoint.weights and checkpoint.config.tie_word_embeddings:
-        return "model.embed_tokens.weight"
-    return name
-
-
 def _bind_weights(model: ir.Model, checkpoint: Checkpoint, parameter_names: set[str]) -> None:
     """Point every parameter initializer at the checkpoint; rename it to the checkpoint's tensor name."""
     prefix = "model."  # FlatCacheLM's attribute
@@ -159,7 +152,7 @@ def _bind_weights(model: ir.Model, checkpoint: Checkpoint, parameter_names: set[
         name = value.name.removeprefix(prefix)
         if name in parameter_names:
             value.const_value = _lazy_weight(checkpoint, name, value.shape)
-            value.meta[SOURCE_NAMES] = [checkpoint_name(checkpoint, name)]
+            value.meta[SOURCE_NAMES] = [checkpoint.tensor_name(name)]
             bound += 1
         model.graph.initializers.pop(value.name)
         value.name = name

@@ -8,7 +8,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import rewrite
 
-from passes.base import GraphPass, count_nodes, replace_value
+from passes.base import GraphPass, count_nodes
 
 # Folding reads its inputs; above this many elements a value is a weight, and weights are only touched lazily.
 SMALL_VALUE_LIMIT = 8192

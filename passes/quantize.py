@@ -14,10 +14,10 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.base import GraphPass, replace_value
-from passes.quantization import BlockQuantized, quantize_clip, quantize_gptq, quantize_rtn
+from passes.quantization import BlockQuantized, concatenate_rows, quantize_clip, quantize_gptq, quantize_rtn
 
 METHODS = ("rtn", "clip", "gptq")
-DEFAULT_METHOD = "gptq"  # measured best (bench/int4_quality.py)
+DEFAULT_METHOD = "gptq"  # best measured on the default model (README, INT4)
 SOURCE_NAMES = "checkpoint_names"  # Value.meta key: the checkpoint tensors a weight holds, stacked along N
 
 
@@ -34,12 +34,12 @@ class QuantOptions:
     bits: int = 4
     block_size: int = 32
     symmetric: bool = False
-    method: str = "gptq"
+    method: str = DEFAULT_METHOD
     form: str = "matmulnbits"  # or "dequantizelinear"
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
     lm_head_bits: int = 4
     # The lm_head (and a tied embedding) in finer blocks than the layers: it costs ~0.2 bit per weight of one
-    # matrix and, on the default model at block 128, measured +26% -> +15% perplexity over fp32 with it.
+    # matrix; on the default model at block 128 (4-bit lm_head) it measured +19% -> +15% perplexity over fp32.
     lm_head_block_size: int | None = 32  # None: the layers' block size
     quantize_embedding: bool = True
     # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs ~100x slower with them
@@ -57,22 +57,25 @@ class QuantOptions:
 
 
 class _Once:
-    """Computes a quantized weight on first use and forgets it once every part has been read."""
+    """Computes a quantized weight on first use and forgets it once every part made from it (each `_lazy`
+    tensor) has been read."""
 
-    def __init__(self, compute: Callable[[], BlockQuantized], parts: int):
-        self._compute, self._parts, self._read, self._value = compute, parts, 0, None
+    def __init__(self, compute: Callable[[], BlockQuantized]):
+        self._compute, self.parts, self._read, self._value = compute, 0, 0, None
 
     def get(self) -> BlockQuantized:
         if self._value is None:
             self._value = self._compute()
         self._read += 1
         value = self._value
-        if self._read >= self._parts:
+        if self._read >= self.parts:
             self._value, self._read = None, 0
         return value
 
 
 def _lazy(once: _Once, pick: Callable[[BlockQuantized], np.ndarray], dtype, shape, name) -> ir.LazyTensor:
+    once.parts += 1
+
     def load():
         array = pick(once.get())
         if tuple(array.shape) != tuple(shape) or (dtype != ir.DataType.INT4 and array.dtype != dtype.numpy()):
@@ -90,13 +93,12 @@ def _initializer(graph: ir.Graph, name: str, tensor: ir.LazyTensor) -> ir.Value:
     return value
 
 
-def _layout_only(q: BlockQuantized) -> BlockQuantized:
-    """Shapes and zero-point kind of a quantized weight, without its data."""
-    n, blocks = q.scales.shape
-    zero_points = None if q.zero_points is None else np.zeros((n, blocks), q.zero_points.dtype)
-    minimums = None if q.minimums is None else np.zeros((n, blocks), np.float32)
-    return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32), zero_points, q.bits,
-                          q.block_size, q.columns, minimums)
+def _layout(n: int, columns: int, bits: int, block: int, zero_dtype=None, minimums: bool = False) -> BlockQuantized:
+    """Shapes and zero-point kind of a quantized weight [n, columns], without its data."""
+    blocks = -(-columns // block)
+    return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
+                          None if zero_dtype is None else np.zeros((n, blocks), zero_dtype), bits, block, columns,
+                          np.zeros((n, blocks), np.float32) if minimums else None)
 
 
 def _dividing_block(block: int, k: int) -> int:
@@ -125,13 +127,13 @@ class QuantizeWeights(GraphPass):
 
     def __init__(self, options: QuantOptions, hints: WeightHints | None = None):
         self.options, self.hints = options, hints
-        self.sources = {"prequantized": 0, "quantized": 0}
-        self._block_sums: dict = {}
+        self._block_sums: dict = {}  # (activation, block) -> its per-block sums, shared by the Q4_1 terms
 
     def apply(self, model: ir.Model) -> int:
         graph, sites = model.graph, 0
+        self._block_sums = {}
         outputs = {id(v) for v in graph.outputs}
-        quantized: dict[int, tuple[_Once, BlockQuantized | None]] = {}
+        layouts: dict[int, BlockQuantized] = {}  # weight -> how it was quantized, for the embedding to share
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain != "":
                 continue
@@ -141,15 +143,15 @@ class QuantizeWeights(GraphPass):
             k, n = weight.const_value.shape
             lm_head = id(node.outputs[0]) in outputs
             bits = self.options.lm_head_bits if lm_head else self.options.bits
-            once, parts = self._plan(weight, bits, lm_head)
-            quantized[id(weight)] = (once, parts)
+            once, layout = self._plan(weight, bits, lm_head)
+            layouts[id(weight)] = layout
             new = (self._matmulnbits if self.options.form == "matmulnbits" else self._dequantizelinear)(
-                graph, node, weight, once, parts, k, n)
+                graph, node, weight, once, layout, k, n)
             replace_value(node.outputs[0], new)
             graph.remove(node, safe=True)
             sites += 1
         if self.options.quantize_embedding and self.options.form == "matmulnbits":
-            sites += self._embeddings(graph, quantized)
+            sites += self._embeddings(graph, layouts)
         for value in list(graph.initializers.values()):
             if not value.uses() and not value.is_graph_output():
                 graph.initializers.pop(value.name)
@@ -162,13 +164,11 @@ class QuantizeWeights(GraphPass):
         tensor = weight.const_value
         k, n = tensor.shape
         pre = self._prequantized(names, bits, (n, k))
-        if pre is not None:
-            self.sources["prequantized"] += 1
-            template = _layout_only(pre)
-            del pre  # read again, one weight at a time, when the package is written
+        if pre is not None:  # only its layout is kept: the blocks are read again when the package is written
+            template = _layout(n, k, pre.bits, pre.block_size, None if pre.zero_points is None else
+                               pre.zero_points.dtype, pre.minimums is not None)
             compute = lambda: self._prequantized(names, bits, (n, k))  # noqa: E731
         else:
-            self.sources["quantized"] += 1
             opts = self.options
             hessian_name = names[0] if names else None
             # A tied lm_head's blocks must tile its rows exactly for the embedding lookup to share them.
@@ -190,13 +190,9 @@ class QuantizeWeights(GraphPass):
                     return quantize_clip(w, importance, bits, block, symmetric, integer)
                 return quantize_rtn(w, bits, block, symmetric, integer)
 
-            blocks = -(-k // block)
-            zero_dtype = np.float32 if opts.float_zero_points else np.uint8
-            template = BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
-                                      None if symmetric else np.zeros((n, blocks), zero_dtype), bits,
-                                      block, k)
-        parts = 2 + (template.zero_points is not None or template.minimums is not None) + (template.minimums is not None)
-        return _Once(compute, parts), template
+            zero_dtype = None if symmetric else np.float32 if opts.float_zero_points else np.uint8
+            template = _layout(n, k, bits, block, zero_dtype)
+        return _Once(compute), template
 
     def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
         """The source's own blocks, when every stacked part has them in the requested block size."""
@@ -210,8 +206,6 @@ class QuantizeWeights(GraphPass):
             return None  # TensorRT takes symmetric blocks only: requantize
         if len({p.bits for p in parts}) != 1 or (parts[0].bits != bits and parts[0].bits < bits):
             return None
-        from passes.quantization import concatenate_rows
-
         joined = concatenate_rows(parts) if len(parts) > 1 else parts[0]
         return joined if joined.shape == tuple(shape) else None
 
@@ -288,7 +282,7 @@ class QuantizeWeights(GraphPass):
         matmul.outputs[0].shape, matmul.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
         return matmul.outputs[0]
 
-    def _embeddings(self, graph: ir.Graph, quantized) -> int:
+    def _embeddings(self, graph: ir.Graph, layouts: dict[int, BlockQuantized]) -> int:
         """Gather(table [V, H], ids) -> GatherBlockQuantized. A table tied to the lm_head (read here through a
         Transpose of the lm_head's [H, V] weight) shares the lm_head's packed data when the layouts allow."""
         sites = 0
@@ -304,10 +298,9 @@ class QuantizeWeights(GraphPass):
                 transpose, source = None, _weight_of(node, 0)
                 if source is None:
                     continue
-            shared = quantized.get(id(source)) if transpose is not None else None
-            if shared is not None and self._shareable(shared[1]):
+            layout = layouts.get(id(source)) if transpose is not None else None
+            if layout is not None and self._shareable(layout):
                 data, scales, zero_points = self._shared_table(graph, source)
-                layout = shared[1]
             else:
                 own = self._own_table(graph, source, transposed=transpose is not None)
                 if own is None:
@@ -364,10 +357,9 @@ class QuantizeWeights(GraphPass):
         if source is not None and source.zero_points is None and source.minimums is None and h % source.block_size == 0:
             bits, block = source.bits, source.block_size  # the source's own symmetric blocks (GGUF Q8_0/Q4_0)
             compute = lambda: self.hints.prequantized(names[0])  # noqa: E731
-        del source
-        once = _Once(compute, 2)
-        blocks = -(-h // block)
-        layout = BlockQuantized(np.zeros((v, 0), np.uint8), np.zeros((v, blocks), np.float32), None, bits, block, h)
+        once = _Once(compute)
+        layout = _layout(v, h, bits, block)
+        blocks = layout.scales.shape[1]
         base = weight.name + ".gather"
         data = _initializer(graph, base + ".qdata", _lazy(once, BlockQuantized.gather_data, ir.DataType.UINT8,
                                                          [v, blocks * block * bits // 8], base + ".qdata"))

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import VARIANTS, make_hf_model, write_tiny_gguf
+from conftest import VARIANTS, write_tiny_gguf
 from exporter.cli import main
 from passes.quantization import (BlockQuantized, pack_codes, quantize_clip, quantize_gptq, quantize_rtn,
                                  unpack_codes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 
 from passes import run_passes
 from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes

@@ -33,12 +33,17 @@ class Checkpoint:
     files: list[Path]  # the files whose bytes define the model, for the content hash
     write_tokenizer: Callable[[Path], list[str]] = field(repr=False, default=lambda dest: [])
 
+    def tensor_name(self, name: str) -> str:
+        """The checkpoint tensor holding a model parameter; a tied lm_head is the embedding."""
+        if name not in self.weights and name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return name
+
     def weight(self, name: str) -> WeightInfo:
         """The tensor for a model parameter name; a tied lm_head reads the embedding."""
-        if name in self.weights:
-            return self.weights[name]
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return self.weights["model.embed_tokens.weight"]
+        tensor = self.tensor_name(name)
+        if tensor in self.weights:
+            return self.weights[tensor]
         raise UserError(f"{self.path}: checkpoint has no tensor '{name}'")
 
     def content_hash(self) -> str:
