@@ -106,3 +106,18 @@ class FoldWeightTransposes(GraphPass):
             graph.remove(node, safe=True)
             sites += 1
         return sites
+
+
+class SetOpset(GraphPass):
+    """Declare the default-domain opset a runtime's parser expects (the ops left must exist there unchanged:
+    the target's op check runs after this)."""
+
+    name = "set-opset"
+
+    def __init__(self, version: int):
+        self.version = version
+
+    def apply(self, model: ir.Model) -> int:
+        changed = model.opset_imports.get("") != self.version
+        model.opset_imports[""] = self.version
+        return int(changed)

@@ -146,3 +146,34 @@ class RemoveUnusedInputs(GraphPass):
         for value in unused:
             graph.inputs.remove(value)
         return len(unused)
+
+
+class PackSiblingMatMuls(GraphPass):
+    """Weight MatMuls that read the same activation (q/k/v, gate/up) -> one MatMul over the concatenated weights
+    and a Split: one larger GEMM instead of several small ones, for runtimes without a packed-attention kernel."""
+
+    name = "pack-sibling-matmuls"
+
+    def apply(self, model: ir.Model) -> int:
+        graph, sites = model.graph, 0
+        activations = {}
+        for node in graph:
+            if node.op_type == "MatMul" and node.domain == "" and node.inputs[0] is not None:
+                activations.setdefault(id(node.inputs[0]), node.inputs[0])
+        for activation in activations.values():
+            matmuls = [m for m in _weight_matmuls(activation) if not m.outputs[0].is_graph_output()]
+            if len(matmuls) < 2 or len({m.inputs[1].const_value.dtype for m in matmuls}) != 1:
+                continue
+            columns = [m.inputs[1].const_value.shape[1] for m in matmuls]
+            name = matmuls[0].inputs[1].name.rsplit(".", 2)[0] + ".packed_proj.weight"
+            packed = _packed_matmul(graph, matmuls, name)
+            sizes = ir.Value(name=f"{name}.split", const_value=ir.tensor(np.array(columns, dtype=np.int64)))
+            sizes.shape, sizes.type = ir.Shape([len(columns)]), ir.TensorType(ir.DataType.INT64)
+            graph.register_initializer(sizes)
+            split = ir.node("Split", [packed, sizes], attributes={"axis": -1}, num_outputs=len(matmuls))
+            graph.insert_after(packed.producer(), split)
+            for new, old in zip(split.outputs, [m.outputs[0] for m in matmuls]):
+                replace_value(old, new)
+            _drop(graph, matmuls)
+            sites += 1
+        return sites

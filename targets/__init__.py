@@ -2,8 +2,9 @@
 
 from targets.base import Target, TargetError
 from targets.cpu import CPU
+from targets.tensorrt import JETSON_TARGETS, TENSORRT
 
-TARGETS: dict[str, Target] = {t.name: t for t in (CPU,)}
+TARGETS: dict[str, Target] = {t.name: t for t in (CPU, TENSORRT, *JETSON_TARGETS)}
 
 
 def get_target(name: str) -> Target:

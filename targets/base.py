@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from passes import GraphPass
+from targets.tensorrt_ops import ParserSupport
 
 
 class TargetError(Exception):
@@ -21,6 +22,15 @@ class Target:
     precisions: tuple[str, ...]
     default_precision: str
     pipeline: Callable[..., list[GraphPass]]  # (precision, config, quant options, weight hints) -> passes, in order
+    default_block_size: int = 32  # INT4 weights per scale
+    memory_gb: float | None = None  # device memory the package must fit (None: not planned)
+    reserved_gb: float = 0.0  # of it, what the OS, CUDA and TensorRT keep
+    tensorrt: ParserSupport | None = None  # the TensorRT whose ONNX parser must take the graph
+    platform: str | None = None  # the software the device runs (JetPack, TensorRT), for the manifest
+
+    @property
+    def uses_tensorrt(self) -> bool:
+        return self.tensorrt is not None
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
