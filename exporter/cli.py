@@ -15,6 +15,7 @@ EPILOG = """commands:
   llama-export run PACKAGE ...      generate text from a package
   llama-export verify PACKAGE ...   compare a package with the PyTorch reference
   llama-export eval MODEL --text F   perplexity of a package or a source model on a text
+  llama-export plan --target T ...  will a model fit the device? (config only)
   llama-export targets              list the targets
 
 Run `llama-export COMMAND --help` for a command's options."""
@@ -45,8 +46,9 @@ def export_parser() -> Parser:
                         help="package folder to write (default: ./<model>-<target>-<precision>)")
     parser.add_argument("--precision", help="weight/compute precision (default: the target's; see `targets`)")
     quant = parser.add_argument_group("int4 quantization (--precision int4)")
-    quant.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128, 256), metavar="N",
-                       help="weights per scale along K: 32 (default), 64 or 128 (smaller package, more loss)")
+    quant.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128, 256), metavar="N",
+                       help="weights per scale along K: 32, 64 or 128 (smaller package, more loss); default: the "
+                            "target's (cpu 32, TensorRT targets 128)")
     quant.add_argument("--quant", choices=("gptq", "clip", "rtn"), default=None, metavar="METHOD",
                        help="gptq (default: error compensation calibrated on a built-in text), clip (per-block range "
                             "search), rtn (plain round-to-nearest). GGUF Q4_0/Q4_1/Q8_0 blocks of the same size are "
@@ -57,6 +59,9 @@ def export_parser() -> Parser:
                        help="lm_head (and a tied embedding) at 4 or 8 bits (default: 8 at block 128+, else 4)")
     quant.add_argument("--keep-embedding", action="store_true",
                        help="keep the embedding table at full precision instead of GatherBlockQuantized")
+    parser.add_argument("--context", type=_positive, metavar="N",
+                        help="longest sequence the package serves: the memory plan, TensorRT shape profiles and "
+                             "genai max_length (default: the model's, at most 4096)")
     parser.add_argument("--force", action="store_true", help="replace an output path that is not a llama-export package")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the parity check against PyTorch")
@@ -107,6 +112,26 @@ def targets_parser() -> Parser:
     return Parser(prog=f"{PROG} targets", description="List the targets and their defaults.")
 
 
+def plan_parser() -> Parser:
+    from targets import TARGETS
+
+    parser = Parser(prog=f"{PROG} plan",
+                    description="Memory budget of a model on a target device, from its config alone. Exit code 0 "
+                                "when it fits, 1 when it does not (with what would).")
+    parser.add_argument("--target", required=True, choices=sorted(t.name for t in TARGETS.values() if t.memory_gb),
+                        help="the device")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, metavar="CONFIG_JSON", help="a Hugging Face config.json")
+    source.add_argument("--model", metavar="SRC", help="a Hugging Face folder or .gguf file (only its config is read)")
+    parser.add_argument("--precision", help="default: the target's")
+    parser.add_argument("--context", type=_positive, default=4096, metavar="N", help="tokens of KV cache (default: 4096)")
+    parser.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences at once (default: 1)")
+    parser.add_argument("--block-size", type=int, default=None, choices=(32, 64, 128), metavar="N",
+                        help="INT4 block size (default: the target's)")
+    parser.add_argument("--memory", type=float, metavar="GIB", help="device memory, overriding the target's")
+    return parser
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -121,7 +146,7 @@ def cmd_export(args) -> int:
     from exporter.errors import UserError
     from exporter.pipeline import ExportOptions, export
 
-    int4_only = {"--block-size": args.block_size != 32, "--quant": args.quant, "--symmetric": args.symmetric,
+    int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
                  "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
     given = [flag for flag, value in int4_only.items() if value]
     if given and args.precision != "int4":
@@ -130,6 +155,7 @@ def cmd_export(args) -> int:
     output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
                                   force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
                                   report=args.report, quiet=args.quiet, block_size=args.block_size,
+                                  context=args.context,
                                   quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
                                   quantize_embedding=not args.keep_embedding))
     if args.quiet:
@@ -138,7 +164,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from runtimes import OnnxPackage, Sampler, generate
+    from runtimes import Sampler, generate
     from runtimes.generate import TextStream
     from runtimes.tokenizer import PackageTokenizer
 
@@ -147,7 +173,7 @@ def cmd_run(args) -> int:
     except ValueError as exc:
         print(f"{PROG} run: error: {exc}", file=sys.stderr)
         return 2
-    package = OnnxPackage(args.package, threads=args.threads)
+    package = open_for_run(args.package, args.threads)
     tokenizer = PackageTokenizer(args.package)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -167,6 +193,20 @@ def cmd_run(args) -> int:
     print(f"[{count} tokens; prompt {len(prompt)} tokens in {first - start:.2f}s; decode {decode_rate:.1f} tok/s]",
           file=sys.stderr)
     return 0
+
+
+def open_for_run(folder: Path, threads: int | None):
+    """A package's engine with TensorRT where it has one and TensorRT runs here; else its ONNX graph on the CPU."""
+    from runtimes import OnnxPackage
+    from runtimes.tensorrt_package import TensorRTPackage, has_engine, tensorrt_unavailable
+
+    if has_engine(folder):
+        missing = tensorrt_unavailable()
+        if missing is None:
+            return TensorRTPackage(folder)
+        print(f"note: not running model.engine ({missing}); running model.onnx with ONNX Runtime on the CPU",
+              file=sys.stderr)
+    return OnnxPackage(folder, threads=threads)
 
 
 def cmd_verify(args) -> int:
@@ -225,10 +265,38 @@ def cmd_eval(args) -> int:
 def cmd_targets(args) -> int:
     from targets import TARGETS
 
-    print(f"{'target':<10} {'default':<8} {'precisions':<12} {'device':<14} runtime")
-    for target in TARGETS.values():
-        print(f"{target.name:<10} {target.default_precision:<8} {','.join(target.precisions):<12} "
-              f"{target.device:<14} {target.runtime}")
+    print(f"{'target':<17} {'default':<8} {'precisions':<11} {'memory':>7}  {'TensorRT':<9} device")
+    for t in TARGETS.values():
+        memory = f"{t.memory_gb:g} GiB" if t.memory_gb else "-"
+        parser = t.tensorrt.version + ("+" if t.tensorrt.version != "10.3" else "") if t.tensorrt else "-"
+        print(f"{t.name:<17} {t.default_precision:<8} {','.join(t.precisions):<11} {memory:>7}  {parser:<9} {t.device}")
+    print("\nJetson targets need their engine built on the device (JetPack: "
+          "build_engine.sh in the package); `llama-export plan` checks a model fits first.")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from dataclasses import replace
+
+    from exporter.sources import open_checkpoint
+    from targets import get_target
+    from targets.plan import ModelShape, plan_memory, refusal
+
+    target = get_target(args.target)
+    if args.memory is not None:
+        target = replace(target, memory_gb=args.memory)
+    precision = args.precision or target.default_precision
+    target.check_precision(precision)
+    if args.config is not None:
+        model = ModelShape.from_json(args.config)
+    else:
+        checkpoint = open_checkpoint(Path(args.model).expanduser())
+        model = ModelShape.from_config(checkpoint.config, checkpoint.name)
+    plan = plan_memory(target, model, precision, args.context, args.batch, block_size=args.block_size)
+    print(plan.table())
+    if not plan.fits:
+        print(f"{PROG} plan: {refusal(plan)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -237,6 +305,7 @@ COMMANDS = {
     "verify": (verify_parser, cmd_verify),
     "eval": (eval_parser, cmd_eval),
     "targets": (targets_parser, cmd_targets),
+    "plan": (plan_parser, cmd_plan),
 }
 
 

@@ -11,7 +11,9 @@ from exporter.errors import UserError
 from exporter.progress import Progress
 from exporter.sources import Checkpoint, open_checkpoint
 from passes import format_report, run_passes
-from targets import get_target
+from targets import TargetError, get_target
+from targets.plan import GIB, ModelShape, plan_memory, refusal
+from targets.tensorrt_ops import parser_problems
 from targets import package as pkg
 
 
@@ -26,7 +28,8 @@ class ExportOptions:
     verify_tokens: int = 32
     report: bool = False
     quiet: bool = False
-    block_size: int = 32
+    block_size: int | None = None  # None: the target's default
+    context: int | None = None  # None: the model's, capped at 4096
     quant_method: str | None = None  # None: the default (gptq)
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: chosen per block size
@@ -50,6 +53,8 @@ def export(options: ExportOptions) -> Path:
     target = get_target(options.target)
     precision = options.precision or target.default_precision
     target.check_precision(precision)
+    if target.uses_tensorrt and options.lm_head_bits == 8:
+        raise UserError(f"target '{target.name}' takes 4-bit blocked weights only (no --lm-head-bits 8)")
     progress = Progress(5 if options.verify else 4, quiet=options.quiet)
     if options.output is not None:
         pkg.check_output(options.output, options.force)
@@ -61,6 +66,17 @@ def export(options: ExportOptions) -> Path:
     config = checkpoint.config
     progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
                  f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")
+    block_size = options.block_size or target.default_block_size
+    context = options.context or min(config.max_position_embeddings, pkg.DEFAULT_MAX_LENGTH)
+    if context > config.max_position_embeddings:
+        raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
+    if target.memory_gb is not None:
+        plan = plan_memory(target, ModelShape.from_config(config, checkpoint.name), precision, context,
+                           block_size=block_size)
+        if not plan.fits:
+            raise UserError(refusal(plan))
+        progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
+                     f"(context {context}; `llama-export plan` for the budget)")
 
     from exporter.trace import trace_to_onnx
 
@@ -70,10 +86,16 @@ def export(options: ExportOptions) -> Path:
 
     quant, hints = None, None
     if precision == "int4":
-        quant, hints = quantization_plan(options, checkpoint, progress.log)
+        quant, hints = quantization_plan(options, block_size, checkpoint, progress.log,
+                                         carry_over=not target.uses_tensorrt)
 
     progress.begin(f"Running the '{target.name}' passes ({precision})")
     reports = run_passes(model, target.pipeline(precision, config, quant, hints), log=progress.log)
+    if target.tensorrt is not None:
+        problems = parser_problems(model, target.tensorrt)
+        if problems:
+            raise TargetError(f"the graph holds ops TensorRT {target.tensorrt.version}'s ONNX parser cannot take: "
+                              f"{', '.join(problems)}; nothing was written")
     progress.end()
     if options.report:
         print(format_report(reports))
@@ -82,12 +104,16 @@ def export(options: ExportOptions) -> Path:
         progress.begin("Writing the package (weights streamed one tensor at a time)")
         pkg.save_model(model, staging, progress=progress.counter("weights"))
         io = pkg.io_dims(model)
-        pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config))
+        pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config, context))
         del model
         tokenizer_files = checkpoint.write_tokenizer(staging)
         if not tokenizer_files:
             progress.log("      note: the source has no tokenizer; `run` will need token ids")
         progress.end(f"{_size_mb(staging):.0f} MB")
+
+        tensorrt = None
+        if target.uses_tensorrt:
+            tensorrt = tensorrt_material(staging, target, io, context, config.vocab_size, progress)
 
         parity = {"skipped": True}
         if options.verify:
@@ -105,27 +131,49 @@ def export(options: ExportOptions) -> Path:
                     "(--no-verify writes it anyway)"
                 )
         manifest = build_manifest(checkpoint, target.name, precision, staging, io, reports, parity)
+        if tensorrt is not None:
+            manifest["tensorrt"] = tensorrt
         pkg.write_json(staging / pkg.MANIFEST, manifest)
     progress.log(f"Package written to {output}")
     return output
 
 
-def quantization_plan(options: ExportOptions, checkpoint: Checkpoint, log):
-    """The quantizer's options, and what it may use: the source's own blocks, calibration statistics."""
+def tensorrt_material(folder: Path, target, io: dict, context: int, vocab_size: int, progress) -> dict:
+    """Profiles, build and check scripts, reference outputs; the engine too where TensorRT and a GPU are here."""
+    from targets import engine
+
+    progress.log("      writing engine build material (profiles, build_engine.py/.sh, reference outputs)")
+    spec = engine.write_build_material(folder, io, context, target.platform)
+    engine.write_reference(folder, io, vocab_size)
+    info = {"parser": target.tensorrt.version, "requires": target.platform, "opset": target.tensorrt.opset,
+            "context": context, "profiles": [p["name"] for p in spec["profiles"]], "engine": None}
+    missing = engine.tensorrt_available()
+    if missing is None:
+        progress.log("      building the TensorRT engine on this GPU")
+        info["engine"] = engine.build_engine_here(folder, log=progress.log)
+    else:
+        info["engine_not_built"] = f"{missing}: build it on the device with build_engine.sh or build_engine.py"
+        progress.log(f"      engine not built here ({missing}); the package carries the build scripts")
+    return info
+
+
+def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Checkpoint, log, carry_over: bool = True):
+    """The quantizer's options, and what it may use: the source's own blocks, calibration statistics.
+    Without `carry_over` (TensorRT: symmetric blocks only) GGUF blocks are requantized, so calibration runs."""
     from exporter.calibrate import SourceHints, collect_hessians, default_calibration_text, fully_prequantized
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
     # Measured on the default model at block 128: +15.4% perplexity over fp32 with a 4-bit lm_head, +13.3% with
     # an 8-bit one (which costs decode speed); at block 32 the 4-bit one is kept for size and speed.
-    lm_head_bits = options.lm_head_bits or (8 if options.block_size >= 128 else 4)
+    lm_head_bits = options.lm_head_bits or (8 if block_size >= 128 else 4)
     try:
-        quant = QuantOptions(block_size=options.block_size, symmetric=options.symmetric, method=method,
+        quant = QuantOptions(block_size=block_size, symmetric=options.symmetric, method=method,
                              lm_head_bits=lm_head_bits, quantize_embedding=options.quantize_embedding)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hessians = None
-    if method != "rtn" and not fully_prequantized(checkpoint, options.block_size):
+    if method != "rtn" and not (carry_over and fully_prequantized(checkpoint, block_size)):
         log(f"      calibrating on the built-in text ({method})")
         hessians = collect_hessians(checkpoint, default_calibration_text(), log=lambda m: None)
     return quant, SourceHints(checkpoint, hessians)

@@ -31,6 +31,9 @@ class Tolerance:
 
 TOLERANCES = {
     "fp32": Tolerance(max_abs_logit_diff=1e-3, min_top1_agreement=1.0, all_greedy_tokens=True),
+    # fp16 weights and activations: near-ties may flip, and once a greedy token differs the texts part ways, so
+    # agreement per position is what is held (this project's issues: 0.98).
+    "fp16": Tolerance(max_abs_logit_diff=None, min_top1_agreement=0.98, all_greedy_tokens=False),
     # INT4 changes the weights on purpose: the next-token choice must still agree with fp32 almost everywhere
     # (the default GGUF at block 32 measures 0.94; this project's issues hold INT4 to 0.85).
     "int4": Tolerance(max_abs_logit_diff=None, min_top1_agreement=0.85, all_greedy_tokens=False),

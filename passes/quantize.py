@@ -37,7 +37,7 @@ class QuantOptions:
     method: str = DEFAULT_METHOD
     form: str = "matmulnbits"  # or "dequantizelinear"
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
-    lm_head_bits: int = 4
+    lm_head_bits: int | None = 4  # None: the lm_head keeps its float weights
     # The lm_head (and a tied embedding) in finer blocks than the layers: it costs ~0.2 bit per weight of one
     # matrix; on the default model at block 128 (4-bit lm_head) it measured +19% -> +15% perplexity over fp32.
     lm_head_block_size: int | None = 32  # None: the layers' block size
@@ -143,6 +143,8 @@ class QuantizeWeights(GraphPass):
             k, n = weight.const_value.shape
             lm_head = id(node.outputs[0]) in outputs
             bits = self.options.lm_head_bits if lm_head else self.options.bits
+            if bits is None:
+                continue
             once, layout = self._plan(weight, bits, lm_head)
             layouts[id(weight)] = layout
             new = (self._matmulnbits if self.options.form == "matmulnbits" else self._dequantizelinear)(

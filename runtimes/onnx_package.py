@@ -13,10 +13,10 @@ class PackageError(Exception):
     """The folder is not a package this runtime can run; reported as one line."""
 
 
-class OnnxPackage:
-    def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None):
-        import onnxruntime as ort
+class PackageLayout:
+    """What genai_config.json says about a package: layers, heads, IO names, end tokens."""
 
+    def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         config_path = self.folder / "genai_config.json"
         if not self.folder.is_dir():
@@ -28,6 +28,7 @@ class OnnxPackage:
             decoder = self.genai_config["model"]["decoder"]
         except (OSError, ValueError, KeyError) as exc:
             raise PackageError(f"{config_path}: unreadable ({exc})") from None
+        self.decoder_config = decoder
         self.num_layers = decoder["num_hidden_layers"]
         self.kv_heads = decoder["num_key_value_heads"]
         self.head_size = decoder["head_size"]
@@ -40,6 +41,14 @@ class OnnxPackage:
         self.present_names = [
             (outputs["present_key_names"] % i, outputs["present_value_names"] % i) for i in range(self.num_layers)
         ]
+
+
+class OnnxPackage(PackageLayout):
+    def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None):
+        import onnxruntime as ort
+
+        super().__init__(folder)
+        decoder = self.decoder_config
         model_path = self.folder / (model_file or decoder["filename"])
         if not model_path.is_file():
             raise PackageError(f"{self.folder}: model file {model_path.name} is missing")

@@ -85,7 +85,7 @@ def io_dims(model: ir.Model) -> dict:
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
 
 
-def genai_config(model: ir.Model, config) -> dict:
+def genai_config(model: ir.Model, config, max_length: int | None = None) -> dict:
     """onnxruntime-genai's genai_config.json for a decoder-only llama package, matching the graph: position_ids only
     if it is an input, past and present sharing one buffer when GroupQueryAttention handles the cache."""
     position_ids = "position_ids" in {v.name for v in model.graph.inputs}
@@ -129,7 +129,7 @@ def genai_config(model: ir.Model, config) -> dict:
             "do_sample": False,
             "early_stopping": True,
             "length_penalty": 1.0,
-            "max_length": min(context_length, DEFAULT_MAX_LENGTH),
+            "max_length": max_length or min(context_length, DEFAULT_MAX_LENGTH),
             "min_length": 0,
             "no_repeat_ngram_size": 0,
             "num_beams": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,47 @@ def test_default_int4_package_keeps_the_gguf_quality(default_int4_package, defau
     reference = source_perplexity(str(default_gguf), text)["perplexity"]
     assert ours <= reference * 1.02, (ours, reference)
     assert sum(p.stat().st_size for p in default_int4_package.iterdir()) < 130e6
+
+
+def _export(output: Path, *args) -> dict:
+    from exporter.cli import main
+
+    assert main([*args, "--output", str(output), "--quiet"]) == 0
+    return json.loads((output / "manifest.json").read_text())
+
+
+def test_default_jetson_orin_int4_package(tmp_path, default_gguf):
+    """The command this project is known by: ops TensorRT 10.3 parses, INT4 blocked DequantizeLinear weights
+    without zero points, build material with min/opt/max profiles, verified on CPU at top-1 >= 0.85."""
+    import onnx_ir as ir
+
+    from targets.tensorrt_ops import TENSORRT_10_3, parser_problems
+
+    out = tmp_path / "orin"
+    manifest = _export(out, "--target", "jetson-orin", "--precision", "int4", "--model", str(default_gguf))
+    assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] >= 0.85
+    model = ir.load(out / "model.onnx")
+    assert parser_problems(model, TENSORRT_10_3) == []
+    assert {n.domain for n in model.graph} == {""} and model.opset_imports[""] == 21
+    dequantize = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 4 * 30  # the lm_head stays fp16
+    assert all(n.inputs[0].dtype == ir.DataType.INT4 and len(n.inputs) == 2 and n.attributes.get_int("block_size")
+               for n in dequantize)
+    profiles = json.loads((out / "profiles.json").read_text())["profiles"]
+    dynamic = {v.name for v in model.graph.inputs}
+    assert all(set(p["shapes"]) == dynamic for p in profiles)
+    assert (out / "build_engine.sh").stat().st_mode & 0o111
+
+
+def test_default_tensorrt_fp16_package(tmp_path, default_gguf):
+    """TensorRT >= 10.15: native RMSNorm/RoPE/Attention, fp16; verified on CPU at top-1 >= 0.98."""
+    import onnx_ir as ir
+
+    from targets.tensorrt_ops import TENSORRT_10_15, parser_problems
+
+    out = tmp_path / "trt"
+    manifest = _export(out, "--target", "tensorrt", "--precision", "fp16", "--model", str(default_gguf))
+    assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] >= 0.98
+    model = ir.load(out / "model.onnx")
+    assert parser_problems(model, TENSORRT_10_15) == []
+    assert sum(n.op_type == "Attention" for n in model.graph) == 30
