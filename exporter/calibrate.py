@@ -47,10 +47,14 @@ class SourceHints:
         return self.hessians.get(name)
 
 
-def fully_prequantized(checkpoint: Checkpoint, block_size: int) -> bool:
-    """Every matrix already in blocks of this size (a GGUF of Q4_0/Q4_1/Q8_0): nothing to calibrate."""
-    matrices = [i for n, i in checkpoint.weights.items() if len(i.shape) == 2]
-    return bool(matrices) and all(i.load_quantized is not None for i in matrices) and block_size == 32
+def fully_prequantized(checkpoint: Checkpoint, block_size: int, bits: tuple[int, ...] = (4, 8),
+                       layers_only: bool = False) -> bool:
+    """Every matrix (with `layers_only`, every decoder-layer matrix: the embedding and lm_head stay float) already
+    in blocks of this size and one of these bit widths (a GGUF of Q4_0/Q4_1/Q8_0): the quantizer carries them
+    over and has nothing to calibrate."""
+    matrices = [i for n, i in checkpoint.weights.items()
+                if len(i.shape) == 2 and (not layers_only or n.startswith("model.layers."))]
+    return bool(matrices) and all(i.quantized_bits in bits for i in matrices) and block_size == 32
 
 
 def _load_layer(checkpoint: Checkpoint, index: int):

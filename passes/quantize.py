@@ -203,9 +203,8 @@ class QuantizeWeights(GraphPass):
         parts = [self.hints.prequantized(name) for name in names]
         if any(p is None or p.block_size != self.options.block_size for p in parts):
             return None
-        if self.options.form == "dequantizelinear" and any(
-                p.zero_points is not None or p.minimums is not None for p in parts):
-            return None  # TensorRT takes symmetric blocks only: requantize
+        if self.options.form == "dequantizelinear" and any(p.zero_points is not None or p.bits != 4 for p in parts):
+            return None  # TensorRT takes symmetric INT4 blocks (Q4_0; Q4_1 with its minimum term): requantize
         if len({p.bits for p in parts}) != 1 or (parts[0].bits != bits and parts[0].bits < bits):
             return None
         joined = concatenate_rows(parts) if len(parts) > 1 else parts[0]
@@ -232,7 +231,8 @@ class QuantizeWeights(GraphPass):
             return new.outputs[0]
         return self._add_minimums(graph, node, new.outputs[0], once, layout, base)
 
-    def _add_minimums(self, graph, node, product: ir.Value, once, layout: BlockQuantized, base: str) -> ir.Value:
+    def _add_minimums(self, graph, node, product: ir.Value, once, layout: BlockQuantized, base: str,
+                      offsets=lambda q: q.minimums.T.copy()) -> ir.Value:
         """w = scale*q + minimum (GGUF Q4_1): MatMulNBits computes x @ (scale*q); the minimums add
         sum over blocks of (x summed within the block) * minimum, a small [K/block, N] MatMul. ONNX Runtime
         accepts float zero points instead, but its CPU kernel then runs ~100x slower (measured)."""
@@ -248,10 +248,10 @@ class QuantizeWeights(GraphPass):
             reshape = ir.node("Reshape", [x, shape])
             summed = ir.node("ReduceSum", [reshape.outputs[0], axes], attributes={"keepdims": 0})
             graph.insert_before(node, [reshape, summed])
-            summed.outputs[0].type = x.type
+            reshape.outputs[0].type = summed.outputs[0].type = x.type
             self._block_sums[key] = summed.outputs[0]
-        minimums = _initializer(graph, base + ".minimums", _lazy(once, lambda q: q.minimums.T.copy(),
-                                                                 ir.DataType.FLOAT, [blocks, n], base + ".minimums"))
+        minimums = _initializer(graph, base + ".minimums", _lazy(once, offsets, ir.DataType.FLOAT, [blocks, n],
+                                                                 base + ".minimums"))
         offset = ir.node("MatMul", [self._block_sums[key], minimums])
         total = ir.node("Add", [product, offset.outputs[0]])
         graph.insert_before(node, [offset, total])
@@ -282,7 +282,12 @@ class QuantizeWeights(GraphPass):
         graph.insert_before(node, [dq, matmul])
         dq.outputs[0].shape, dq.outputs[0].type = ir.Shape([k, n]), ir.TensorType(ir.DataType.FLOAT)
         matmul.outputs[0].shape, matmul.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
-        return matmul.outputs[0]
+        if layout.minimums is None:
+            return matmul.outputs[0]
+        # Q4_1, w = d*q + m with q in [0, 15]: the signed codes give d*(q - 8), so each block adds m + 8d.
+        midpoint = 1 << (layout.bits - 1)
+        return self._add_minimums(graph, node, matmul.outputs[0], once, layout, base,
+                                  lambda q: (q.minimums + midpoint * q.scales).T.copy())
 
     def _embeddings(self, graph: ir.Graph, layouts: dict[int, BlockQuantized]) -> int:
         """Gather(table [V, H], ids) -> GatherBlockQuantized. A table tied to the lm_head (read here through a

@@ -21,6 +21,7 @@ class WeightInfo:
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
     load_quantized: Callable[[], object] | None = None  # the source's own blocks (passes.quantization.BlockQuantized)
+    quantized_bits: int | None = None  # their bits, known without reading them
 
 
 @dataclass

@@ -176,8 +176,10 @@ def open_gguf(path: Path) -> Checkpoint:
         elif name.endswith("k_proj.weight"):
             n_heads = config.num_key_value_heads
         shape = tuple(reversed([int(d) for d in tensor.shape]))
+        block_format = _BLOCK_FORMATS.get(tensor.tensor_type.name)
         weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads),
-                                   load_quantized=_quantized_loader(tensor, n_heads))
+                                   load_quantized=_quantized_loader(tensor, n_heads),
+                                   quantized_bits=block_format[2] if block_format else None)
 
     def write_tokenizer(dest: Path) -> list[str]:
         return write_gguf_tokenizer(path, reader, config, dest)
