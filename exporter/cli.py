@@ -149,7 +149,9 @@ def cmd_export(args) -> int:
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
                  "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
     given = [flag for flag, value in int4_only.items() if value]
-    if given and args.precision != "int4":
+    from targets import get_target
+
+    if given and (args.precision or get_target(args.target).default_precision) != "int4":
         raise UserError(f"{', '.join(given)} applies to --precision int4 only")
 
     output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,

@@ -54,8 +54,8 @@ def export(options: ExportOptions) -> Path:
     target = get_target(options.target)
     precision = options.precision or target.default_precision
     target.check_precision(precision)
-    if target.uses_tensorrt and options.lm_head_bits == 8:
-        raise UserError(f"target '{target.name}' takes 4-bit blocked weights only (no --lm-head-bits 8)")
+    if target.uses_tensorrt and options.lm_head_bits is not None:
+        raise UserError(f"target '{target.name}' keeps the lm_head in fp16 (--lm-head-bits is for the cpu target)")
     progress = Progress(5 if options.verify else 4, quiet=options.quiet)
     if options.output is not None:
         pkg.check_output(options.output, options.force)

@@ -260,24 +260,3 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
     unpermuted[:, order] = codes
     return _finish(unpermuted, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
 
-
-AWQ_EXPONENTS = np.linspace(0.0, 1.0, 11)
-
-
-def activation_scales(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                      integer_zero: bool = True) -> np.ndarray:
-    """Per-input-channel scales s (as in AWQ): W*diag(s) is quantized and the input is divided by s at run time,
-    so channels that carry large activations get finer steps. s = energy^a, with a chosen from AWQ_EXPONENTS by
-    the output error the calibration statistics predict, trace(dW H dW^T); a = 0 (no scaling) is a candidate."""
-    energy = np.maximum(np.diag(hessian).astype(np.float64), 1e-12)
-    h = hessian.astype(np.float64)
-    best, best_error = np.ones(w.shape[1]), np.inf
-    for exponent in AWQ_EXPONENTS:
-        s = energy ** (exponent / 2)
-        s /= np.sqrt(s.max() * s.min())
-        q = quantize_clip(w * s, energy / s ** 2, bits, block_size, symmetric, integer_zero)
-        delta = q.dequantize()[:, :w.shape[1]] / s - w
-        error = float(np.sum((delta @ h) * delta))
-        if error < best_error:
-            best, best_error = s, error
-    return best.astype(np.float32)

@@ -147,6 +147,8 @@ def alternatives(plan: MemoryPlan) -> list[MemoryPlan]:
         for context in [plan.context] + [c for c in CONTEXT_STEPS if c < plan.context]:
             if precision == plan.precision and context == plan.context:
                 continue
+            if found and context <= found[-1].context:
+                break  # no longer than what a cheaper change already allows
             candidate = plan_memory(plan.target, plan.model, precision, context, plan.batch, prefill=plan.prefill)
             if candidate.fits:
                 found.append(candidate)

@@ -103,10 +103,6 @@ def test_accuracy_aware_methods_beat_round_to_nearest():
 def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     """A GGUF of Q4_0/Q4_1 matrices (Q8_0 embedding) at block 32: the package holds the file's codes, scales
     and Q4_1 minimums, and its weights dequantize to the GGUF's values bit for bit."""
-    import gguf
-
-    from exporter.sources.gguf_file import hf_name, unpermute_rows
-
     path = tmp_path / f"tiny-{kind}.gguf"
     write_tiny_gguf(path, "llama2-gqa", matrix_type=kind)
     out = tmp_path / "pkg"
@@ -116,19 +112,7 @@ def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     quantize = next(p for p in manifest["passes"] if p["name"] == "quantize-weights")
     assert quantize["sites"] > 0
 
-    reader = gguf.GGUFReader(path)
-    heads = {"q_proj": 4, "k_proj": 2}
-    expected = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        if tensor.tensor_type.name in ("F32", "F16"):
-            continue
-        values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(
-            tuple(reversed([int(d) for d in tensor.shape])))
-        for part, n_heads in heads.items():
-            if part in name:
-                values = unpermute_rows(values, n_heads)
-        expected[name] = values.astype(np.float32)
+    expected = _gguf_values(path)
 
     matmuls = [n for n in model.graph if n.op_type == "MatMulNBits"]
     plain = [n for n in model.graph if n.op_type == "MatMul"]
@@ -153,7 +137,61 @@ def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     assert len(gathers) == 1 and gathers[0].attributes.get_int("bits") == 8
 
 
+def _gguf_values(path) -> dict[str, np.ndarray]:
+    """Every quantized tensor of a tiny GGUF as gguf's own dequantizer gives it, in Hugging Face naming and row
+    order."""
+    import gguf
+
+    from exporter.sources.gguf_file import hf_name, unpermute_rows
+
+    heads = {"q_proj": 4, "k_proj": 2}
+    expected = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        if tensor.tensor_type.name in ("F32", "F16"):
+            continue
+        name = hf_name(tensor.name)
+        values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(
+            tuple(reversed([int(d) for d in tensor.shape])))
+        for part, n_heads in heads.items():
+            if part in name:
+                values = unpermute_rows(values, n_heads)
+        expected[name] = values.astype(np.float32)
+    return expected
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_blocks_are_carried_into_tensorrt_dequantize_linear(tmp_path, kind):
+    """TensorRT targets: Q4_0/Q4_1 blocks become INT4 DequantizeLinear (block 32, no zero point) with the
+    GGUF's own codes and scales; Q4_1's per-block offset (m + 8d, stored fp16) is added after the MatMul."""
+    path = tmp_path / f"tiny-{kind}.gguf"
+    write_tiny_gguf(path, "llama2-gqa", matrix_type=kind)
+    out = tmp_path / "pkg"
+    assert main(["--target", "jetson-orin", "--model", str(path), "-o", str(out), "-q", "--no-verify"]) == 0
+    model = ir.load(out / "model.onnx")
+    expected = _gguf_values(path)
+    dequantize = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dequantize) == 4 * 2
+    for node in dequantize:
+        assert node.attributes.get_int("block_size") == 32 and len(node.inputs) == 2
+        codes = node.inputs[0].const_value.numpy().astype(np.float32).T  # [N, K]
+        scales = np.repeat(node.inputs[1].const_value.numpy().astype(np.float32).T, 32, axis=1)
+        name = node.inputs[0].name.removesuffix(".qweight")
+        reference = np.concatenate([expected[p] for p in _stacked_parts(name, expected)])
+        offsets = model.graph.initializers.get(name + ".minimums")
+        if kind == "Q4_0":
+            assert offsets is None
+            assert np.array_equal(codes * scales, reference), name  # bit for bit
+        else:
+            block_offsets = np.repeat(offsets.const_value.numpy().astype(np.float32).T, 32, axis=1)
+            exact = reference - codes * scales  # d*q + m - d*(q - 8): constant per block
+            assert np.allclose(block_offsets, exact, rtol=2.0 ** -10, atol=0), name  # fp16 storage of m + 8d
+
+
 def _stacked_parts(name: str, expected: dict) -> list[str]:
+    if name.endswith("self_attn.packed_proj.weight"):
+        return [name.replace("packed_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    if name.endswith("mlp.packed_proj.weight"):
+        return [name.replace("packed_proj", p) for p in ("gate_proj", "up_proj")]
     if "qkv_proj" in name:
         return [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
     if "gate_up_proj" in name:
