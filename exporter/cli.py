@@ -273,7 +273,9 @@ def cmd_targets(args) -> int:
         parser = t.tensorrt.version + ("+" if t.tensorrt.version != "10.3" else "") if t.tensorrt else "-"
         print(f"{t.name:<17} {t.default_precision:<8} {','.join(t.precisions):<11} {memory:>7}  {parser:<9} {t.device}")
     print("\nJetson targets need their engine built on the device (JetPack: "
-          "build_engine.sh in the package); `llama-export plan` checks a model fits first.")
+          "build_engine.sh in the package); `llama-export plan` checks a model fits first.\n"
+          "Phone targets write one ORT-format model.ort (at most 2 GiB) for ONNX Runtime Mobile, with "
+          "required_operators.config for a minimal build.")
     return 0
 
 

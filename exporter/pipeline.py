@@ -14,6 +14,7 @@ from exporter.sources import Checkpoint, open_checkpoint
 from passes import format_report, run_passes
 from targets import TargetError, get_target
 from targets.plan import GIB, ModelShape, plan_memory, refusal
+from targets.mobile import convert_to_ort, size_breakdown
 from targets.tensorrt_ops import parser_problems
 from targets import package as pkg
 
@@ -78,6 +79,10 @@ def export(options: ExportOptions) -> Path:
             raise UserError(refusal(plan))
         progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
                      f"(context {context}; `llama-export plan` for the budget)")
+    if target.package_format == "ort":
+        from targets.mobile import check_size
+
+        check_size(target, ModelShape.from_config(config, checkpoint.name), precision, block_size)
 
     from exporter.trace import trace_to_onnx
 
@@ -106,11 +111,17 @@ def export(options: ExportOptions) -> Path:
         pkg.save_model(model, staging, progress=progress.counter("weights"))
         io = pkg.io_dims(model)
         pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config, context))
+        weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
         del model
         tokenizer_files = checkpoint.write_tokenizer(staging)
         if not tokenizer_files:
             progress.log("      note: the source has no tokenizer; `run` will need token ids")
         progress.end(f"{_size_mb(staging):.0f} MB")
+
+        ort_format = None
+        if target.package_format == "ort":
+            progress.log("      converting to the ORT format (ONNX Runtime Mobile)")
+            ort_format = convert_to_ort(staging, weight_bytes, log=progress.log)
 
         tensorrt = None
         if target.uses_tensorrt:
@@ -134,6 +145,8 @@ def export(options: ExportOptions) -> Path:
         manifest = build_manifest(checkpoint, target.name, precision, staging, io, reports, parity)
         if tensorrt is not None:
             manifest["tensorrt"] = tensorrt
+        if ort_format is not None:
+            manifest["ort_format"] = ort_format
         pkg.write_json(staging / pkg.MANIFEST, manifest)
     progress.log(f"Package written to {output}")
     return output

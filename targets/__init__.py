@@ -2,9 +2,10 @@
 
 from targets.base import Target, TargetError
 from targets.cpu import CPU
+from targets.mobile import MOBILE_TARGETS
 from targets.tensorrt import JETSON_TARGETS, TENSORRT
 
-TARGETS: dict[str, Target] = {t.name: t for t in (CPU, TENSORRT, *JETSON_TARGETS)}
+TARGETS: dict[str, Target] = {t.name: t for t in (CPU, TENSORRT, *JETSON_TARGETS, *MOBILE_TARGETS)}
 
 
 def get_target(name: str) -> Target:

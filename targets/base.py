@@ -27,6 +27,7 @@ class Target:
     reserved_gb: float = 0.0  # of it, what the OS, CUDA and TensorRT keep
     tensorrt: ParserSupport | None = None  # the TensorRT whose ONNX parser must take the graph
     platform: str | None = None  # the software the device runs (JetPack, TensorRT), for the manifest
+    package_format: str = "onnx"  # "ort": one ORT-format flatbuffer for ONNX Runtime Mobile
 
     @property
     def uses_tensorrt(self) -> bool:

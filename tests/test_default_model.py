@@ -159,3 +159,20 @@ def test_default_tensorrt_fp16_package(tmp_path, default_gguf):
     model = ir.load(out / "model.onnx")
     assert parser_problems(model, TENSORRT_10_15) == []
     assert sum(n.op_type == "Attention" for n in model.graph) == 30
+
+
+def test_default_android_int4_package(tmp_path, default_gguf, default_int4_package):
+    """The phone package: one ORT-format file under the 2 GiB limit with its operator list, the cpu target's
+    fused INT4 kernels inside, verified by running the .ort at top-1 >= 0.85; onnxruntime-genai runs it and
+    generates what it generates from the cpu INT4 package (the same graph in the other container)."""
+    from conftest import genai_greedy
+
+    out = tmp_path / "android"
+    manifest = _export(out, "--target", "android-arm64", "--precision", "int4", "--model", str(default_gguf))
+    assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] >= 0.85
+    assert not (out / "model.onnx").exists() and (out / "model.ort").stat().st_size < 130e6
+    operators = (out / "required_operators.config").read_text()
+    assert "GroupQueryAttention" in operators and "MatMulNBits" in operators
+    assert manifest["ort_format"]["model_bytes"] == manifest["files"]["model.ort"]
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    assert genai_greedy(out, prompt, 16) == genai_greedy(default_int4_package, prompt, 16)
