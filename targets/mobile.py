@@ -63,7 +63,8 @@ def check_size(target: Target, shape: ModelShape, precision: str, block: int) ->
     int4 = estimated_model_bytes(shape, "int4", block)
     if precision != "int4" and int4 <= ORT_FORMAT_LIMIT:
         raise TargetError(f"{text}; --precision int4 would fit ({int4 / 2**30:.1f} GiB)")
-    per_param = int4 / (shape.layer_weights + shape.vocab * shape.hidden)
+    parameters = shape.layer_weights + shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    per_param = int4 / parameters
     largest = ORT_FORMAT_LIMIT / per_param / 1e9
     raise TargetError(f"{text}; INT4 needs {int4 / 2**30:.1f} GiB, so only models up to about {largest:.1f}B "
                       f"parameters fit {target.name} (the cpu target has no such limit)")
