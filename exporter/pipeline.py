@@ -14,7 +14,7 @@ from exporter.sources import Checkpoint, open_checkpoint
 from passes import format_report, run_passes
 from targets import TargetError, get_target
 from targets.plan import GIB, ModelShape, plan_memory, refusal
-from targets.mobile import convert_to_ort, size_breakdown
+from targets.mobile import ORT_MODEL_FILE, check_size, convert_to_ort, size_breakdown
 from targets.tensorrt_ops import parser_problems
 from targets import package as pkg
 
@@ -72,17 +72,15 @@ def export(options: ExportOptions) -> Path:
     context = options.context or min(config.max_position_embeddings, pkg.DEFAULT_MAX_LENGTH)
     if context > config.max_position_embeddings:
         raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
+    shape = ModelShape.from_config(config, checkpoint.name)
     if target.memory_gb is not None:
-        plan = plan_memory(target, ModelShape.from_config(config, checkpoint.name), precision, context,
-                           block_size=block_size)
+        plan = plan_memory(target, shape, precision, context, block_size=block_size)
         if not plan.fits:
             raise UserError(refusal(plan))
         progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
                      f"(context {context}; `llama-export plan` for the budget)")
     if target.package_format == "ort":
-        from targets.mobile import check_size
-
-        check_size(target, ModelShape.from_config(config, checkpoint.name), precision, block_size)
+        check_size(target, shape, precision, block_size)
 
     from exporter.trace import trace_to_onnx
 
@@ -110,7 +108,8 @@ def export(options: ExportOptions) -> Path:
         progress.begin("Writing the package (weights streamed one tensor at a time)")
         pkg.save_model(model, staging, progress=progress.counter("weights"))
         io = pkg.io_dims(model)
-        pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config, context))
+        model_file = ORT_MODEL_FILE if target.package_format == "ort" else pkg.MODEL_FILE
+        pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config, context, model_file))
         weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
         del model
         tokenizer_files = checkpoint.write_tokenizer(staging)

@@ -259,4 +259,3 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
     unpermuted = np.empty_like(codes)
     unpermuted[:, order] = codes
     return _finish(unpermuted, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
-

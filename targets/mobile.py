@@ -7,13 +7,13 @@ ONNX Runtime build needs (`--include_ops_by_config`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import onnx_ir as ir
 
 from targets.base import Target, TargetError
+from targets.package import DATA_FILE, MODEL_FILE
 from targets.cpu import cpu_pipeline
 from targets.plan import ModelShape
 
@@ -95,7 +95,8 @@ def size_breakdown(model: ir.Model) -> dict[str, int]:
 
 
 def convert_to_ort(folder: Path, weight_bytes: dict[str, int], log=None) -> dict:
-    """model.onnx (+ data) in `folder` becomes model.ort and its operator list; genai_config.json points to it.
+    """model.onnx (+ data) in `folder` becomes model.ort and its operator list (the export writes genai_config.json
+    naming model.ort from the start).
 
     ONNX Runtime's own graph optimizers are left off: the passes already wrote the fused graph the CPU kernels
     want, and constant folding would copy the tied table out of its shared Reshape (measured: +28 MB on the
@@ -103,7 +104,7 @@ def convert_to_ort(folder: Path, weight_bytes: dict[str, int], log=None) -> dict
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    source, target = folder / "model.onnx", folder / ORT_MODEL_FILE
+    source, target = folder / MODEL_FILE, folder / ORT_MODEL_FILE
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.optimized_model_filepath = str(target)
@@ -125,12 +126,8 @@ def convert_to_ort(folder: Path, weight_bytes: dict[str, int], log=None) -> dict
     body = [line for line in lines if not line.startswith("#")]
     operators.write_text("\n".join([f"# Operators {ORT_MODEL_FILE} needs: build a minimal ONNX Runtime with "
                                     f"--minimal_build --include_ops_by_config {OPERATORS_FILE}", *body]) + "\n")
-    for name in ("model.onnx", "model.onnx.data"):
+    for name in (MODEL_FILE, DATA_FILE):
         (folder / name).unlink(missing_ok=True)
-    config_path = folder / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    config["model"]["decoder"]["filename"] = ORT_MODEL_FILE
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
     weights = sum(weight_bytes.values())
     if log:
         log(f"      {ORT_MODEL_FILE}: {size / 1e6:.1f} MB; {len(body)} operator domains/opsets in {OPERATORS_FILE}")

@@ -85,7 +85,7 @@ def io_dims(model: ir.Model) -> dict:
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
 
 
-def genai_config(model: ir.Model, config, max_length: int | None = None) -> dict:
+def genai_config(model: ir.Model, config, max_length: int | None = None, filename: str = MODEL_FILE) -> dict:
     """onnxruntime-genai's genai_config.json for a decoder-only llama package, matching the graph: position_ids only
     if it is an input, past and present sharing one buffer when GroupQueryAttention handles the cache."""
     position_ids = "position_ids" in {v.name for v in model.graph.inputs}
@@ -99,7 +99,7 @@ def genai_config(model: ir.Model, config, max_length: int | None = None) -> dict
             "context_length": context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE,
+                "filename": filename,
                 "head_size": head_size,
                 "hidden_size": config.hidden_size,
                 "inputs": {

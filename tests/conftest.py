@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,13 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The llama-export command as a user runs it (a fresh process, from the repository root)."""
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)

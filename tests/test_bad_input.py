@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_hf_model, write_tiny_gguf
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, timeout=300)
+from conftest import make_hf_model, run_cli, write_tiny_gguf
 
 
 def error_lines(stderr: str) -> list[str]:

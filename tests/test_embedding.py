@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 # Prompts the programs were not written around: plain prose, a list, French with accents.
 PROMPTS = ("Water boils at a temperature of", "List three primary colors:\n1.", "Le petit déjeuner français")
 NEW_TOKENS = 20

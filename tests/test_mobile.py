@@ -4,14 +4,12 @@ target's graph they are converted from."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import genai_greedy, transformers_greedy
+from conftest import genai_greedy, run_cli, transformers_greedy
 from runtimes import OnnxPackage
 from targets import get_target
 from targets.base import TargetError
@@ -25,11 +23,6 @@ LLAMA_32_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                "eos_token_id": 128001, "torch_dtype": "bfloat16"}
 LLAMA_3_8B = {**LLAMA_32_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "tie_word_embeddings": False}
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
 
 
 def _config_only_folder(folder: Path, config: dict) -> Path:
@@ -46,7 +39,7 @@ def _config_only_folder(folder: Path, config: dict) -> Path:
 
 def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
     out = tmp_path / "ios"
-    result = _cli("--target", "ios-arm64", "--precision", "fp32", "--model", str(tiny_models["llama2-gqa"]),
+    result = run_cli("--target", "ios-arm64", "--precision", "fp32", "--model", str(tiny_models["llama2-gqa"]),
                   "--output", str(out), "--quiet", "--no-verify")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -71,7 +64,7 @@ def test_size_limit_refusals_say_what_would_fit():
 def test_export_refuses_a_model_over_the_format_limit(tmp_path):
     folder = _config_only_folder(tmp_path / "Llama-3.2-1B", LLAMA_32_1B)
     out = tmp_path / "out"
-    result = _cli("--target", "android-arm64", "--precision", "fp32", "--model", str(folder), "--output", str(out))
+    result = run_cli("--target", "android-arm64", "--precision", "fp32", "--model", str(folder), "--output", str(out))
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("llama-export")]
     assert len(errors) == 1 and "2 GiB" in errors[0] and "--precision int4 would fit" in errors[0], result.stderr
@@ -87,7 +80,7 @@ def tiny_int4_pair(tmp_path_factory, tiny_models):
     packages = {}
     for target in ("cpu", "android-arm64"):
         packages[target] = root / target
-        result = _cli("--target", target, "--precision", "int4", "--model", str(tiny_models["llama2-gqa"]),
+        result = run_cli("--target", target, "--precision", "int4", "--model", str(tiny_models["llama2-gqa"]),
                       "--output", str(packages[target]), "--quiet", "--no-verify")
         assert result.returncode == 0, result.stderr
     return packages
@@ -130,7 +123,7 @@ def test_ort_package_computes_what_the_cpu_package_computes(tiny_int4_pair):
 
 def test_fp32_ort_package_verifies_and_runs_in_genai(tmp_path, tiny_models):
     out = tmp_path / "android"
-    result = _cli("--target", "android-arm64", "--precision", "fp32", "--model", str(tiny_models["llama3-gqa"]),
+    result = run_cli("--target", "android-arm64", "--precision", "fp32", "--model", str(tiny_models["llama3-gqa"]),
                   "--output", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     parity = json.loads((out / "manifest.json").read_text())["parity"]

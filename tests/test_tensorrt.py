@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import make_hf_model
+from conftest import make_hf_model, run_cli
 from passes import run_passes
 from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
 from passes.attention import FuseRotary
@@ -204,37 +204,32 @@ def test_profiles_cover_every_dynamic_input(tmp_path):
         assert result.returncode == 0 and "usage" in result.stdout
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
-
-
 def test_plan_refuses_and_accepts_llama3_8b(tmp_path):
     config = tmp_path / "Meta-Llama-3-8B" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps(LLAMA3_8B))
-    refused = _cli("plan", "--target", "jetson-orin-nano", "--config", str(config), "--precision", "fp16")
+    refused = run_cli("plan", "--target", "jetson-orin-nano", "--config", str(config), "--precision", "fp16")
     assert refused.returncode == 1
     assert "does NOT fit" in refused.stdout
     message = refused.stderr.strip().splitlines()
     assert len(message) == 1 and "Meta-Llama-3-8B in fp16 at context 4096 needs" in message[0]
     assert "jetson-orin" in message[0]  # says where it would fit
-    accepted = _cli("plan", "--target", "jetson-orin", "--config", str(config), "--precision", "int4",
+    accepted = run_cli("plan", "--target", "jetson-orin", "--config", str(config), "--precision", "int4",
                     "--context", "4096")
     assert accepted.returncode == 0, accepted.stderr
     assert "fits" in accepted.stdout and "KV cache (fp16, 4096 tokens" in accepted.stdout
     # KV cache arithmetic: 2 (K, V) * 32 layers * 8 heads * 128 * 2 bytes * 4096 tokens, past and present
     assert "1.00 GiB" in next(line for line in accepted.stdout.splitlines() if "KV cache" in line)
-    nx = _cli("plan", "--target", "jetson-orin-nx", "--config", str(config), "--precision", "fp16")
+    nx = run_cli("plan", "--target", "jetson-orin-nx", "--config", str(config), "--precision", "fp16")
     assert nx.returncode == 1 and "--precision int4" in nx.stderr
-    missing = _cli("plan", "--target", "jetson-orin", "--config", str(tmp_path / "nope.json"))
+    missing = run_cli("plan", "--target", "jetson-orin", "--config", str(tmp_path / "nope.json"))
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_export_refuses_a_model_that_does_not_fit(tmp_path):
     folder = make_hf_model(tmp_path / "wide", "llama2-gqa", max_position_embeddings=1 << 20)
     out = tmp_path / "out"
-    result = _cli("--target", "jetson-orin-nano", "--model", str(folder), "--output", str(out), "--precision",
+    result = run_cli("--target", "jetson-orin-nano", "--model", str(folder), "--output", str(out), "--precision",
                   "fp16", "--context", str(1 << 20))
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -247,7 +242,7 @@ def test_jetson_export_end_to_end(tiny_models, tmp_path):
     out = tmp_path / "orin"
     # fp16: a random tiny model's flat logits cannot hold INT4 to verify's 0.85 (the default model does, in
     # test_default_model.py)
-    result = _cli("--target", "jetson-orin", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out),
+    result = run_cli("--target", "jetson-orin", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out),
                   "--precision", "fp16", "--quiet")
     assert result.returncode == 0, result.stderr
     names = {p.name for p in out.iterdir()}
@@ -266,7 +261,7 @@ def test_jetson_export_end_to_end(tiny_models, tmp_path):
     np.testing.assert_allclose(prefill, reference["prefill/out/logits"][0], atol=1e-4)
     step = decoder.decode(int(reference["decode/in/input_ids"][0, 0]))
     np.testing.assert_allclose(step, reference["decode/out/logits"][0, -1], atol=1e-4)
-    verify = _cli("verify", str(out))
+    verify = run_cli("verify", str(out))
     assert verify.returncode == 0 and "PASSED" in verify.stdout
 
 
@@ -279,11 +274,11 @@ def _engine_here() -> str | None:
 @pytest.mark.skipif(_engine_here() is not None, reason=f"needs TensorRT and a CUDA GPU ({_engine_here()})")
 def test_engine_builds_runs_and_matches_reference(tiny_models, tmp_path):
     out = tmp_path / "trt"
-    result = _cli("--target", "tensorrt", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out), "--quiet")
+    result = run_cli("--target", "tensorrt", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"]["engine"]["compute_capability"]
     check = subprocess.run([sys.executable, str(out / "check_engine.py")], capture_output=True, text=True)
     assert check.returncode == 0 and "PASSED" in check.stdout
-    run = _cli("run", str(out), "--prompt", "The quick", "--max-new-tokens", "8")
+    run = run_cli("run", str(out), "--prompt", "The quick", "--max-new-tokens", "8")
     assert run.returncode == 0 and "note:" not in run.stderr
