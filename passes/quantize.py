@@ -101,7 +101,7 @@ def _layout(n: int, columns: int, bits: int, block: int, zero_dtype=None, minimu
                           np.zeros((n, blocks), np.float32) if minimums else None)
 
 
-def _dividing_block(block: int, k: int) -> int:
+def dividing_block(block: int, k: int) -> int:
     """The largest power-of-two block <= `block` (and >= 16) that divides k, else `block`."""
     candidate = block
     while k % candidate and candidate > 16:
@@ -178,7 +178,7 @@ class QuantizeWeights(GraphPass):
             if lm_head:
                 block = min(block, opts.lm_head_block_size or block)
                 if opts.quantize_embedding:
-                    block = _dividing_block(block, k)
+                    block = dividing_block(block, k)
             symmetric = opts.symmetric or (lm_head and self.options.quantize_embedding and bits == 8)
 
             def compute():
@@ -354,7 +354,7 @@ class QuantizeWeights(GraphPass):
         v, h = reversed(tensor.shape) if transposed else tensor.shape
         bits = self.options.lm_head_bits
         block = min(self.options.block_size, self.options.lm_head_block_size or self.options.block_size)
-        block = _dividing_block(block, h)
+        block = dividing_block(block, h)
         if h % block:
             return None  # no block size divides the rows: the table stays as it is
         compute = lambda: quantize_rtn(tensor.numpy().T if transposed else tensor.numpy(), bits, block,  # noqa: E731

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from passes.quantize import QuantOptions, dividing_block
 from targets.base import Target, TargetError
 from targets.package import DATA_FILE, MODEL_FILE
 from targets.cpu import cpu_pipeline
@@ -41,26 +42,33 @@ IOS = _mobile_target("ios-arm64", "ORT-format package for iPhones and iPads (arm
 MOBILE_TARGETS = (ANDROID, IOS)
 
 
-def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4) -> float:
+def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
+                          float_embedding: bool = False) -> float:
     """What the model file will hold, from the config alone. INT4 follows the cpu target's layout: 4-bit codes,
-    an fp32 scale and a 4-bit zero point per block; the embedding quantized alike and shared with a tied lm_head."""
+    an fp32 scale and a 4-bit zero point per block; the lm_head (and the embedding, shared with it when tied) at
+    `lm_head_bits` in the lm_head's own blocks, symmetric at 8 bits; `float_embedding` keeps the lookup fp32."""
     table = shape.vocab * shape.hidden
     norms = (2 * shape.layers + 1) * shape.hidden * 4
     if precision == "fp32":
         return (shape.layer_weights + table * (1 if shape.tied else 2)) * 4 + norms
-    per_weight = 0.5 + 4.5 / block
-    head = 0 if shape.tied else table * (lm_head_bits / 8 + 4.5 / block)
-    return (shape.layer_weights + table) * per_weight + head + norms
+    head_block = dividing_block(min(block, QuantOptions.lm_head_block_size), shape.hidden)
+    head_per_weight = lm_head_bits / 8 + (4 + (0 if lm_head_bits == 8 else 0.5)) / head_block
+    if float_embedding:
+        embedding = table * 4
+    else:
+        embedding = 0 if shape.tied else table * head_per_weight
+    return shape.layer_weights * (0.5 + 4.5 / block) + table * head_per_weight + embedding + norms
 
 
-def check_size(target: Target, shape: ModelShape, precision: str, block: int) -> float:
+def check_size(target: Target, shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
+               float_embedding: bool = False) -> float:
     """Refuse, before tracing, a model whose ORT file would pass the format's limit; says what would fit."""
-    size = estimated_model_bytes(shape, precision, block)
+    size = estimated_model_bytes(shape, precision, block, lm_head_bits, float_embedding)
     if size <= ORT_FORMAT_LIMIT:
         return size
     text = (f"{shape.name} in {precision} needs about {size / 2**30:.1f} GiB as an ORT-format model; the format holds "
             f"at most 2 GiB (one flatbuffer, no external data)")
-    int4 = estimated_model_bytes(shape, "int4", block)
+    int4 = estimated_model_bytes(shape, "int4", block, lm_head_bits, float_embedding)
     if precision != "int4" and int4 <= ORT_FORMAT_LIMIT:
         raise TargetError(f"{text}; --precision int4 would fit ({int4 / 2**30:.1f} GiB)")
     parameters = shape.layer_weights + shape.vocab * shape.hidden * (1 if shape.tied else 2)

@@ -40,7 +40,7 @@ def _config_only_folder(folder: Path, config: dict) -> Path:
 def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
     out = tmp_path / "ios"
     result = run_cli("--target", "ios-arm64", "--precision", "fp32", "--model", str(tiny_models["llama2-gqa"]),
-                  "--output", str(out), "--quiet", "--no-verify")
+                     "--output", str(out), "--quiet", "--no-verify")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     shape = ModelShape.from_json(tiny_models["llama2-gqa"] / "config.json")
@@ -48,6 +48,24 @@ def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
                   if k not in ("graph and format", "rotary cos/sin caches"))
     assert estimated_model_bytes(shape, "fp32", 32) == pytest.approx(weights, rel=0.01)
     assert sum(manifest["ort_format"]["size_breakdown"].values()) == (out / "model.ort").stat().st_size
+
+
+@pytest.mark.parametrize("options, lm_head_bits, float_embedding", [
+    (("--block-size", "32"), 4, False),
+    (("--block-size", "64", "--lm-head-bits", "8"), 8, False),  # the 8-bit lm_head and table in 32-blocks
+    (("--block-size", "64", "--keep-embedding"), 4, True),  # the lookup table stays fp32
+])
+def test_int4_size_estimate_follows_the_lm_head_options(tmp_path, tiny_models, options, lm_head_bits,
+                                                         float_embedding):
+    out = tmp_path / "android"
+    result = run_cli("--target", "android-arm64", "--precision", "int4", "--model", str(tiny_models["llama2-gqa"]),
+                     "--output", str(out), "--quiet", "--no-verify", *options)
+    assert result.returncode == 0, result.stderr
+    breakdown = json.loads((out / "manifest.json").read_text())["ort_format"]["size_breakdown"]
+    weights = sum(v for k, v in breakdown.items() if k not in ("graph and format", "rotary cos/sin caches"))
+    shape = ModelShape.from_json(tiny_models["llama2-gqa"] / "config.json")
+    estimate = estimated_model_bytes(shape, "int4", int(options[1]), lm_head_bits, float_embedding)
+    assert estimate == pytest.approx(weights, rel=0.01)
 
 
 def test_size_limit_refusals_say_what_would_fit():

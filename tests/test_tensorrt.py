@@ -215,7 +215,7 @@ def test_plan_refuses_and_accepts_llama3_8b(tmp_path):
     assert len(message) == 1 and "Meta-Llama-3-8B in fp16 at context 4096 needs" in message[0]
     assert "jetson-orin" in message[0]  # says where it would fit
     accepted = run_cli("plan", "--target", "jetson-orin", "--config", str(config), "--precision", "int4",
-                    "--context", "4096")
+                       "--context", "4096")
     assert accepted.returncode == 0, accepted.stderr
     assert "fits" in accepted.stdout and "KV cache (fp16, 4096 tokens" in accepted.stdout
     # KV cache arithmetic: 2 (K, V) * 32 layers * 8 heads * 128 * 2 bytes * 4096 tokens, past and present
@@ -230,7 +230,7 @@ def test_export_refuses_a_model_that_does_not_fit(tmp_path):
     folder = make_hf_model(tmp_path / "wide", "llama2-gqa", max_position_embeddings=1 << 20)
     out = tmp_path / "out"
     result = run_cli("--target", "jetson-orin-nano", "--model", str(folder), "--output", str(out), "--precision",
-                  "fp16", "--context", str(1 << 20))
+                     "fp16", "--context", str(1 << 20))
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("llama-export: error:") and "needs" in last and "it would fit with" in last
@@ -243,7 +243,7 @@ def test_jetson_export_end_to_end(tiny_models, tmp_path):
     # fp16: a random tiny model's flat logits cannot hold INT4 to verify's 0.85 (the default model does, in
     # test_default_model.py)
     result = run_cli("--target", "jetson-orin", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out),
-                  "--precision", "fp16", "--quiet")
+                     "--precision", "fp16", "--quiet")
     assert result.returncode == 0, result.stderr
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "model.onnx.data", "profiles.json", "build_engine.py", "build_engine.sh",
@@ -274,7 +274,8 @@ def _engine_here() -> str | None:
 @pytest.mark.skipif(_engine_here() is not None, reason=f"needs TensorRT and a CUDA GPU ({_engine_here()})")
 def test_engine_builds_runs_and_matches_reference(tiny_models, tmp_path):
     out = tmp_path / "trt"
-    result = run_cli("--target", "tensorrt", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out), "--quiet")
+    result = run_cli("--target", "tensorrt", "--model", str(tiny_models["llama2-gqa"]), "--output", str(out),
+                     "--quiet")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensorrt"]["engine"]["compute_capability"]
