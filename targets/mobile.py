@@ -51,7 +51,7 @@ def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head
     norms = (2 * shape.layers + 1) * shape.hidden * 4
     if precision == "fp32":
         return (shape.layer_weights + table * (1 if shape.tied else 2)) * 4 + norms
-    head_block = dividing_block(min(block, QuantOptions.lm_head_block_size), shape.hidden)
+    head_block = dividing_block(min(block, QuantOptions().head_block_size(lm_head_bits)), shape.hidden)
     head_per_weight = lm_head_bits / 8 + (4 + (0 if lm_head_bits == 8 else 0.5)) / head_block
     if float_embedding:
         embedding = table * 4

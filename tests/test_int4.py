@@ -283,3 +283,35 @@ def test_int4_options_need_int4_precision(tiny_models, tmp_path, capsys):
     assert main(["--model", str(tiny_models["llama2-gqa"]), "--block-size", "64", "-o", str(tmp_path / "x")]) == 1
     assert "--block-size applies to --precision int4 only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("hidden", [64, 96])  # 96: 32-blocks for the 8-bit part, padded 128-blocks for the rest
+def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
+    """A tied table [V, H] read by Gather (embedding) and by the lm_head MatMul: with frequent rows, the first rows
+    become 8-bit and the rest 4-bit, and both the lookup and the logits equal those of the two parts dequantized."""
+    from passes.quantize import QuantizeWeights, QuantOptions, dividing_block
+
+    vocab, frequent = 320, 100
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    weight = helper.make_tensor("W", TensorProto.FLOAT, [hidden, vocab], table.T.copy().ravel())
+    nodes = [helper.make_node("Transpose", ["W"], ["T"], perm=[1, 0]),
+             helper.make_node("Gather", ["T", "ids"], ["embedded"], axis=0),
+             helper.make_node("MatMul", ["embedded", "W"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("embedded", TensorProto.FLOAT, None)], [weight])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    options = QuantOptions(method="rtn", accuracy_level=0, lm_head_frequent_rows=frequent)
+    assert QuantizeWeights(options).apply(model) == 2
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 2 and "Gather" not in ops
+    bits = sorted(n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits")
+    assert bits == [4, 8]
+    model.opset_imports["com.microsoft"] = 1
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, frequent - 1, frequent, frequent + 7, vocab - 1]], dtype=np.int64)
+    logits, embedded = session.run(["logits", "embedded"], {"ids": ids})
+    expected_table = np.concatenate([quantize_rtn(table[:frequent], 8, dividing_block(64, hidden), symmetric=True).dequantize(),
+                                     quantize_rtn(table[frequent:], 4, 128).dequantize()])
+    np.testing.assert_array_equal(embedded[0], expected_table[ids[0]])
+    np.testing.assert_allclose(logits[0], expected_table[ids[0]] @ expected_table.T, rtol=1e-4, atol=1e-3)
