@@ -311,7 +311,7 @@ def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[0, 5, frequent - 1, frequent, frequent + 7, vocab - 1]], dtype=np.int64)
     logits, embedded = session.run(["logits", "embedded"], {"ids": ids})
-    expected_table = np.concatenate([quantize_rtn(table[:frequent], 8, dividing_block(64, hidden), symmetric=True).dequantize(),
-                                     quantize_rtn(table[frequent:], 4, 128).dequantize()])
+    frequent_part = quantize_rtn(table[:frequent], 8, dividing_block(64, hidden), symmetric=True)
+    expected_table = np.concatenate([frequent_part.dequantize(), quantize_rtn(table[frequent:], 4, 128).dequantize()])
     np.testing.assert_array_equal(embedded[0], expected_table[ids[0]])
     np.testing.assert_allclose(logits[0], expected_table[ids[0]] @ expected_table.T, rtol=1e-4, atol=1e-3)
