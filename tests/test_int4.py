@@ -315,3 +315,13 @@ def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
     expected_table = np.concatenate([frequent_part.dequantize(), quantize_rtn(table[frequent:], 4, 128).dequantize()])
     np.testing.assert_array_equal(embedded[0], expected_table[ids[0]])
     np.testing.assert_allclose(logits[0], expected_table[ids[0]] @ expected_table.T, rtol=1e-4, atol=1e-3)
+
+
+def test_the_cpu_lm_head_splits_only_where_its_default_is_4_bit_and_the_vocabulary_is_large():
+    from exporter.pipeline import FREQUENT_LM_HEAD_ROWS, ExportOptions, splits_lm_head
+
+    large = FREQUENT_LM_HEAD_ROWS * 3
+    assert splits_lm_head(ExportOptions(None), 32, large)
+    assert not splits_lm_head(ExportOptions(None), 128, large)  # the 8-bit lm_head keeps block 128 within 15%
+    assert not splits_lm_head(ExportOptions(None), 32, FREQUENT_LM_HEAD_ROWS)  # nothing left to put at 4 bits
+    assert not splits_lm_head(ExportOptions(None, lm_head_bits=4), 32, large)  # every row at the width asked for
