@@ -52,7 +52,7 @@ def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("options, lm_head_bits, float_embedding", [
     (("--block-size", "32"), 4, False),
-    (("--block-size", "64", "--lm-head-bits", "8"), 8, False),  # the 8-bit lm_head and table in 32-blocks
+    (("--block-size", "64", "--lm-head-bits", "8"), 8, False),  # the 8-bit lm_head and table in 64-blocks
     (("--block-size", "64", "--keep-embedding"), 4, True),  # the lookup table stays fp32
 ])
 def test_int4_size_estimate_follows_the_lm_head_options(tmp_path, tiny_models, options, lm_head_bits,
