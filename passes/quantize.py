@@ -140,6 +140,14 @@ def _weight_of(node: ir.Node, position: int) -> ir.Value | None:
     return value
 
 
+def _gather_block_quantized(data: ir.Value, ids: ir.Value, scales: ir.Value, zero_points: ir.Value | None,
+                            layout: BlockQuantized) -> ir.Node:
+    inputs = [data, ids, scales] + ([zero_points] if zero_points is not None else [])
+    return ir.node("GatherBlockQuantized", inputs, domain="com.microsoft",
+                   attributes={"bits": layout.bits, "block_size": layout.block_size, "gather_axis": 0,
+                               "quantize_axis": 1})
+
+
 class QuantizeWeights(GraphPass):
     """MatMul(x, W[K, N]) -> MatMulNBits or DequantizeLinear+MatMul; Gather on the embedding table ->
     GatherBlockQuantized (sharing the lm_head's data when the two are tied and quantized alike)."""
@@ -366,25 +374,20 @@ class QuantizeWeights(GraphPass):
                     continue
             layout = layouts.get(id(source)) if transpose is not None else None
             if isinstance(layout, SplitLayout):
-                self._split_lookup(graph, node, layout)
-                if not transpose.outputs[0].uses():
-                    graph.remove(transpose, safe=True)
-                sites += 1
-                continue
-            if layout is not None and self._shareable(layout):
-                data, scales, zero_points = self._shared_table(graph, source.name)
+                looked_up = self._split_lookup(graph, node, layout)
             else:
-                own = self._own_table(graph, source, transposed=transpose is not None)
-                if own is None:
-                    continue
-                data, scales, zero_points, layout = own
-            inputs = [data, node.inputs[1], scales] + ([zero_points] if zero_points is not None else [])
-            new = ir.node("GatherBlockQuantized", inputs, domain="com.microsoft",
-                          attributes={"bits": layout.bits, "block_size": layout.block_size, "gather_axis": 0,
-                                      "quantize_axis": 1})
-            graph.insert_before(node, new)
-            new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
-            replace_value(node.outputs[0], new.outputs[0])
+                if layout is not None and self._shareable(layout):
+                    data, scales, zero_points = self._shared_table(graph, source.name)
+                else:
+                    own = self._own_table(graph, source, transposed=transpose is not None)
+                    if own is None:
+                        continue
+                    data, scales, zero_points, layout = own
+                gather = _gather_block_quantized(data, node.inputs[1], scales, zero_points, layout)
+                graph.insert_before(node, gather)
+                looked_up = gather.outputs[0]
+            looked_up.shape, looked_up.type = node.outputs[0].shape, node.outputs[0].type
+            replace_value(node.outputs[0], looked_up)
             graph.remove(node, safe=True)
             if transpose is not None and not transpose.outputs[0].uses():
                 graph.remove(transpose, safe=True)
@@ -397,49 +400,45 @@ class QuantizeWeights(GraphPass):
         integer = layout.minimums is None and (layout.zero_points is None or layout.zero_points.dtype == np.uint8)
         return integer and layout.columns % layout.block_size == 0
 
-    def _split_lookup(self, graph: ir.Graph, node: ir.Node, split: SplitLayout) -> None:
-        """Gather on a table tied to a split lm_head: each token is looked up in the part holding its row (both
-        lookups run on clamped ids, Where keeps the right one), sharing the lm_head's bytes."""
+    def _split_lookup(self, graph: ir.Graph, node: ir.Node, split: SplitLayout) -> ir.Value:
+        """The rows of a table tied to a split lm_head, inserted before the Gather `node`: each token is looked up
+        in the part holding its row (both lookups run on clamped ids, Where keeps the right one), sharing the
+        lm_head's bytes."""
         ids = node.inputs[1]
         base = split.frequent[0]
 
         def constant(name, value):
-            v = ir.Value(name=name, const_value=ir.tensor(np.array(value, dtype=np.int64)))
+            v = ir.Value(name=f"{base}.{name}", const_value=ir.tensor(np.array(value, dtype=np.int64)))
             graph.register_initializer(v)
             return v
 
-        rows, zero = constant(f"{base}.rows", split.rows), constant(f"{base}.zero", 0)
-        frequent_ids = ir.node("Min", [ids, constant(f"{base}.last_row", split.rows - 1)])
+        rows, last_axis = constant("rows", split.rows), constant("last_axis", [-1])
+        frequent_ids = ir.node("Min", [ids, constant("last_row", split.rows - 1)])
         shifted = ir.node("Sub", [ids, rows])
-        rest_ids = ir.node("Max", [shifted.outputs[0], zero])
+        rest_ids = ir.node("Max", [shifted.outputs[0], constant("zero", 0)])
         is_frequent = ir.node("Less", [ids, rows])
-        mask = ir.node("Unsqueeze", [is_frequent.outputs[0], constant(f"{base}.last_axis", [-1])])
+        mask = ir.node("Unsqueeze", [is_frequent.outputs[0], last_axis])
         for index_node in (frequent_ids, shifted, rest_ids):
             index_node.outputs[0].type = ids.type
         is_frequent.outputs[0].type = mask.outputs[0].type = ir.TensorType(ir.DataType.BOOL)
         new = [frequent_ids, shifted, rest_ids, is_frequent, mask]
         looked_up = []
-        for (part_base, layout), part_ids in ((split.frequent, frequent_ids), (split.rest, rest_ids)):
+        for label, (part_base, layout), part_ids in (("frequent", split.frequent, frequent_ids),
+                                                     ("rest", split.rest, rest_ids)):
             data, scales, zero_points = self._shared_table(graph, part_base)
-            gather = ir.node("GatherBlockQuantized",
-                             [data, part_ids.outputs[0], scales] + ([zero_points] if zero_points is not None else []),
-                             domain="com.microsoft", attributes={"bits": layout.bits, "block_size": layout.block_size,
-                                                                 "gather_axis": 0, "quantize_axis": 1})
+            gather = _gather_block_quantized(data, part_ids.outputs[0], scales, zero_points, layout)
             new.append(gather)
             table_rows = gather.outputs[0]
             if layout.columns % layout.block_size:  # padded blocks: the lookup returns whole blocks
-                width = ir.node("Slice", [table_rows, constant(f"{part_base}.start", [0]),
-                                          constant(f"{part_base}.columns", [layout.columns]),
-                                          constant(f"{part_base}.last_axis", [-1])])
+                width = ir.node("Slice", [table_rows, constant(f"{label}_start", [0]),
+                                          constant(f"{label}_columns", [layout.columns]), last_axis])
                 new.append(width)
                 table_rows = width.outputs[0]
             table_rows.type = node.outputs[0].type
             looked_up.append(table_rows)
         where = ir.node("Where", [mask.outputs[0], *looked_up])
         graph.insert_before(node, [*new, where])
-        where.outputs[0].shape, where.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
-        replace_value(node.outputs[0], where.outputs[0])
-        graph.remove(node, safe=True)
+        return where.outputs[0]
 
     @staticmethod
     def _shared_table(graph: ir.Graph, base: str):

@@ -285,7 +285,7 @@ def test_int4_options_need_int4_precision(tiny_models, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("hidden", [64, 96])  # 96: 32-blocks for the 8-bit part, padded 128-blocks for the rest
+@pytest.mark.parametrize("hidden", [64, 96, 100])  # 96: padded 128-blocks for the 4-bit part; 100: both padded
 def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
     """A tied table [V, H] read by Gather (embedding) and by the lm_head MatMul: with frequent rows, the first rows
     become 8-bit and the rest 4-bit, and both the lookup and the logits equal those of the two parts dequantized."""
