@@ -184,20 +184,32 @@ def default_block_size(target, checkpoint: Checkpoint) -> int:
 # Measured on the default model (lm_head alone quantized, perplexity over fp32): 4-bit 128-blocks +5.9%, 4-bit
 # 32-blocks +2.4%, 8192 frequent rows +1.7%, 16384 +1.4%, all 8-bit +0.1%; at decode speed near the all-4-bit one.
 FREQUENT_LM_HEAD_ROWS = 16384
+EDGE_LAYER_BLOCK = 32
 
 
 def lm_head_bits(options: ExportOptions, block_size: int) -> int:
-    """Measured on the default model at block 128: +15.4% perplexity over fp32 with a 4-bit lm_head, +13.3% with
-    an 8-bit one (which costs decode speed); at block 32 a 4-bit one is kept for size and speed (on the cpu target
-    split: its frequent rows at 8 bits)."""
+    """An lm_head at one width (targets that take no split): measured on the default model at block 128, +15.4%
+    perplexity over fp32 with a 4-bit lm_head, +13.3% with an 8-bit one (which costs decode speed); at block 32 a
+    4-bit one is kept for size and speed."""
     return options.lm_head_bits or (8 if block_size >= 128 else 4)
 
 
-def splits_lm_head(options: ExportOptions, block_size: int, vocab_size: int) -> bool:
-    """Where the default lm_head is 4-bit; at block 128 the split measured +15.3% on the default model (the
-    8-bit lm_head +13.3%), over the 15% the project holds block 128 to."""
-    default_4bit = options.lm_head_bits is None and lm_head_bits(options, block_size) == 4
-    return default_4bit and vocab_size > FREQUENT_LM_HEAD_ROWS
+def splits_lm_head(options: ExportOptions, vocab_size: int) -> bool:
+    """Unless a width is asked for, and where the vocabulary has rows left over for 4 bits."""
+    return options.lm_head_bits is None and vocab_size > FREQUENT_LM_HEAD_ROWS
+
+
+def edge_layer_weights(checkpoint: Checkpoint) -> frozenset[str]:
+    """The first and last decoder layers' matrices, which the MatMulNBits form keeps in 32-blocks where the other
+    layers' are larger. On the default model at block 128 (split lm_head; PyTorch with quantize-dequantized
+    weights, perplexity over fp32) +14.5% -> +12.1% (the last layer alone +12.8%), for 0.1 bit a weight more in
+    2 of 30 layers. Only where the two are at most a quarter of the layers, so --block-size still sets the bulk."""
+    layers = checkpoint.config.num_hidden_layers
+    if layers < 8:
+        return frozenset()
+    edges = ("model.layers.0.", f"model.layers.{layers - 1}.")
+    return frozenset(name for name, info in checkpoint.weights.items()
+                     if len(info.shape) == 2 and name.startswith(edges))
 
 
 def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Checkpoint, log, tensorrt: bool = False,
@@ -209,12 +221,13 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
-    split = split_lm_head and splits_lm_head(options, block_size, checkpoint.config.vocab_size)
+    split = split_lm_head and splits_lm_head(options, checkpoint.config.vocab_size)
     try:
         quant = QuantOptions(block_size=block_size, symmetric=options.symmetric, method=method,
-                             lm_head_bits=lm_head_bits(options, block_size),
+                             lm_head_bits=4 if split else lm_head_bits(options, block_size),
                              lm_head_frequent_rows=FREQUENT_LM_HEAD_ROWS if split else 0,
-                             quantize_embedding=options.quantize_embedding)
+                             quantize_embedding=options.quantize_embedding,
+                             sensitive_weights=edge_layer_weights(checkpoint), sensitive_block_size=EDGE_LAYER_BLOCK)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hessians = None

@@ -1,4 +1,5 @@
-"""Cleanup passes: constant folding on small values, lazy folding of weight transposes, dead-node removal."""
+"""Cleanup passes: constant folding on small values, lazy folding of weight transposes, dead-node removal,
+unread optional outputs left unnamed."""
 
 from __future__ import annotations
 
@@ -57,6 +58,33 @@ class RemoveDeadNodes(GraphPass):
         common.RemoveUnusedNodesPass()(model)
         common.RemoveUnusedOpsetsPass()(model)
         return before - count_nodes(model)
+
+
+# Outputs a kernel computes only when the graph asks for them: (domain, op) -> their positions.
+OPTIONAL_OUTPUTS = {
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),  # mean, inverse std, residual sum
+    ("com.microsoft", "SkipLayerNormalization"): (1, 2, 3),
+    ("", "SimplifiedLayerNormalization"): (1, 2),
+    ("", "LayerNormalization"): (1, 2),
+}
+
+
+class DropUnusedOutputs(GraphPass):
+    """Leaves unread optional outputs unnamed, so the kernel neither computes nor allocates them (ONNX Runtime's
+    SkipSimplifiedLayerNormalization writes its mean and inverse std whenever they have a name)."""
+
+    name = "drop-unused-outputs"
+
+    def apply(self, model: ir.Model) -> int:
+        graph_outputs = {id(v) for v in model.graph.outputs}
+        dropped = 0
+        for node in model.graph:
+            for position in OPTIONAL_OUTPUTS.get((node.domain, node.op_type), ()):
+                value = node.outputs[position] if position < len(node.outputs) else None
+                if value is not None and value.name and not value.uses() and id(value) not in graph_outputs:
+                    value.name = ""
+                    dropped += 1
+        return dropped
 
 
 def lazy_transform(sources: list[ir.TensorProtocol], fn, dtype: ir.DataType, shape, name: str) -> ir.LazyTensor:

@@ -51,6 +51,10 @@ class QuantOptions:
     # (measured, 1.32): integer ones, packed into 4 bits, are the default.
     float_zero_points: bool = False
     damp: float = 1.0  # GPTQ: diagonal loading, in units of the mean input energy (measured best on a short text)
+    # Checkpoint tensors (by name) that the MatMulNBits form quantizes in `sensitive_block_size`-blocks when the
+    # layers' blocks are larger: the caller names the matrices whose error costs the most (see the pipeline).
+    sensitive_weights: frozenset[str] = frozenset()
+    sensitive_block_size: int = 32
 
     def head_block_size(self, bits: int) -> int | None:
         """The lm_head's own block size at this bit width (None: the layers')."""
@@ -210,6 +214,8 @@ class QuantizeWeights(GraphPass):
             # A tied lm_head's blocks must tile its rows exactly for the embedding lookup to share them.
             if block is None:
                 block = opts.block_size
+                if self._sensitive(names, lm_head):
+                    block = min(block, opts.sensitive_block_size)
                 if lm_head:
                     block = min(block, opts.head_block_size(bits) or block)
                     if opts.quantize_embedding:
@@ -249,6 +255,11 @@ class QuantizeWeights(GraphPass):
         return joined if joined.shape == tuple(shape) else None
 
     # -- the split lm_head ---------------------------------------------------------------------------------------
+    def _sensitive(self, names: list[str], lm_head: bool) -> bool:
+        wanted = self.options.sensitive_weights
+        return (not lm_head and bool(names) and all(n in wanted for n in names)
+                and self.options.form == "matmulnbits")
+
     def _splits(self, weight: ir.Value, bits: int, n: int, k: int) -> bool:
         """Split only a 4-bit lm_head that is computed here (not carried from the source) into MatMulNBits."""
         rows = self.options.lm_head_frequent_rows

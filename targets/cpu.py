@@ -4,7 +4,7 @@ from dataclasses import replace
 
 from passes.activation import FuseSiLU
 from passes.attention import FuseGroupQueryAttention, FuseRotary
-from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
+from passes.cleanup import DropUnusedOutputs, FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
 from passes.normalization import FuseRMSNorm, FuseSkipRMSNorm
 from passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
 from passes.quantize import QuantOptions, QuantizeWeights
@@ -32,6 +32,7 @@ def cpu_pipeline(precision: str, config, quant: QuantOptions | None = None, hint
         *quantize,
         RemoveDeadNodes(),
         RemoveUnusedInputs(),
+        DropUnusedOutputs(),
     ]
 
 

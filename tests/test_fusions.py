@@ -72,6 +72,7 @@ def test_each_fusion_rewrites_every_layer(traced):
     assert r["pack-gate-up"] == LAYERS
     assert r["fuse-silu"] == LAYERS
     assert r["remove-unused-inputs"] == 1  # position_ids
+    assert r["drop-unused-outputs"] == 2 * 2 * LAYERS + 1  # mean and inverse std of each skip norm, the last sum
 
 
 def test_fused_graph_has_the_onnxruntime_kernels(traced):
@@ -83,6 +84,9 @@ def test_fused_graph_has_the_onnxruntime_kernels(traced):
     for gone in ("Attention", "RotaryEmbedding", "RMSNormalization", "Softmax", "Sigmoid"):
         assert gone not in ops
     assert ops.count("MatMul") <= 4 * LAYERS + 1
+    for node in traced["model"].graph:
+        if node.op_type == "SkipSimplifiedLayerNormalization":  # unnamed: ONNX Runtime neither computes nor keeps them
+            assert node.outputs[1].name == node.outputs[2].name == ""
 
 
 def test_no_weight_is_read_by_the_passes(traced):

@@ -317,11 +317,50 @@ def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
     np.testing.assert_allclose(logits[0], expected_table[ids[0]] @ expected_table.T, rtol=1e-4, atol=1e-3)
 
 
-def test_the_cpu_lm_head_splits_only_where_its_default_is_4_bit_and_the_vocabulary_is_large():
+def test_the_cpu_lm_head_splits_unless_a_width_is_asked_for_and_only_a_large_vocabulary():
     from exporter.pipeline import FREQUENT_LM_HEAD_ROWS, ExportOptions, splits_lm_head
 
     large = FREQUENT_LM_HEAD_ROWS * 3
-    assert splits_lm_head(ExportOptions(None), 32, large)
-    assert not splits_lm_head(ExportOptions(None), 128, large)  # the 8-bit lm_head keeps block 128 within 15%
-    assert not splits_lm_head(ExportOptions(None), 32, FREQUENT_LM_HEAD_ROWS)  # nothing left to put at 4 bits
-    assert not splits_lm_head(ExportOptions(None, lm_head_bits=4), 32, large)  # every row at the width asked for
+    assert splits_lm_head(ExportOptions(None), large)
+    assert not splits_lm_head(ExportOptions(None), FREQUENT_LM_HEAD_ROWS)  # nothing left to put at 4 bits
+    assert not splits_lm_head(ExportOptions(None, lm_head_bits=4), large)  # every row at the width asked for
+    assert not splits_lm_head(ExportOptions(None, lm_head_bits=8), large)
+
+
+def test_edge_layers_are_named_only_in_deep_models():
+    from types import SimpleNamespace
+
+    from exporter.pipeline import edge_layer_weights
+    from exporter.sources.base import WeightInfo
+
+    def checkpoint(layers):
+        names = [f"model.layers.{i}.{m}.weight" for i in range(layers)
+                 for m in ("self_attn.q_proj", "mlp.down_proj", "input_layernorm")]
+        weights = {n: WeightInfo((4,) if "norm" in n else (4, 4), lambda: None) for n in names}
+        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers), weights=weights)
+
+    assert edge_layer_weights(checkpoint(12)) == {
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+        "model.layers.11.self_attn.q_proj.weight", "model.layers.11.mlp.down_proj.weight"}  # matrices, not norms
+    assert edge_layer_weights(checkpoint(4)) == frozenset()  # there they would be half the model
+
+
+def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_named():
+    """Three MatMuls: one named weight, one packed from a named and an unnamed tensor, one unnamed."""
+    from passes.quantize import SOURCE_NAMES, QuantizeWeights, QuantOptions
+
+    rng = np.random.default_rng(3)
+    k, n = 256, 48
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(3)]
+    nodes.append(helper.make_node("Sum", ["y0", "y1", "y2"], ["out"]))  # a graph output would be the lm_head
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], weights)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    for name, sources in (("w0", ["a"]), ("w1", ["a", "b"]), ("w2", ["c"])):
+        model.graph.initializers[name].meta[SOURCE_NAMES] = sources
+    options = QuantOptions(block_size=128, method="rtn", sensitive_weights=frozenset({"a"}), sensitive_block_size=32)
+    assert QuantizeWeights(options).apply(model) == 3
+    blocks = {n.inputs[1].name.split(".")[0]: n.attributes.get_int("block_size")
+              for n in model.graph if n.op_type == "MatMulNBits"}
+    assert blocks == {"w0": 32, "w1": 128, "w2": 128}
