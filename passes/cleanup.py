@@ -76,12 +76,11 @@ class DropUnusedOutputs(GraphPass):
     name = "drop-unused-outputs"
 
     def apply(self, model: ir.Model) -> int:
-        graph_outputs = {id(v) for v in model.graph.outputs}
         dropped = 0
         for node in model.graph:
             for position in OPTIONAL_OUTPUTS.get((node.domain, node.op_type), ()):
                 value = node.outputs[position] if position < len(node.outputs) else None
-                if value is not None and value.name and not value.uses() and id(value) not in graph_outputs:
+                if value is not None and value.name and not value.uses() and not value.is_graph_output():
                     value.name = ""
                     dropped += 1
         return dropped

@@ -240,6 +240,12 @@ class QuantizeWeights(GraphPass):
             template = _layout(n, k, bits, block, zero_dtype)
         return _Once(compute), template
 
+    def _sensitive(self, names: list[str], lm_head: bool) -> bool:
+        """A layer matrix whose every stacked part the caller named for finer blocks (MatMulNBits form only)."""
+        wanted = self.options.sensitive_weights
+        return (not lm_head and bool(names) and all(n in wanted for n in names)
+                and self.options.form == "matmulnbits")
+
     def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
         """The source's own blocks, when every stacked part has them in the requested block size."""
         if not names or self.hints is None:
@@ -255,11 +261,6 @@ class QuantizeWeights(GraphPass):
         return joined if joined.shape == tuple(shape) else None
 
     # -- the split lm_head ---------------------------------------------------------------------------------------
-    def _sensitive(self, names: list[str], lm_head: bool) -> bool:
-        wanted = self.options.sensitive_weights
-        return (not lm_head and bool(names) and all(n in wanted for n in names)
-                and self.options.form == "matmulnbits")
-
     def _splits(self, weight: ir.Value, bits: int, n: int, k: int) -> bool:
         """Split only a 4-bit lm_head that is computed here (not carried from the source) into MatMulNBits."""
         rows = self.options.lm_head_frequent_rows
