@@ -1,5 +1,5 @@
 """Decode and prefill speed of the default model's fp32 cpu package, llama-export against onnxruntime-genai's model
-builder, both run by onnxruntime-genai in one process, alternating.
+builder, both run by onnxruntime-genai, each measurement in a fresh process, alternating.
 
     python bench/decode_speed.py [--work DIR] [--runs 5] [--new-tokens 128] [--prefill 512] [--precision fp32]
 
@@ -12,11 +12,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import default_model_as_hf_folder  # noqa: E402
+from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 
 def build(work: Path, precision: str, extra_ours: list[str], extra_genai: list[str]) -> dict[str, Path]:
@@ -32,32 +32,6 @@ def build(work: Path, precision: str, extra_ours: list[str], extra_genai: list[s
     return {"llama-export": ours, "onnxruntime-genai builder": genai}
 
 
-def decode_rate(og, model, tokenizer, new_tokens: int) -> float:
-    prompt = tokenizer.encode("Write a short story about a lighthouse keeper who finds a message in a bottle.")
-    params = og.GeneratorParams(model)
-    total = len(prompt) + new_tokens
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    generator.generate_next_token()  # the first token comes from the prefill
-    start = time.perf_counter()
-    steps = 0
-    while not generator.is_done():
-        generator.generate_next_token()
-        steps += 1
-    return steps / (time.perf_counter() - start)
-
-
-def prefill_seconds(og, model, length: int) -> float:
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=length + 8, do_sample=False)
-    generator = og.Generator(model, params)
-    ids = [(i * 7919) % 40000 + 100 for i in range(length)]  # fixed, valid token ids
-    start = time.perf_counter()
-    generator.append_tokens(ids)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="working folder, reused between runs (default: a temporary one)")
@@ -66,31 +40,28 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
-    import onnxruntime_genai as og
-
     work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
     packages = build(work, args.precision, [], [])
-    models = {name: og.Model(str(path)) for name, path in packages.items()}
-    tokenizers = {name: og.Tokenizer(model) for name, model in models.items()}
-    for name, model in models.items():  # warm-up
-        decode_rate(og, model, tokenizers[name], 8)
-    decode, prefill = {n: [] for n in models}, {n: [] for n in models}
+    names = list(packages)
+    decode, prefill = {n: [] for n in names}, {n: [] for n in names}
     for run in range(args.runs):
-        for name, model in models.items():  # alternating, so drift hits both alike
-            decode[name].append(decode_rate(og, model, tokenizers[name], args.new_tokens))
-            prefill[name].append(prefill_seconds(og, model, args.prefill))
-        print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s" for n in models),
+        for name in alternating(names, run):
+            result = measure(packages[name], args.new_tokens, prefill=args.prefill)
+            decode[name] += result["decode"]
+            prefill[name] += result["prefill"]
+        print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s" for n in names),
               file=sys.stderr)
     print(f"\n{args.precision} cpu package, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, "
           f"median of {args.runs}")
     print(f"{'package':<28} {'decode tok/s':>13} {f'prefill {args.prefill} ms':>15} {'size MB':>8}")
     sizes = {n: sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) / 1e6 for n, path in packages.items()}
-    for name in models:
+    for name in names:
         print(f"{name:<28} {statistics.median(decode[name]):>13.1f} {statistics.median(prefill[name]) * 1e3:>15.0f} "
               f"{sizes[name]:>8.0f}")
-    ours, theirs = (statistics.median(decode[n]) for n in models)
-    ours_p, theirs_p = (statistics.median(prefill[n]) for n in models)
-    print(f"ratio (llama-export / builder): decode {ours / theirs:.2f}x, prefill time {ours_p / theirs_p:.2f}x")
+    ours, theirs = (statistics.median(decode[n]) for n in names)
+    ours_p, theirs_p = (statistics.median(prefill[n]) for n in names)
+    print(f"ratio (llama-export / builder): decode {ours / theirs:.2f}x (median of the rounds' ratios "
+          f"{paired_ratio(*(decode[n] for n in names)):.2f}x), prefill time {ours_p / theirs_p:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """INT4 packages of the default model, llama-export against onnxruntime-genai's model builder, block 32 and 128:
-decode speed (both run by onnxruntime-genai, alternating, median), package size, and perplexity on the
+decode speed (run by onnxruntime-genai, each measurement in a fresh process, alternating, median), package size, and perplexity on the
 project's held-out text (exporter/data/heldout.txt, never used for calibration) next to the fp32 PyTorch one.
 
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import default_model_as_hf_folder  # noqa: E402
-from bench.decode_speed import decode_rate  # noqa: E402
+from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
 
@@ -58,8 +58,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
-    import onnxruntime_genai as og
-
     from exporter.evaluate import package_perplexity, source_perplexity
 
     work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
@@ -68,27 +66,24 @@ def main() -> None:
     reference = source_perplexity(str(work / "hf"), text)["perplexity"]
     perplexity = {name: package_perplexity(path, text)["perplexity"] for name, path in packages.items()}
 
-    models = {name: og.Model(str(path)) for name, path in packages.items()}
-    tokenizers = {name: og.Tokenizer(model) for name, model in models.items()}
-    for name, model in models.items():
-        decode_rate(og, model, tokenizers[name], 8)  # warm-up
-    rates = {name: [] for name in models}
+    names = list(packages)
+    rates = {name: [] for name in names}
     for run in range(args.runs):
-        for name, model in models.items():  # alternating, so drift hits all alike
-            rates[name].append(decode_rate(og, model, tokenizers[name], args.new_tokens))
-        print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in models), file=sys.stderr)
+        for name in alternating(names, run):
+            rates[name] += measure(packages[name], args.new_tokens)["decode"]
+        print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names), file=sys.stderr)
 
     print(f"\nINT4 cpu packages, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, median of "
           f"{args.runs}; perplexity on {HELDOUT.name} (fp32 PyTorch: {reference:.3f})")
     print(f"{'package':<26} {'decode tok/s':>12} {'size MB':>8} {'perplexity':>11} {'vs fp32':>8}")
-    for name in models:
+    for name in names:
         ppl = perplexity[name]
         print(f"{name:<26} {statistics.median(rates[name]):>12.1f} {size_mb(packages[name]):>8.1f} {ppl:>11.3f} "
               f"{(ppl / reference - 1) * 100:>+7.1f}%")
     for block in (32, 128):
         ours, theirs = f"llama-export b{block} (HF)", f"builder b{block}"
-        print(f"block {block}: decode {statistics.median(rates[ours]) / statistics.median(rates[theirs]):.2f}x, "
-              f"size {size_mb(packages[ours]) / size_mb(packages[theirs]):.2f}x the builder's")
+        print(f"block {block}: decode {statistics.median(rates[ours]) / statistics.median(rates[theirs]):.2f}x "
+              f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[theirs]):.2f}x), size {size_mb(packages[ours]) / size_mb(packages[theirs]):.2f}x the builder's")
 
 
 if __name__ == "__main__":
