@@ -44,7 +44,7 @@ class QuantOptions:
     # An 8-bit lm_head in 64-blocks: on the default model as good as 32-blocks (+0.1% perplexity over fp32 for the
     # lm_head alone), and at block 128 5.9 -> 5.4 ms a token in ONNX Runtime (fewer scales for MatMulNBits to apply).
     lm_head_8bit_block_size: int = 64
-    # > 0: the lm_head's first rows at 8 bits, the rest at 4 bits, both in 128-blocks (see _split_lm_head).
+    # > 0: the lm_head's first rows at 8 bits (64-blocks), the rest at 4 bits in 128-blocks (see _split_lm_head).
     lm_head_frequent_rows: int = 0
     quantize_embedding: bool = True
     # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs ~100x slower with them
@@ -69,9 +69,7 @@ class QuantOptions:
             raise ValueError("the DequantizeLinear form is symmetric only")
 
 
-# Both parts of a split lm_head in 128-blocks: on ONNX Runtime 1.32's CPU MatMulNBits (accuracy_level 4) the
-# fastest form for 4 bits, and for 8 bits faster than 64-blocks (16384 x 576 rows: 0.25 against 0.36 ms).
-SPLIT_BLOCK = 128
+SPLIT_REST_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -276,8 +274,8 @@ class QuantizeWeights(GraphPass):
         (default model, this head alone: +1.4% perplexity over fp32 at 16384 rows, +5.9% all 4-bit), and
         128-blocks are ONNX Runtime's fastest MatMulNBits form for the rest (measured, 1.32)."""
         rows = self.options.lm_head_frequent_rows
-        parts = (("frequent", slice(0, rows), 8, SPLIT_BLOCK, True),
-                 ("rest", slice(rows, n), 4, SPLIT_BLOCK, self.options.symmetric))
+        parts = (("frequent", slice(0, rows), 8, dividing_block(64, k), True),
+                 ("rest", slice(rows, n), 4, SPLIT_REST_BLOCK, self.options.symmetric))
         outputs, layouts = [], []
         for name, part, bits, block, symmetric in parts:
             once, layout = self._plan(weight, bits, True, rows=part, block=block, symmetric=symmetric)
