@@ -81,7 +81,8 @@ def export(options: ExportOptions) -> Path:
                      f"(context {context}; `llama-export plan` for the budget)")
     if target.package_format == "ort":
         check_size(target, shape, precision, block_size, lm_head_bits(options, block_size),
-                   float_embedding=not options.quantize_embedding)
+                   float_embedding=not options.quantize_embedding,
+                   fine_layers=len(edge_layers(config.num_hidden_layers)))
 
     from exporter.trace import trace_to_onnx
 
@@ -199,17 +200,21 @@ def splits_lm_head(options: ExportOptions, vocab_size: int) -> bool:
     return options.lm_head_bits is None and vocab_size > FREQUENT_LM_HEAD_ROWS
 
 
-def edge_layer_weights(checkpoint: Checkpoint) -> frozenset[str]:
-    """The first and last decoder layers' matrices, which the MatMulNBits form keeps in 32-blocks where the other
+def edge_layers(num_layers: int) -> tuple[int, ...]:
+    """The first and last decoder layers, whose matrices the MatMulNBits form keeps in 32-blocks where the other
     layers' are larger. On the default model at block 128 (split lm_head; PyTorch with quantize-dequantized
     weights, perplexity over fp32) +14.5% -> +12.1% (the last layer alone +12.8%), for 0.1 bit a weight more in
     2 of 30 layers. Only where the two are at most a quarter of the layers, so --block-size still sets the bulk."""
-    layers = checkpoint.config.num_hidden_layers
-    if layers < 8:
+    return (0, num_layers - 1) if num_layers >= 8 else ()
+
+
+def edge_layer_weights(checkpoint: Checkpoint) -> frozenset[str]:
+    """The edge layers' 2-D weights, by checkpoint name."""
+    prefixes = tuple(f"model.layers.{i}." for i in edge_layers(checkpoint.config.num_hidden_layers))
+    if not prefixes:
         return frozenset()
-    edges = ("model.layers.0.", f"model.layers.{layers - 1}.")
     return frozenset(name for name, info in checkpoint.weights.items()
-                     if len(info.shape) == 2 and name.startswith(edges))
+                     if len(info.shape) == 2 and name.startswith(prefixes))
 
 
 def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Checkpoint, log, tensorrt: bool = False,

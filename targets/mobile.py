@@ -43,10 +43,11 @@ MOBILE_TARGETS = (ANDROID, IOS)
 
 
 def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
-                          float_embedding: bool = False) -> float:
+                          float_embedding: bool = False, fine_layers: int = 0, fine_block: int = 32) -> float:
     """What the model file will hold, from the config alone. INT4 follows the cpu target's layout: 4-bit codes,
     an fp32 scale and a 4-bit zero point per block; the lm_head (and the embedding, shared with it when tied) at
-    `lm_head_bits` in the lm_head's own blocks, symmetric at 8 bits; `float_embedding` keeps the lookup fp32."""
+    `lm_head_bits` in the lm_head's own blocks, symmetric at 8 bits; `float_embedding` keeps the lookup fp32;
+    `fine_layers` decoder layers in `fine_block`-blocks where `block` is larger (the pipeline's edge layers)."""
     table = shape.vocab * shape.hidden
     norms = (2 * shape.layers + 1) * shape.hidden * 4
     if precision == "fp32":
@@ -57,18 +58,20 @@ def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head
         embedding = table * 4
     else:
         embedding = 0 if shape.tied else table * head_per_weight
-    return shape.layer_weights * (0.5 + 4.5 / block) + table * head_per_weight + embedding + norms
+    fine = shape.layer_weights * fine_layers / shape.layers
+    layers = (shape.layer_weights - fine) * (0.5 + 4.5 / block) + fine * (0.5 + 4.5 / min(block, fine_block))
+    return layers + table * head_per_weight + embedding + norms
 
 
 def check_size(target: Target, shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
-               float_embedding: bool = False) -> float:
+               float_embedding: bool = False, fine_layers: int = 0) -> float:
     """Refuse, before tracing, a model whose ORT file would pass the format's limit; says what would fit."""
-    size = estimated_model_bytes(shape, precision, block, lm_head_bits, float_embedding)
+    size = estimated_model_bytes(shape, precision, block, lm_head_bits, float_embedding, fine_layers)
     if size <= ORT_FORMAT_LIMIT:
         return size
     text = (f"{shape.name} in {precision} needs about {size / 2**30:.1f} GiB as an ORT-format model; the format holds "
             f"at most 2 GiB (one flatbuffer, no external data)")
-    int4 = estimated_model_bytes(shape, "int4", block, lm_head_bits, float_embedding)
+    int4 = estimated_model_bytes(shape, "int4", block, lm_head_bits, float_embedding, fine_layers)
     if precision != "int4" and int4 <= ORT_FORMAT_LIMIT:
         raise TargetError(f"{text}; --precision int4 would fit ({int4 / 2**30:.1f} GiB)")
     parameters = shape.layer_weights + shape.vocab * shape.hidden * (1 if shape.tied else 2)

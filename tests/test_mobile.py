@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import genai_greedy, run_cli, transformers_greedy
+from conftest import genai_greedy, make_hf_model, run_cli, transformers_greedy
 from runtimes import OnnxPackage
 from targets import get_target
 from targets.base import TargetError
@@ -50,22 +50,32 @@ def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
     assert sum(manifest["ort_format"]["size_breakdown"].values()) == (out / "model.ort").stat().st_size
 
 
-@pytest.mark.parametrize("options, lm_head_bits, float_embedding", [
-    (("--block-size", "32"), 4, False),
-    (("--block-size", "64", "--lm-head-bits", "8"), 8, False),  # the 8-bit lm_head and table in 64-blocks
-    (("--block-size", "64", "--keep-embedding"), 4, True),  # the lookup table stays fp32
+@pytest.mark.parametrize("options, lm_head_bits, float_embedding, layers", [
+    (("--block-size", "32"), 4, False, 2),
+    (("--block-size", "64", "--lm-head-bits", "8"), 8, False, 2),  # the 8-bit lm_head and table in 64-blocks
+    (("--block-size", "64", "--keep-embedding"), 4, True, 2),  # the lookup table stays fp32
+    (("--block-size", "64"), 4, False, 8),  # deep enough for the first and last layers' 32-blocks
 ])
-def test_int4_size_estimate_follows_the_lm_head_options(tmp_path, tiny_models, options, lm_head_bits,
-                                                         float_embedding):
+def test_int4_size_estimate_follows_the_lm_head_options_and_edge_layers(tmp_path, tiny_models, options,
+                                                                        lm_head_bits, float_embedding, layers):
+    from exporter.pipeline import edge_layers
+
+    model = tiny_models["llama2-gqa"] if layers == 2 else make_hf_model(tmp_path / "deep", "llama2-gqa",
+                                                                        num_hidden_layers=layers)
     out = tmp_path / "android"
-    result = run_cli("--target", "android-arm64", "--precision", "int4", "--model", str(tiny_models["llama2-gqa"]),
+    result = run_cli("--target", "android-arm64", "--precision", "int4", "--model", str(model),
                      "--output", str(out), "--quiet", "--no-verify", *options)
     assert result.returncode == 0, result.stderr
     breakdown = json.loads((out / "manifest.json").read_text())["ort_format"]["size_breakdown"]
     weights = sum(v for k, v in breakdown.items() if k not in ("graph and format", "rotary cos/sin caches"))
-    shape = ModelShape.from_json(tiny_models["llama2-gqa"] / "config.json")
-    estimate = estimated_model_bytes(shape, "int4", int(options[1]), lm_head_bits, float_embedding)
+    shape = ModelShape.from_json(model / "config.json")
+    fine_layers = len(edge_layers(layers))
+    assert fine_layers == (2 if layers >= 8 else 0)
+    estimate = estimated_model_bytes(shape, "int4", int(options[1]), lm_head_bits, float_embedding, fine_layers)
     assert estimate == pytest.approx(weights, rel=0.01)
+    if fine_layers:  # the edge layers' finer blocks are large enough to matter at this tolerance
+        assert estimated_model_bytes(shape, "int4", 64, lm_head_bits, float_embedding) != pytest.approx(weights,
+                                                                                                        rel=0.01)
 
 
 def test_size_limit_refusals_say_what_would_fit():
