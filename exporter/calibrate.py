@@ -43,6 +43,16 @@ class SourceHints:
         info = self.checkpoint.weights.get(name)
         return info.load_quantized() if info is not None and info.load_quantized is not None else None
 
+    def prequantized_layout(self, name: str):
+        from passes.quantization import layout_template
+
+        info = self.checkpoint.weights.get(name)
+        if info is None or info.quantized_bits is None or len(info.shape) != 2:
+            return None
+        rows, columns = info.shape
+        return layout_template(rows, columns, info.quantized_bits, info.quantized_block_size,
+                               minimums=info.quantized_minimums)
+
     def hessian(self, name: str):
         return self.hessians.get(name)
 

@@ -88,6 +88,16 @@ class BlockQuantized:
         return self.codes.astype(np.int8) - np.int8(1 << (self.bits - 1))
 
 
+def layout_template(n: int, columns: int, bits: int, block: int, zero_dtype=None,
+                    minimums: bool = False) -> BlockQuantized:
+    """Shapes and zero-point kind of a quantized weight [n, columns], without its data (the zero arrays are
+    never touched, so they take no memory)."""
+    blocks = -(-columns // block)
+    return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
+                          None if zero_dtype is None else np.zeros((n, blocks), zero_dtype), bits, block, columns,
+                          np.zeros((n, blocks), np.float32) if minimums else None)
+
+
 def concatenate_rows(parts: list[BlockQuantized]) -> BlockQuantized:
     """Weights stacked along N (packed q/k/v or gate/up) keep each part's blocks."""
     first = parts[0]

@@ -14,7 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.base import GraphPass, replace_value
-from passes.quantization import BlockQuantized, concatenate_rows, quantize_clip, quantize_gptq, quantize_rtn
+from passes.quantization import (BlockQuantized, concatenate_rows, layout_template, quantize_clip, quantize_gptq,
+                                 quantize_rtn)
 
 METHODS = ("rtn", "clip", "gptq")
 DEFAULT_METHOD = "gptq"  # best measured on the default model (README, INT4)
@@ -25,6 +26,8 @@ class WeightHints(Protocol):
     """What the source knows about a weight, by checkpoint tensor name."""
 
     def prequantized(self, name: str) -> BlockQuantized | None: ...  # the source's own blocks (GGUF)
+
+    def prequantized_layout(self, name: str) -> BlockQuantized | None: ...  # their layout_template, nothing read
 
     def hessian(self, name: str) -> np.ndarray | None: ...  # X^T X of the weight's input on calibration text
 
@@ -118,14 +121,6 @@ def _initializer(graph: ir.Graph, name: str, tensor: ir.LazyTensor) -> ir.Value:
     return value
 
 
-def _layout(n: int, columns: int, bits: int, block: int, zero_dtype=None, minimums: bool = False) -> BlockQuantized:
-    """Shapes and zero-point kind of a quantized weight [n, columns], without its data."""
-    blocks = -(-columns // block)
-    return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
-                          None if zero_dtype is None else np.zeros((n, blocks), zero_dtype), bits, block, columns,
-                          np.zeros((n, blocks), np.float32) if minimums else None)
-
-
 def dividing_block(block: int, k: int) -> int:
     """The largest power-of-two block <= `block` (and >= 16) that divides k, else `block`."""
     candidate = block
@@ -203,10 +198,9 @@ class QuantizeWeights(GraphPass):
         names = list(weight.meta.get(SOURCE_NAMES, []))
         tensor = weight.const_value
         k, n = tensor.shape
-        pre = None if rows is not None else self._prequantized(names, bits, (n, k))
-        if pre is not None:  # only its layout is kept: the blocks are read again when the package is written
-            template = _layout(n, k, pre.bits, pre.block_size, None if pre.zero_points is None else
-                               pre.zero_points.dtype, pre.minimums is not None)
+        source = None if rows is not None else self._source_layout(names, bits, (n, k))
+        if source is not None:  # the blocks are read when the package is written
+            template = source
             compute = lambda: self._prequantized(names, bits, (n, k))  # noqa: E731
         else:
             opts = self.options
@@ -237,7 +231,7 @@ class QuantizeWeights(GraphPass):
                 return quantize_rtn(w, bits, block, symmetric, integer)
 
             zero_dtype = None if symmetric else np.float32 if opts.float_zero_points else np.uint8
-            template = _layout(n, k, bits, block, zero_dtype)
+            template = layout_template(n, k, bits, block, zero_dtype)
         return _Once(compute), template
 
     def _sensitive(self, names: list[str], lm_head: bool) -> bool:
@@ -246,19 +240,32 @@ class QuantizeWeights(GraphPass):
         return (not lm_head and bool(names) and all(n in wanted for n in names)
                 and self.options.form == "matmulnbits")
 
-    def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
-        """The source's own blocks, when every stacked part has them in the requested block size."""
+    def _source_layout(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
+        """The layout of the source's own blocks (nothing read), when every stacked part has them in the requested
+        block size and they can be carried over."""
         if not names or self.hints is None:
             return None
-        parts = [self.hints.prequantized(name) for name in names]
+        parts = [self.hints.prequantized_layout(name) for name in names]
         if any(p is None or p.block_size != self.options.block_size for p in parts):
             return None
         if self.options.form == "dequantizelinear" and any(p.zero_points is not None or p.bits != 4 for p in parts):
             return None  # TensorRT takes symmetric INT4 blocks (Q4_0; Q4_1 with its minimum term): requantize
         if len({p.bits for p in parts}) != 1 or (parts[0].bits != bits and parts[0].bits < bits):
             return None
-        joined = concatenate_rows(parts) if len(parts) > 1 else parts[0]
-        return joined if joined.shape == tuple(shape) else None
+        minimums = {p.minimums is not None for p in parts}
+        rows, columns = sum(p.shape[0] for p in parts), parts[0].columns
+        if len(minimums) != 1 or (rows, columns) != tuple(shape) or any(p.columns != columns for p in parts):
+            return None
+        zero_kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
+        zero_dtype = zero_kinds.pop() if len(zero_kinds) == 1 else np.float32  # mixed: spelled out as floats
+        return layout_template(rows, columns, parts[0].bits, parts[0].block_size, zero_dtype, minimums.pop())
+
+    def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
+        """The source's own blocks (read now), where _source_layout says they are carried over."""
+        if self._source_layout(names, bits, shape) is None:
+            return None
+        parts = [self.hints.prequantized(name) for name in names]
+        return concatenate_rows(parts) if len(parts) > 1 else parts[0]
 
     # -- the split lm_head ---------------------------------------------------------------------------------------
     def _splits(self, weight: ir.Value, bits: int, n: int, k: int) -> bool:
@@ -266,7 +273,7 @@ class QuantizeWeights(GraphPass):
         rows = self.options.lm_head_frequent_rows
         if not rows or bits != 4 or n <= rows or self.options.form != "matmulnbits":
             return False
-        return self._prequantized(list(weight.meta.get(SOURCE_NAMES, [])), bits, (n, k)) is None
+        return self._source_layout(list(weight.meta.get(SOURCE_NAMES, [])), bits, (n, k)) is None
 
     def _split_lm_head(self, graph, node, weight, k, n) -> tuple[SplitLayout, ir.Value]:
         """logits = Concat(x @ W[:rows] at 8 bits, x @ W[rows:] at 4 bits). BPE vocabularies number tokens in merge
@@ -479,12 +486,14 @@ class QuantizeWeights(GraphPass):
         compute = lambda: quantize_rtn(tensor.numpy().T if transposed else tensor.numpy(), bits, block,  # noqa: E731
                                        symmetric=True)
         names = list(weight.meta.get(SOURCE_NAMES, []))
-        source = self.hints.prequantized(names[0]) if self.hints is not None and len(names) == 1 else None
+        source = None
+        if self.hints is not None and len(names) == 1:
+            source = self.hints.prequantized_layout(names[0])
         if source is not None and source.zero_points is None and source.minimums is None and h % source.block_size == 0:
             bits, block = source.bits, source.block_size  # the source's own symmetric blocks (GGUF Q8_0/Q4_0)
             compute = lambda: self.hints.prequantized(names[0])  # noqa: E731
         once = _Once(compute)
-        layout = _layout(v, h, bits, block)
+        layout = layout_template(v, h, bits, block)
         blocks = layout.scales.shape[1]
         base = weight.name + ".gather"
         data = _initializer(graph, base + ".qdata", _lazy(once, BlockQuantized.gather_data, ir.DataType.UINT8,

@@ -100,6 +100,48 @@ def test_accuracy_aware_methods_beat_round_to_nearest():
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_block_layouts_are_known_without_reading_the_blocks(tmp_path, monkeypatch, kind):
+    """The quantizer plans from the source's layouts and reads each tensor's blocks once, when writing: the
+    layout a GGUF's metadata gives must be the one its blocks have (Q8_0 embedding, Q4_0/Q4_1 matrices)."""
+    from exporter.calibrate import SourceHints
+    from exporter.sources import gguf_file, open_checkpoint
+
+    path = tmp_path / f"tiny-{kind}.gguf"
+    write_tiny_gguf(path, "llama2-gqa", matrix_type=kind)
+    checkpoint = open_checkpoint(path)
+    hints = SourceHints(checkpoint)
+    checked = set()
+    for name, info in checkpoint.weights.items():
+        layout, blocks = hints.prequantized_layout(name), hints.prequantized(name)
+        assert (layout is None) == (blocks is None), name
+        if blocks is None:
+            continue
+        assert (layout.bits, layout.block_size, layout.shape, layout.scales.shape) == \
+            (blocks.bits, blocks.block_size, blocks.shape, blocks.scales.shape), name
+        assert layout.zero_points is None and blocks.zero_points is None
+        assert (layout.minimums is None) == (blocks.minimums is None) == (kind == "Q4_0" or blocks.bits == 8), name
+        checked.add(blocks.bits)
+    assert checked == {4, 8}
+
+    reads = {}
+    loader = gguf_file._quantized_loader
+
+    def counting_loader(tensor, n_heads):
+        load = loader(tensor, n_heads)
+        if load is None:
+            return None
+
+        def counted():
+            reads[tensor.name] = reads.get(tensor.name, 0) + 1
+            return load()
+        return counted
+
+    monkeypatch.setattr(gguf_file, "_quantized_loader", counting_loader)
+    assert main(["--model", str(path), "--precision", "int4", "-o", str(tmp_path / "pkg"), "-q", "--no-verify"]) == 0
+    assert reads and set(reads.values()) == {1}, reads  # every carried tensor read once, when written
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     """A GGUF of Q4_0/Q4_1 matrices (Q8_0 embedding) at block 32: the package holds the file's codes, scales
     and Q4_1 minimums, and its weights dequantize to the GGUF's values bit for bit."""

@@ -179,7 +179,8 @@ def open_gguf(path: Path) -> Checkpoint:
         block_format = _BLOCK_FORMATS.get(tensor.tensor_type.name)
         weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads),
                                    load_quantized=_quantized_loader(tensor, n_heads),
-                                   quantized_bits=block_format[2] if block_format else None)
+                                   quantized_bits=block_format[2] if block_format else None,
+                                   quantized_minimums=bool(block_format and block_format[1]))
 
     def write_tokenizer(dest: Path) -> list[str]:
         return write_gguf_tokenizer(path, reader, config, dest)
