@@ -132,8 +132,9 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matrix_type: str = "Q8_0",
-                    embedding_type: str = "Q8_0") -> dict[str, np.ndarray]:
-    """A GGUF as llama.cpp's converter writes it (quantized matrices, permuted Q/K); returns the HF tensors."""
+                    embedding_type: str = "Q8_0", types: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """A GGUF as llama.cpp's converter writes it (quantized matrices, permuted Q/K); returns the HF tensors.
+    `types` overrides the format of single tensors, by GGUF name."""
     import gguf
     from transformers import LlamaForCausalLM
 
@@ -166,7 +167,8 @@ def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matr
         elif "k_proj" in name:
             tensor = permute_rows(tensor, config.num_key_value_heads)
         if tensor.ndim == 2:
-            kind = gguf.GGMLQuantizationType[embedding_type if gguf_name == "token_embd.weight" else matrix_type]
+            default = embedding_type if gguf_name == "token_embd.weight" else matrix_type
+            kind = gguf.GGMLQuantizationType[(types or {}).get(gguf_name, default)]
             data = gguf.quants.quantize(tensor, kind)
             writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=kind)
         else:

@@ -141,6 +141,22 @@ def test_gguf_block_layouts_are_known_without_reading_the_blocks(tmp_path, monke
     assert reads and set(reads.values()) == {1}, reads  # every carried tensor read once, when written
 
 
+def test_gguf_stacked_parts_of_two_formats_are_requantized(tmp_path):
+    """q and v in Q4_0 but k in Q4_1 cannot share one packed MatMulNBits's blocks: that layer's qkv is quantized
+    here from the dequantized weights while every other matrix keeps the file's blocks."""
+    path = tmp_path / "mixed.gguf"
+    write_tiny_gguf(path, "llama2-gqa", matrix_type="Q4_0", types={"blk.0.attn_k.weight": "Q4_1"})
+    out = tmp_path / "pkg"
+    assert main(["--model", str(path), "--precision", "int4", "-o", str(out), "-q", "--no-verify"]) == 0
+    model = ir.load(out / "model.onnx")
+    requantized = {}  # carried Q4_0 blocks need no zero points; quantizing here (asymmetric) writes them
+    for node in (n for n in model.graph if n.op_type == "MatMulNBits"):
+        requantized[node.inputs[1].name] = len(node.inputs) > 3 and node.inputs[3] is not None
+    assert requantized.pop("model.layers.0.self_attn.qkv_proj.weight.qweight")
+    assert len(requantized) == 4 * 2 and not any(requantized.values())
+    ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     """A GGUF of Q4_0/Q4_1 matrices (Q8_0 embedding) at block 32: the package holds the file's codes, scales
