@@ -1,6 +1,7 @@
 """INT4 packages of the default model, llama-export against onnxruntime-genai's model builder, block 32 and 128:
-decode speed (run by onnxruntime-genai, each measurement in a fresh process, alternating, median), package size, and perplexity on the
-project's held-out text (exporter/data/heldout.txt, never used for calibration) next to the fp32 PyTorch one.
+decode speed (run by onnxruntime-genai, each measurement in a fresh process, alternating, median), package
+size, and perplexity on the project's held-out text (exporter/data/heldout.txt, never used for calibration) next
+to the fp32 PyTorch one.
 
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
 
@@ -82,8 +83,10 @@ def main() -> None:
               f"{(ppl / reference - 1) * 100:>+7.1f}%")
     for block in (32, 128):
         ours, theirs = f"llama-export b{block} (HF)", f"builder b{block}"
-        print(f"block {block}: decode {statistics.median(rates[ours]) / statistics.median(rates[theirs]):.2f}x "
-              f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[theirs]):.2f}x), size {size_mb(packages[ours]) / size_mb(packages[theirs]):.2f}x the builder's")
+        decode = statistics.median(rates[ours]) / statistics.median(rates[theirs])
+        print(f"block {block}: decode {decode:.2f}x (median of the rounds' ratios "
+              f"{paired_ratio(rates[ours], rates[theirs]):.2f}x), "
+              f"size {size_mb(packages[ours]) / size_mb(packages[theirs]):.2f}x the builder's")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -64,8 +65,6 @@ def alternating(names: list[str], run: int) -> list[str]:
 def paired_ratio(ours: list[float], theirs: list[float]) -> float:
     """Median over rounds of one package's rate over another's: each round's two ran back to back, so the slow
     drift of a shared machine cancels out of each ratio."""
-    import statistics
-
     return statistics.median(a / b for a, b in zip(ours, theirs))
 
 

@@ -82,7 +82,7 @@ def export(options: ExportOptions) -> Path:
     if target.package_format == "ort":
         check_size(target, shape, precision, block_size, lm_head_bits(options, block_size),
                    float_embedding=not options.quantize_embedding,
-                   fine_layers=len(edge_layers(config.num_hidden_layers)))
+                   fine_layers=len(edge_layers(config.num_hidden_layers)), fine_block=EDGE_LAYER_BLOCK)
 
     from exporter.trace import trace_to_onnx
 
@@ -211,8 +211,6 @@ def edge_layers(num_layers: int) -> tuple[int, ...]:
 def edge_layer_weights(checkpoint: Checkpoint) -> frozenset[str]:
     """The edge layers' 2-D weights, by checkpoint name."""
     prefixes = tuple(f"model.layers.{i}." for i in edge_layers(checkpoint.config.num_hidden_layers))
-    if not prefixes:
-        return frozenset()
     return frozenset(name for name, info in checkpoint.weights.items()
                      if len(info.shape) == 2 and name.startswith(prefixes))
 

@@ -198,10 +198,9 @@ class QuantizeWeights(GraphPass):
         names = list(weight.meta.get(SOURCE_NAMES, []))
         tensor = weight.const_value
         k, n = tensor.shape
-        source = None if rows is not None else self._source_layout(names, bits, (n, k))
-        if source is not None:  # the blocks are read when the package is written
-            template = source
-            compute = lambda: self._prequantized(names, bits, (n, k))  # noqa: E731
+        template = None if rows is not None else self._source_layout(names, bits, (n, k))
+        if template is not None:  # the source's own blocks, read when the package is written
+            compute = lambda: self._source_blocks(names)  # noqa: E731
         else:
             opts = self.options
             hessian_name = names[0] if names else None
@@ -260,10 +259,8 @@ class QuantizeWeights(GraphPass):
         zero_dtype = zero_kinds.pop() if len(zero_kinds) == 1 else np.float32  # mixed: spelled out as floats
         return layout_template(rows, columns, parts[0].bits, parts[0].block_size, zero_dtype, minimums.pop())
 
-    def _prequantized(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
-        """The source's own blocks (read now), where _source_layout says they are carried over."""
-        if self._source_layout(names, bits, shape) is None:
-            return None
+    def _source_blocks(self, names: list[str]) -> BlockQuantized:
+        """The source's own blocks, read now, of a weight whose _source_layout said they are carried over."""
         parts = [self.hints.prequantized(name) for name in names]
         return concatenate_rows(parts) if len(parts) > 1 else parts[0]
 

@@ -64,14 +64,14 @@ def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head
 
 
 def check_size(target: Target, shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
-               float_embedding: bool = False, fine_layers: int = 0) -> float:
+               float_embedding: bool = False, fine_layers: int = 0, fine_block: int = 32) -> float:
     """Refuse, before tracing, a model whose ORT file would pass the format's limit; says what would fit."""
-    size = estimated_model_bytes(shape, precision, block, lm_head_bits, float_embedding, fine_layers)
+    size = estimated_model_bytes(shape, precision, block, lm_head_bits, float_embedding, fine_layers, fine_block)
     if size <= ORT_FORMAT_LIMIT:
         return size
     text = (f"{shape.name} in {precision} needs about {size / 2**30:.1f} GiB as an ORT-format model; the format holds "
             f"at most 2 GiB (one flatbuffer, no external data)")
-    int4 = estimated_model_bytes(shape, "int4", block, lm_head_bits, float_embedding, fine_layers)
+    int4 = estimated_model_bytes(shape, "int4", block, lm_head_bits, float_embedding, fine_layers, fine_block)
     if precision != "int4" and int4 <= ORT_FORMAT_LIMIT:
         raise TargetError(f"{text}; --precision int4 would fit ({int4 / 2**30:.1f} GiB)")
     parameters = shape.layer_weights + shape.vocab * shape.hidden * (1 if shape.tied else 2)
