@@ -16,6 +16,7 @@ import onnx_ir as ir
 from passes.base import GraphPass, replace_value
 from passes.quantization import (BlockQuantized, concatenate_rows, layout_template, quantize_clip, quantize_gptq,
                                  quantize_rtn)
+from passes.scaling import INPUT_SCALE
 
 METHODS = ("rtn", "clip", "gptq")
 DEFAULT_METHOD = "gptq"  # best measured on the default model (README, INT4)
@@ -218,9 +219,13 @@ class QuantizeWeights(GraphPass):
             if rows is not None:
                 n = len(range(n)[rows])
 
+            input_scale = weight.meta.get(INPUT_SCALE)
+
             def compute():
                 w = tensor.numpy().T if rows is None else tensor.numpy().T[rows]
                 hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
+                if hessian is not None and input_scale is not None:  # the input is x / s now
+                    hessian = hessian / np.outer(input_scale, input_scale)
                 integer = not opts.float_zero_points
                 if opts.method == "gptq" and hessian is not None:
                     return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp, act_order=True)

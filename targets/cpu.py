@@ -7,7 +7,8 @@ from passes.attention import FuseGroupQueryAttention, FuseRotary
 from passes.cleanup import DropUnusedOutputs, FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
 from passes.normalization import FuseRMSNorm, FuseSkipRMSNorm
 from passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
-from passes.quantize import QuantOptions, QuantizeWeights
+from passes.quantize import SOURCE_NAMES, QuantOptions, QuantizeWeights
+from passes.scaling import ScaleNormedInputs
 from targets.base import Target
 
 
@@ -17,7 +18,7 @@ def cpu_pipeline(precision: str, config, quant: QuantOptions | None = None, hint
         # MatMulNBits with int8 activations (accuracy_level 4): the fastest CPU kernels, measured quality loss
         # well under the weights' own.
         options = replace(quant or QuantOptions(), form="matmulnbits", accuracy_level=4)
-        quantize = [QuantizeWeights(options, hints)]
+        quantize = [ScaleNormedInputs(hints, options.block_size, SOURCE_NAMES), QuantizeWeights(options, hints)]
     return [
         FoldWeightTransposes(),
         FoldConstants(),
