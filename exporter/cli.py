@@ -56,8 +56,9 @@ def export_parser() -> Parser:
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
-                       help="lm_head (and a tied embedding) at 4 or 8 bits, all rows (default: 8 at block 128+; "
-                            "else 4, on the cpu target with a large vocabulary's first 16384 rows at 8)")
+                       help="lm_head (and a tied embedding) at 4 or 8 bits, all rows (default: on the cpu target 4, "
+                            "below block 128 with a large vocabulary's first 16384 rows at 8; elsewhere 8 at "
+                            "block 128+, else 4)")
     quant.add_argument("--keep-embedding", action="store_true",
                        help="keep the embedding table at full precision instead of GatherBlockQuantized")
     parser.add_argument("--context", type=_positive, metavar="N",

@@ -422,3 +422,24 @@ def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_name
     blocks = {n.inputs[1].name.split(".")[0]: n.attributes.get_int("block_size")
               for n in model.graph if n.op_type == "MatMulNBits"}
     assert blocks == {"w0": 32, "w1": 128, "w2": 128}
+
+
+def test_cpu_block_128_is_the_fast_layout_and_finer_parts_stay_below_it(tmp_path):
+    """At block 128 the cpu target drops the edge layers' 32-blocks and the lm_head's own finer blocks (the
+    builder's layout, for its speed); at 64 both are there."""
+    from conftest import make_hf_model
+
+    model = make_hf_model(tmp_path / "deep", "llama2-gqa", num_hidden_layers=8)
+    found = {}
+    for block in (64, 128):
+        out = tmp_path / f"b{block}"
+        assert main(["--model", str(model), "--precision", "int4", "--block-size", str(block), "-o", str(out), "-q",
+                     "--no-verify"]) == 0
+        graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        found[block] = [(n.output[0] == "logits", helper.get_attribute_value(
+            next(a for a in n.attribute if a.name == "block_size"))) for n in nbits]
+    assert sorted(b for head, b in found[64] if not head) == [32] * 8 + [64] * 24  # layers 0 and 7 in 32-blocks
+    assert [b for head, b in found[64] if head] == [32]
+    assert 32 not in [b for _, b in found[128]]
+    assert [b for head, b in found[128] if head] == [64]  # the largest block that divides hidden size 64
