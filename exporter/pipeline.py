@@ -209,7 +209,8 @@ def edge_layers(num_layers: int) -> tuple[int, ...]:
     """The first and last decoder layers, whose matrices the MatMulNBits form keeps in 32-blocks where the other
     layers' are larger. On the default model at block 128 (split lm_head; PyTorch with quantize-dequantized
     weights, perplexity over fp32) +14.5% -> +12.1% (the last layer alone +12.8%), for 0.1 bit a weight more in
-    2 of 30 layers. Only where the two are at most a quarter of the layers, so --block-size still sets the bulk."""
+    2 of 30 layers. Only where the two are at most a quarter of the layers, so --block-size still sets the bulk.
+    The cpu target leaves them out from FAST_LAYOUT_BLOCK up (see quantization_plan)."""
     return (0, num_layers - 1) if num_layers >= 8 else ()
 
 
