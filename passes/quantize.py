@@ -205,13 +205,13 @@ class QuantizeWeights(GraphPass):
         else:
             opts = self.options
             hessian_name = names[0] if names else None
-            # A tied lm_head's blocks must tile its rows exactly for the embedding lookup to share them.
             if block is None:
                 block = opts.block_size
                 if self._sensitive(names, lm_head):
                     block = min(block, opts.sensitive_block_size)
-                if lm_head:
-                    block = min(block, opts.head_block_size(bits) or block)
+                if lm_head and opts.head_block_size(bits) is not None:
+                    # The lm_head's own finer blocks tile its rows exactly (no padding for the lookup to cut).
+                    block = min(block, opts.head_block_size(bits))
                     if opts.quantize_embedding:
                         block = dividing_block(block, k)
             if symmetric is None:
@@ -406,7 +406,7 @@ class QuantizeWeights(GraphPass):
                     data, scales, zero_points, layout = own
                 gather = _gather_block_quantized(data, node.inputs[1], scales, zero_points, layout)
                 graph.insert_before(node, gather)
-                looked_up = gather.outputs[0]
+                looked_up = self._unpadded(graph, node, gather.outputs[0], layout, source.name)
             looked_up.shape, looked_up.type = node.outputs[0].shape, node.outputs[0].type
             replace_value(node.outputs[0], looked_up)
             graph.remove(node, safe=True)
@@ -417,9 +417,8 @@ class QuantizeWeights(GraphPass):
 
     @staticmethod
     def _shareable(layout: BlockQuantized) -> bool:
-        """GatherBlockQuantized takes integer zero points only, and unpadded rows."""
-        integer = layout.minimums is None and (layout.zero_points is None or layout.zero_points.dtype == np.uint8)
-        return integer and layout.columns % layout.block_size == 0
+        """GatherBlockQuantized takes integer zero points only."""
+        return layout.minimums is None and (layout.zero_points is None or layout.zero_points.dtype == np.uint8)
 
     def _split_lookup(self, graph: ir.Graph, node: ir.Node, split: SplitLayout) -> ir.Value:
         """The rows of a table tied to a split lm_head, inserted before the Gather `node`: each token is looked up
@@ -449,17 +448,29 @@ class QuantizeWeights(GraphPass):
             data, scales, zero_points = self._shared_table(graph, part_base)
             gather = _gather_block_quantized(data, part_ids.outputs[0], scales, zero_points, layout)
             new.append(gather)
-            table_rows = gather.outputs[0]
-            if layout.columns % layout.block_size:  # padded blocks: the lookup returns whole blocks
-                width = ir.node("Slice", [table_rows, constant(f"{label}_start", [0]),
-                                          constant(f"{label}_columns", [layout.columns]), last_axis])
-                new.append(width)
-                table_rows = width.outputs[0]
+            graph.insert_before(node, new)
+            new = []
+            table_rows = self._unpadded(graph, node, gather.outputs[0], layout, f"{base}.{label}")
             table_rows.type = node.outputs[0].type
             looked_up.append(table_rows)
         where = ir.node("Where", [mask.outputs[0], *looked_up])
-        graph.insert_before(node, [*new, where])
+        graph.insert_before(node, where)
         return where.outputs[0]
+
+    @staticmethod
+    def _unpadded(graph: ir.Graph, node: ir.Node, rows: ir.Value, layout: BlockQuantized, base: str) -> ir.Value:
+        """A lookup's rows cut to the table's width where its blocks are padded (the lookup returns whole
+        blocks), inserted before `node`."""
+        if layout.columns % layout.block_size == 0:
+            return rows
+        constants = []
+        for name, value in (("start", [0]), ("columns", [layout.columns]), ("axis", [-1])):
+            constants.append(ir.Value(name=f"{base}.cut_{name}", const_value=ir.tensor(np.array(value, np.int64))))
+            graph.register_initializer(constants[-1])
+        cut = ir.node("Slice", [rows, *constants])
+        graph.insert_before(node, cut)
+        cut.outputs[0].type = rows.type
+        return cut.outputs[0]
 
     @staticmethod
     def _shared_table(graph: ir.Graph, base: str):
