@@ -441,15 +441,13 @@ class QuantizeWeights(GraphPass):
         for index_node in (frequent_ids, shifted, rest_ids):
             index_node.outputs[0].type = ids.type
         is_frequent.outputs[0].type = mask.outputs[0].type = ir.TensorType(ir.DataType.BOOL)
-        new = [frequent_ids, shifted, rest_ids, is_frequent, mask]
+        graph.insert_before(node, [frequent_ids, shifted, rest_ids, is_frequent, mask])
         looked_up = []
         for label, (part_base, layout), part_ids in (("frequent", split.frequent, frequent_ids),
                                                      ("rest", split.rest, rest_ids)):
             data, scales, zero_points = self._shared_table(graph, part_base)
             gather = _gather_block_quantized(data, part_ids.outputs[0], scales, zero_points, layout)
-            new.append(gather)
-            graph.insert_before(node, new)
-            new = []
+            graph.insert_before(node, gather)
             table_rows = self._unpadded(graph, node, gather.outputs[0], layout, f"{base}.{label}")
             table_rows.type = node.outputs[0].type
             looked_up.append(table_rows)

@@ -3,7 +3,8 @@ has its input columns multiplied by s and the norm's weight divided by s, which 
 but moves quantization error away from the columns whose inputs carry the most energy.
 
 s = sqrt(diag(X^T X)) ** alpha, with alpha searched per matrix for the smallest round-to-nearest output error
-(weighted by X^T X) at the quantizer's block size; alpha = 0 (no scaling) is one of the candidates. A lookup that
+(weighted by X^T X) at the layers' block size (the lm_head's and edge layers' own finer blocks are not searched
+separately); alpha = 0 (no scaling) is one of the candidates. A lookup that
 shares a tied lm_head's table divides its rows by s again (one Mul on the looked-up row).
 
 Weights stay lazy: each matrix is read once here to choose s (then dropped), and its scaled form is computed
