@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the default model as a Hugging Face folder, and child-process peak RSS."""
+"""Helpers shared by the benchmarks: the default model as a Hugging Face folder, a package run with another's session
+options, and child-process peak RSS."""
 
 from __future__ import annotations
 
@@ -29,6 +30,20 @@ def default_model_as_hf_folder(folder: Path) -> Path:
     config["torch_dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     checkpoint.write_tokenizer(folder)
+    return folder
+
+
+def with_session_options(package: Path, options_from: Path, folder: Path) -> Path:
+    """`package`'s files (linked, not copied) with the genai session options of `options_from`: one tool's graph
+    under the other's settings, so a comparison can tell the graph from the settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in package.iterdir():
+        if path.name != "genai_config.json" and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path.resolve())
+    config = json.loads((package / "genai_config.json").read_text())
+    source = json.loads((options_from / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"] = source["model"]["decoder"]["session_options"]
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=4))
     return folder
 
 

@@ -3,7 +3,9 @@ builder, both run by onnxruntime-genai, each measurement in a fresh process, alt
 
     python bench/decode_speed.py [--work DIR] [--runs 5] [--new-tokens 128] [--prefill 512] [--precision fp32]
 
-Builds both packages first (the builder from the default GGUF dequantized into a Hugging Face folder)."""
+Builds both packages first (the builder from the default GGUF dequantized into a Hugging Face folder). A third row
+runs the builder's graph with llama-export's genai session options (its thread setting), which tells how much of
+a difference comes from the graph and how much from the settings."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import default_model_as_hf_folder  # noqa: E402
+from bench._common import default_model_as_hf_folder, with_session_options  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 
@@ -29,7 +31,8 @@ def build(work: Path, precision: str, extra_ours: list[str], extra_genai: list[s
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),
                         "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache"), *extra_genai], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"llama-export": ours, "onnxruntime-genai builder": genai}
+    same_options = with_session_options(genai, ours, work / f"genai-{precision}-our-options")
+    return {"llama-export": ours, "onnxruntime-genai builder": genai, "builder, our session options": same_options}
 
 
 def main() -> None:
@@ -58,10 +61,12 @@ def main() -> None:
     for name in names:
         print(f"{name:<28} {statistics.median(decode[name]):>13.1f} {statistics.median(prefill[name]) * 1e3:>15.0f} "
               f"{sizes[name]:>8.0f}")
-    ours, theirs = (statistics.median(decode[n]) for n in names)
-    ours_p, theirs_p = (statistics.median(prefill[n]) for n in names)
-    print(f"ratio (llama-export / builder): decode {ours / theirs:.2f}x (median of the rounds' ratios "
-          f"{paired_ratio(*(decode[n] for n in names)):.2f}x), prefill time {ours_p / theirs_p:.2f}x")
+    ours, theirs, same = names
+    for label, other in (("builder", theirs), ("builder with the same session options", same)):
+        speed = statistics.median(decode[ours]) / statistics.median(decode[other])
+        prefill_time = statistics.median(prefill[ours]) / statistics.median(prefill[other])
+        print(f"llama-export / {label}: decode {speed:.2f}x (median of the rounds' ratios "
+              f"{paired_ratio(decode[ours], decode[other]):.2f}x), prefill time {prefill_time:.2f}x")
 
 
 if __name__ == "__main__":

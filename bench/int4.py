@@ -6,7 +6,8 @@ to the fp32 PyTorch one.
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
 
 llama-export builds from the same Hugging Face folder as the builder (so its quantizer does the work) and, at
-block 32, also from the GGUF itself (its Q4_1/Q8_0 blocks carried over)."""
+block 32, also from the GGUF itself (its Q4_1/Q8_0 blocks carried over). The builder's packages are also run with
+llama-export's genai session options (its thread setting), to tell what the graphs do from what the settings do."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import default_model_as_hf_folder  # noqa: E402
+from bench._common import default_model_as_hf_folder, with_session_options  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
@@ -41,6 +42,7 @@ def build(work: Path) -> dict[str, Path]:
                             f"block_size={block}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         packages[f"llama-export b{block} (HF)"] = ours
         packages[f"builder b{block}"] = genai
+        packages[f"builder b{block}, our options"] = with_session_options(genai, ours, work / f"genai-b{block}-ours")
     gguf = work / "ours-int4-gguf-b32"
     if not (gguf / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(default_model_path()), "--precision",
@@ -65,7 +67,10 @@ def main() -> None:
     packages = build(work)
     text = HELDOUT.read_text()
     reference = source_perplexity(str(work / "hf"), text)["perplexity"]
-    perplexity = {name: package_perplexity(path, text)["perplexity"] for name, path in packages.items()}
+    perplexity = {name: package_perplexity(path, text)["perplexity"] for name, path in packages.items()
+                  if not name.endswith("our options")}
+    for block in (32, 128):  # the same graph as the builder's own package
+        perplexity[f"builder b{block}, our options"] = perplexity[f"builder b{block}"]
 
     names = list(packages)
     rates = {name: [] for name in names}
@@ -87,6 +92,10 @@ def main() -> None:
         print(f"block {block}: decode {decode:.2f}x (median of the rounds' ratios "
               f"{paired_ratio(rates[ours], rates[theirs]):.2f}x), "
               f"size {size_mb(packages[ours]) / size_mb(packages[theirs]):.2f}x the builder's")
+        same = f"builder b{block}, our options"
+        print(f"  the graphs alone (the builder's run with llama-export's session options): decode "
+              f"{statistics.median(rates[ours]) / statistics.median(rates[same]):.2f}x "
+              f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[same]):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def export(options: ExportOptions) -> Path:
         pkg.save_model(model, staging, progress=progress.counter("weights"))
         io = pkg.io_dims(model)
         model_file = ORT_MODEL_FILE if target.package_format == "ort" else pkg.MODEL_FILE
-        pkg.write_json(staging / "genai_config.json", pkg.genai_config(model, config, context, model_file))
+        pkg.write_json(staging / "genai_config.json",
+                       pkg.genai_config(model, config, context, model_file, threads=target.genai_threads))
         weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
         del model
         tokenizer_files = checkpoint.write_tokenizer(staging)

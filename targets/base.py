@@ -28,6 +28,9 @@ class Target:
     tensorrt: ParserSupport | None = None  # the TensorRT whose ONNX parser must take the graph
     platform: str | None = None  # the software the device runs (JetPack, TensorRT), for the manifest
     package_format: str = "onnx"  # "ort": one ORT-format flatbuffer for ONNX Runtime Mobile
+    # onnxruntime-genai's intra-op threads, written into genai_config.json. None keeps genai's own default (half
+    # the logical cores, which assumes two hardware threads per core); 0 lets ONNX Runtime use one per physical core.
+    genai_threads: int | None = None
 
     @property
     def uses_tensorrt(self) -> bool:

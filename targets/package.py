@@ -85,9 +85,11 @@ def io_dims(model: ir.Model) -> dict:
     return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
 
 
-def genai_config(model: ir.Model, config, max_length: int | None = None, filename: str = MODEL_FILE) -> dict:
+def genai_config(model: ir.Model, config, max_length: int | None = None, filename: str = MODEL_FILE,
+                 threads: int | None = None) -> dict:
     """onnxruntime-genai's genai_config.json for a decoder-only llama package, matching the graph: position_ids only
-    if it is an input, past and present sharing one buffer when GroupQueryAttention handles the cache."""
+    if it is an input, past and present sharing one buffer when GroupQueryAttention handles the cache; `threads`
+    sets the session's intra-op threads (None: genai's default)."""
     position_ids = "position_ids" in {v.name for v in model.graph.inputs}
     past_present_share_buffer = any(n.op_type == "GroupQueryAttention" for n in model.graph)
     context_length = config.max_position_embeddings
@@ -98,7 +100,8 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
             "bos_token_id": config.bos_token_id,
             "context_length": context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    **({"intra_op_num_threads": threads} if threads is not None else {})},
                 "filename": filename,
                 "head_size": head_size,
                 "hidden_size": config.hidden_size,

@@ -120,7 +120,9 @@ def test_ort_package_layout(tiny_int4_pair):
     assert {"model.ort", "required_operators.config", "genai_config.json", "tokenizer.json",
             "manifest.json"} <= files
     assert not files & {"model.onnx", "model.onnx.data"}  # the ORT format holds everything in one file
-    assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.ort"
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["filename"] == "model.ort"
+    assert "intra_op_num_threads" not in decoder["session_options"]  # phones keep genai's default (big cores)
     operators = (folder / "required_operators.config").read_text()
     microsoft = next(line for line in operators.splitlines() if line.startswith("com.microsoft;"))
     assert {"GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization",

@@ -86,6 +86,8 @@ def test_package_layout_and_io(packages):
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2
     assert genai["search"]["past_present_share_buffer"] is True
     assert "position_ids" not in genai["model"]["decoder"]["inputs"]
+    # One intra-op thread per physical core, not onnxruntime-genai's half of the logical cores.
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0
 
 
 def test_sharded_checkpoint(tmp_path):
