@@ -122,6 +122,13 @@ def _initializer(graph: ir.Graph, name: str, tensor: ir.LazyTensor) -> ir.Value:
     return value
 
 
+def _int64_constant(graph: ir.Graph, name: str, value) -> ir.Value:
+    """A small int64 initializer (shapes, axes, indices) for the nodes this pass inserts."""
+    constant = ir.Value(name=name, const_value=ir.tensor(np.array(value, dtype=np.int64)))
+    graph.register_initializer(constant)
+    return constant
+
+
 def dividing_block(block: int, k: int) -> int:
     """The largest power-of-two block <= `block` (and >= 16) that divides k, else `block`."""
     candidate = block
@@ -328,11 +335,8 @@ class QuantizeWeights(GraphPass):
         n, blocks = layout.scales.shape
         key = (id(x), layout.block_size)
         if key not in self._block_sums:
-            shape = ir.Value(name=f"{base}.block_shape", const_value=ir.tensor(
-                np.array([0, 0, blocks, layout.block_size], dtype=np.int64)))
-            axes = ir.Value(name=f"{base}.block_axis", const_value=ir.tensor(np.array([-1], dtype=np.int64)))
-            graph.register_initializer(shape)
-            graph.register_initializer(axes)
+            shape = _int64_constant(graph, f"{base}.block_shape", [0, 0, blocks, layout.block_size])
+            axes = _int64_constant(graph, f"{base}.block_axis", [-1])
             reshape = ir.node("Reshape", [x, shape])
             summed = ir.node("ReduceSum", [reshape.outputs[0], axes], attributes={"keepdims": 0})
             graph.insert_before(node, [reshape, summed])
@@ -428,9 +432,7 @@ class QuantizeWeights(GraphPass):
         base = split.frequent[0]
 
         def constant(name, value):
-            v = ir.Value(name=f"{base}.{name}", const_value=ir.tensor(np.array(value, dtype=np.int64)))
-            graph.register_initializer(v)
-            return v
+            return _int64_constant(graph, f"{base}.{name}", value)
 
         rows, last_axis = constant("rows", split.rows), constant("last_axis", [-1])
         frequent_ids = ir.node("Min", [ids, constant("last_row", split.rows - 1)])
@@ -461,10 +463,8 @@ class QuantizeWeights(GraphPass):
         blocks), inserted before `node`."""
         if layout.columns % layout.block_size == 0:
             return rows
-        constants = []
-        for name, value in (("start", [0]), ("columns", [layout.columns]), ("axis", [-1])):
-            constants.append(ir.Value(name=f"{base}.cut_{name}", const_value=ir.tensor(np.array(value, np.int64))))
-            graph.register_initializer(constants[-1])
+        constants = [_int64_constant(graph, f"{base}.cut_{name}", value)
+                     for name, value in (("start", [0]), ("columns", [layout.columns]), ("axis", [-1]))]
         cut = ir.node("Slice", [rows, *constants])
         graph.insert_before(node, cut)
         cut.outputs[0].type = rows.type
