@@ -1,10 +1,12 @@
 """Calibration for the accuracy-aware quantizers: X^T X of every linear layer's input over a small text, computed
-in PyTorch one decoder layer at a time (only that layer's weights are loaded), and what the source already
-holds in quantized form (GGUF blocks)."""
+in PyTorch one decoder layer at a time as the quantizer reaches it (only that layer's weights and statistics are
+held), and what the source already holds in quantized form (GGUF blocks)."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -34,10 +36,11 @@ def tokenize(checkpoint: Checkpoint, text: str) -> list[int]:
 
 
 class SourceHints:
-    """passes.quantize.WeightHints over a checkpoint and its calibration statistics."""
+    """passes.quantize.WeightHints over a checkpoint and its calibration statistics (a dict, or a
+    CalibrationStream that computes them one decoder layer at a time as they are asked for)."""
 
-    def __init__(self, checkpoint: Checkpoint, hessians: dict[str, np.ndarray] | None = None):
-        self.checkpoint, self.hessians = checkpoint, hessians or {}
+    def __init__(self, checkpoint: Checkpoint, hessians=None):
+        self.checkpoint, self.hessians = checkpoint, hessians if hessians is not None else {}
 
     def prequantized(self, name: str):
         info = self.checkpoint.weights.get(name)
@@ -56,6 +59,9 @@ class SourceHints:
     def hessian(self, name: str):
         return self.hessians.get(name)
 
+    def has_hessian(self, name: str) -> bool:
+        """Whether calibration covers this weight, known without computing anything."""
+        return name in self.hessians
 
 def fully_prequantized(checkpoint: Checkpoint, block_size: int, bits: tuple[int, ...] = (4, 8),
                        layers_only: bool = False) -> bool:
@@ -67,10 +73,11 @@ def fully_prequantized(checkpoint: Checkpoint, block_size: int, bits: tuple[int,
     return bool(matrices) and all(i.quantized_bits in bits for i in matrices) and block_size == 32
 
 
-def _load_layer(checkpoint: Checkpoint, index: int):
+def load_layer(checkpoint: Checkpoint, index: int, config=None):
+    """transformers' decoder layer `index` with the checkpoint's weights in float32 (only this layer's are read)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    config = checkpoint.config
+    config = config or checkpoint.config
     with torch.device("meta"):
         layer = LlamaDecoderLayer(config, index)
     layer = layer.to_empty(device="cpu")
@@ -81,54 +88,116 @@ def _load_layer(checkpoint: Checkpoint, index: int):
     return layer.eval()
 
 
-def collect_hessians(checkpoint: Checkpoint, text: str, log=print) -> dict[str, np.ndarray]:
-    """{checkpoint tensor name: X^T X / tokens} for every linear weight (q/k/v share one matrix, gate/up another)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+def embed(checkpoint: Checkpoint, ids: np.ndarray) -> torch.Tensor:
+    """The embedding rows of `ids` (any shape) as float32, reading the table in row chunks."""
+    info = checkpoint.weight("model.embed_tokens.weight")
+    flat = ids.reshape(-1)
+    out = np.empty((flat.size, info.shape[1]), np.float32)
+    for start, rows in info.row_chunks():
+        hit = (flat >= start) & (flat < start + len(rows))
+        out[hit] = rows[flat[hit] - start]
+    return torch.from_numpy(out.reshape(*ids.shape, -1))
 
-    config = checkpoint.config
-    config._attn_implementation = "sdpa"  # causal without an explicit mask
-    ids = tokenize(checkpoint, text)
-    usable = len(ids) // WINDOW * WINDOW or len(ids)
-    if usable < 16:
-        raise UserError("the calibration text is too short (fewer than 16 tokens)")
-    windows = torch.tensor(ids[:usable]).reshape(-1, min(WINDOW, usable))
-    embedding = checkpoint.weight("model.embed_tokens.weight").load()
-    hidden = torch.from_numpy(np.asarray(embedding[windows.numpy()], np.float32))
-    del embedding
-    positions = torch.arange(windows.shape[1]).unsqueeze(0)
-    rotary = LlamaRotaryEmbedding(config)
-    position_embeddings = rotary(hidden, positions)
-    hessians: dict[str, np.ndarray] = {}
 
-    def second_moment(x: torch.Tensor) -> np.ndarray:
-        flat = x.reshape(-1, x.shape[-1]).double()
-        return (flat.T @ flat / flat.shape[0]).float().numpy()
+def _linear_names(config) -> list[str]:
+    """The decoder layer's linear weights, by parameter name (nothing allocated: built on the meta device)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    with torch.no_grad():
-        for index in range(config.num_hidden_layers):
-            layer = _load_layer(checkpoint, index)
-            seen: dict[int, tuple] = {}
-            prefix = f"model.layers.{index}."
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, 0)
+    return [n + ".weight" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
 
-            def hook(module, inputs, output, name):
-                key = id(inputs[0])
-                if key not in seen:  # q/k/v (and gate/up) read one tensor: one matrix for all three
-                    seen[key] = (inputs[0], second_moment(inputs[0]))  # holding the tensor keeps its id unique
-                hessians[prefix + name + ".weight"] = seen[key][1]
 
-            handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
-                       for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
-            out = layer(hidden, attention_mask=None, position_ids=positions,
-                        position_embeddings=position_embeddings)
-            hidden = out[0] if isinstance(out, tuple) else out
-            for handle in handles:
-                handle.remove()
-            del layer
-            log(f"      calibration: layer {index + 1}/{config.num_hidden_layers}")
-        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        norm.weight.copy_(torch.from_numpy(np.asarray(checkpoint.weight("model.norm.weight").load(), np.float32)))
-        head = second_moment(norm(hidden))
-    hessians["lm_head.weight"] = head
-    if config.tie_word_embeddings:
-        hessians["model.embed_tokens.weight"] = head
-    return hessians
+class CalibrationStream:
+    """X^T X / tokens of every linear weight's input over the calibration text, computed one decoder layer at a
+    time when a weight of that layer is first asked for: only one layer's weights and statistics and the text's
+    hidden states are held, whatever the depth. The quantizer asks in layer order as it writes the package, so
+    each layer is computed once; a request for an earlier layer starts over from the embedding. Each layer sees
+    the float model's output of the one before."""
+
+    def __init__(self, checkpoint: Checkpoint, text: str, log=None):
+        self.checkpoint, self.text, self.log = checkpoint, text, log
+        config = self.config = copy.deepcopy(checkpoint.config)
+        config._attn_implementation = "sdpa"  # causal without an explicit mask
+        self.num_layers = config.num_hidden_layers
+        self.covered = {f"model.layers.{i}.{n}" for i in range(self.num_layers) for n in _linear_names(config)}
+        self.covered.add("lm_head.weight")
+        if config.tie_word_embeddings:
+            self.covered.add("model.embed_tokens.weight")
+        self.layer, self.current, self.hidden, self.started = None, {}, None, None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.covered
+
+    def get(self, name: str, default=None):
+        if name not in self.covered:
+            return default
+        stage = int(name.split(".")[2]) if name.startswith("model.layers.") else self.num_layers
+        if self.layer is None or stage < self.layer:
+            self._start()
+        while self.layer < stage:
+            self._advance()
+        return self.current.get(name, default)
+
+    def _start(self) -> None:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        config = self.config
+        if self.layer is not None and self.log:
+            self.log(f"      calibration starts over from the first layer (layer {self.layer} was passed)")
+        ids = tokenize(self.checkpoint, self.text)
+        usable = len(ids) // WINDOW * WINDOW or len(ids)
+        if usable < 16:
+            raise UserError("the calibration text is too short (fewer than 16 tokens)")
+        windows = np.array(ids[:usable]).reshape(-1, min(WINDOW, usable))
+        self.hidden = embed(self.checkpoint, windows)
+        self.positions = torch.arange(windows.shape[1]).unsqueeze(0)
+        self.position_embeddings = LlamaRotaryEmbedding(config)(self.hidden, self.positions)
+        self.layer, self.current, self.started = -1, {}, time.perf_counter()
+
+    def _advance(self) -> None:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.current = {}
+        index = self.layer + 1
+        with torch.no_grad():
+            if index < self.num_layers:
+                self.hidden, self.current = self._run_layer(index)
+            else:
+                config = self.config
+                norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                norm.weight.copy_(torch.from_numpy(self.checkpoint.weight("model.norm.weight").load()))
+                head = _second_moment(norm(self.hidden))
+                self.current = {"lm_head.weight": head}
+                if config.tie_word_embeddings:
+                    self.current["model.embed_tokens.weight"] = head
+        self.layer = index
+        if self.log and index < self.num_layers:
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / (index + 1) * (self.num_layers - index - 1)
+            self.log(f"      layer {index + 1}/{self.num_layers} calibrated ({elapsed:.0f}s, "
+                     f"about {left:.0f}s left for the layers)")
+
+    def _run_layer(self, index: int):
+        layer = load_layer(self.checkpoint, index, self.config)
+        prefix = f"model.layers.{index}."
+        seen: dict[int, tuple] = {}
+        statistics: dict[str, np.ndarray] = {}
+
+        def hook(module, inputs, output, name):
+            key = id(inputs[0])
+            if key not in seen:  # q/k/v (and gate/up) read one tensor: one matrix for all three
+                seen[key] = (inputs[0], _second_moment(inputs[0]))  # holding the tensor keeps its id unique
+            statistics[prefix + name + ".weight"] = seen[key][1]
+
+        for n, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
+        out = layer(self.hidden, attention_mask=None, position_ids=self.positions,
+                    position_embeddings=self.position_embeddings)
+        return (out[0] if isinstance(out, tuple) else out), statistics
+
+
+def _second_moment(x: torch.Tensor) -> np.ndarray:
+    flat = x.reshape(-1, x.shape[-1]).float()
+    return (flat.T @ flat / flat.shape[0]).numpy()

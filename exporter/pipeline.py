@@ -230,7 +230,7 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     matrix must be quantized here (TensorRT carries 4-bit blocks only, and keeps embedding and lm_head float).
     `cpu`: the cpu target's layouts: below block 128 the lm_head split into frequent rows at 8 bits and the rest
     at 4; at 128 and above the fast layout (see FAST_LAYOUT_BLOCK)."""
-    from exporter.calibrate import SourceHints, collect_hessians, default_calibration_text
+    from exporter.calibrate import CalibrationStream, SourceHints, default_calibration_text
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
@@ -251,8 +251,9 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     carried = fully_prequantized(checkpoint, block_size, bits=(4,), layers_only=True) if tensorrt else \
         fully_prequantized(checkpoint, block_size)
     if method != "rtn" and not carried:
-        log(f"      calibrating on the built-in text ({method})")
-        hessians = collect_hessians(checkpoint, default_calibration_text(), log=lambda m: None)
+        log(f"      calibrating on the built-in text ({method}), one decoder layer at a time as the package is "
+            "written")
+        hessians = CalibrationStream(checkpoint, default_calibration_text(), log=log)
     return quant, SourceHints(checkpoint, hessians)
 
 

@@ -40,6 +40,59 @@ TOLERANCES = {
 }
 
 
+class StreamedReference:
+    """transformers' LlamaForCausalLM (fp32, eager attention) over whole token sequences, computed one decoder
+    layer at a time with transformers' own layer classes: only that layer's weights are loaded, the embedding
+    and lm_head are read in row chunks, so a model of any size needs one layer's memory."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        import copy
+
+        self.checkpoint = checkpoint
+        self.config = copy.deepcopy(checkpoint.config)
+        self.config._attn_implementation = "eager"
+
+    def __call__(self, sequences: list[list[int]], log=None) -> list[np.ndarray]:
+        """Logits [tokens, vocab] of each sequence, every position."""
+        import time
+
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+        from exporter.calibrate import embed, load_layer
+
+        config, checkpoint = self.config, self.checkpoint
+        rotary = LlamaRotaryEmbedding(config)
+        hidden = [embed(checkpoint, np.array([ids])) for ids in sequences]
+        positions = [torch.arange(len(ids)).unsqueeze(0) for ids in sequences]
+        position_embeddings = [rotary(h, p) for h, p in zip(hidden, positions)]
+        masks = [torch.full((len(ids), len(ids)), torch.finfo(torch.float32).min).triu(1)[None, None]
+                 for ids in sequences]
+        started = time.perf_counter()
+        with torch.no_grad():
+            for index in range(config.num_hidden_layers):
+                layer = load_layer(checkpoint, index, config)
+                for j in range(len(hidden)):
+                    out = layer(hidden[j], attention_mask=masks[j], position_ids=positions[j],
+                                position_embeddings=position_embeddings[j])
+                    hidden[j] = out[0] if isinstance(out, tuple) else out
+                del layer
+                if log:
+                    elapsed = time.perf_counter() - started
+                    left = elapsed / (index + 1) * (config.num_hidden_layers - index - 1)
+                    log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({elapsed:.0f}s, about "
+                        f"{left:.0f}s left)")
+            norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            norm.weight.copy_(torch.from_numpy(np.asarray(checkpoint.weight("model.norm.weight").load(), np.float32)))
+            normed = [norm(h)[0] for h in hidden]
+        head = checkpoint.weight("lm_head.weight")
+        logits = [np.empty((len(ids), head.shape[0]), np.float32) for ids in sequences]
+        for start, rows in head.row_chunks():
+            table = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+            for out, h in zip(logits, normed):
+                out[:, start:start + len(rows)] = torch.nn.functional.linear(h, table).numpy()
+        return logits
+
+
 def reference_model(checkpoint: Checkpoint):
     """transformers' LlamaForCausalLM with the checkpoint's weights, fp32, eager attention."""
     import copy
@@ -70,13 +123,15 @@ def _prompt_ids(folder) -> list[list[int]]:
 
 def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: int = 32, log=None,
                    reference=None) -> dict:
+    """The package runs every prompt first and is closed; then the reference (by default the StreamedReference;
+    any callable from token sequences to their logits) runs over the same tokens, so the two never share memory."""
+    import gc
+
     from runtimes import Decoder, OnnxPackage
 
     package = OnnxPackage(folder)
-    reference = reference if reference is not None else reference_model(checkpoint)
     tolerance = TOLERANCES[precision]
-    max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0
-    per_prompt = []
+    runs = []
     for prompt in _prompt_ids(folder):
         decoder = Decoder(package)
         step_logits = [decoder.prefill(prompt)]
@@ -85,9 +140,15 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
             tokens.append(int(np.argmax(step_logits[-1][-1])))
             if i < new_tokens - 1:
                 step_logits.append(decoder.decode(tokens[-1])[None, :])
-        ours = np.concatenate(step_logits).astype(np.float32)
-        with torch.no_grad():
-            theirs = reference(torch.tensor([prompt + tokens[:-1]])).logits[0].float().numpy()
+        runs.append((prompt, tokens, np.concatenate(step_logits).astype(np.float32)))
+        del decoder
+    del package
+    gc.collect()
+    reference = reference if reference is not None else StreamedReference(checkpoint)
+    references = reference([prompt + tokens[:-1] for prompt, tokens, _ in runs], log=log)
+    max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0
+    per_prompt = []
+    for (prompt, tokens, ours), theirs in zip(runs, references):
         diff = float(np.max(np.abs(ours - theirs)))
         reference_next = theirs[len(prompt) - 1:].argmax(-1)
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference_next)) if a != b), len(tokens))
@@ -113,7 +174,7 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         "top1_agreement": top1_agreement,
         "positions_compared": positions,
         "tolerance": asdict(tolerance),
-        "reference": f"transformers {_transformers_version()} LlamaForCausalLM (fp32, eager)",
+        "reference": f"transformers {_transformers_version()} LlamaForCausalLM (fp32, eager, one layer at a time)",
         "prompts": per_prompt,
     }
 

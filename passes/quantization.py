@@ -198,17 +198,42 @@ def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: 
 
 
 def _clip_search(blocks: np.ndarray, importance: np.ndarray, bits: int, symmetric: bool, integer_zero: bool):
-    """Per block, the range ratio minimising sum(importance * error^2); blocks [N, nb, bs], importance [nb, bs]."""
-    best_err = np.full(blocks.shape[:2], np.inf)
+    """Per block, the range ratio minimising sum(importance * error^2); blocks [N, nb, bs], importance [nb, bs].
+    The same arithmetic as _block_params and _round, in PyTorch (all cores) and in row chunks."""
+    import torch
+
+    levels, half = float((1 << bits) - 1), float(1 << (bits - 1))
+    weight = torch.from_numpy(np.asarray(importance, np.float32))
     best_scale = np.ones(blocks.shape[:2], np.float32)
     best_zero = np.zeros(blocks.shape[:2], np.float32)
-    for ratio in CLIP_RATIOS:
-        scale, zero = _block_params(blocks, bits, symmetric, ratio, integer_zero)
-        q = _round(blocks, scale, zero, bits)
-        err = (((q - zero[..., None]) * scale[..., None] - blocks) ** 2 * importance).sum(-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    for start in range(0, blocks.shape[0], 4096):
+        w = torch.from_numpy(np.ascontiguousarray(blocks[start:start + 4096], np.float32))
+        lo, hi = w.amin(-1), w.amax(-1)
+        best_err = torch.full(w.shape[:2], float("inf"))
+        chosen_scale, chosen_zero = torch.ones(w.shape[:2]), torch.zeros(w.shape[:2])
+        for ratio in CLIP_RATIOS:
+            ratio = float(ratio)
+            if symmetric:
+                scale = torch.maximum(-lo / half, hi / (half - 1)) * ratio
+                zero = torch.full_like(scale, half)
+            elif integer_zero:
+                low, high = torch.clamp(lo, max=0) * ratio, torch.clamp(hi, min=0) * ratio
+                scale = (high - low) / levels
+                zero = torch.where(scale > 0, -low / torch.where(scale > 0, scale, 1.0), 0.0)
+                zero = torch.clamp(torch.round(zero), 0, levels)
+            else:
+                middle, spread = (lo + hi) / 2, (hi - lo) / 2 * ratio
+                low = middle - spread
+                scale = 2 * spread / levels
+                zero = torch.where(scale > 0, -low / torch.where(scale > 0, scale, 1.0), 0.0)
+            scale = torch.where(scale == 0, 1.0, scale)
+            q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, levels)
+            err = (((q - zero[..., None]) * scale[..., None] - w) ** 2 * weight).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            chosen_scale = torch.where(better, scale, chosen_scale)
+            chosen_zero = torch.where(better, zero, chosen_zero)
+        best_scale[start:start + 4096], best_zero[start:start + 4096] = chosen_scale.numpy(), chosen_zero.numpy()
     return best_scale, best_zero
 
 
@@ -222,50 +247,80 @@ def quantize_clip(w: np.ndarray, importance: np.ndarray | None, bits: int = 4, b
                    integer_zero)
 
 
+GPTQ_BATCH = 128  # columns whose updates are applied to the rest of the matrix as one product (lazy batch)
+GPTQ_ROWS = 16384  # rows are independent in GPTQ: larger matrices (embeddings, lm_heads) go in row chunks
+
+
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
                   symmetric: bool = False, integer_zero: bool = True, damp: float = 0.1,
                   act_order: bool = False) -> BlockQuantized:
     """hessian [K, K]: X^T X over calibration activations (any positive scale). With act_order, every block's
     range is fixed up front on the original weights and columns are quantized from the highest input energy
-    down, so the most important columns are rounded while the most freedom is left to compensate."""
+    down, so the most important columns are rounded while the most freedom is left to compensate.
+
+    float32 in PyTorch on all cores: the inverse Hessian's Cholesky factor is computed once, each batch of
+    GPTQ_BATCH columns is compensated within itself column by column, and its errors reach the later columns in
+    one matrix product; rows go in chunks of GPTQ_ROWS (each row's result depends only on that row)."""
+    import torch
+
     columns = w.shape[1]
-    w = _pad(w, block_size).astype(np.float64)
-    n, k = w.shape
-    h = np.zeros((k, k))
-    h[:columns, :columns] = hessian  # padding columns come out dead: no input reaches them
-    dead = np.diag(h) <= 0
+    k = columns + (-columns % block_size)
+    h = torch.zeros((k, k), dtype=torch.float32)
+    h[:columns, :columns] = torch.from_numpy(np.asarray(hessian, np.float32))
+    dead = torch.diagonal(h) <= 0  # padding columns come out dead too: no input reaches them
     h[dead, dead] = 1.0
-    w[:, dead & (np.arange(k) < columns)] = 0.0
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     importance = _importance(np.diag(hessian), columns, block_size)
-    nb = k // block_size
-    scales, zeros = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
-    order = np.arange(k)
-    if act_order:
-        scales[:], zeros[:] = _clip_search(w.reshape(n, nb, block_size).astype(np.float32), importance, bits,
-                                           symmetric, integer_zero)
-        order = np.argsort(-np.diag(h), kind="stable")
-        w, h = w[:, order], h[order][:, order]
+    order = torch.argsort(-torch.diagonal(h), stable=True) if act_order else torch.arange(k)
+    h = h[order][:, order]
     # Upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns.
-    inv_chol = np.linalg.cholesky(np.linalg.inv(h)).T
-    codes = np.empty((n, k), np.float64)
-    for b in range(nb):
-        start, stop = b * block_size, (b + 1) * block_size
-        if not act_order:  # the block's range, chosen on the weights as compensated so far
-            scale, zero = _clip_search(w[:, start:stop][:, None, :].astype(np.float32), importance[b:b + 1], bits,
-                                       symmetric, integer_zero)
-            scales[:, b], zeros[:, b] = scale[:, 0], zero[:, 0]
-        errors = np.empty((n, block_size))
-        for j in range(start, stop):
-            group = order[j] // block_size
-            scale, zero = scales[:, group].astype(np.float64), zeros[:, group].astype(np.float64)
-            column = w[:, j]
-            q = np.clip(np.rint(column / scale + zero), 0, (1 << bits) - 1)
-            codes[:, j] = q
-            error = (column - (q - zero) * scale) / inv_chol[j, j]
-            w[:, j:stop] -= np.outer(error, inv_chol[j, j:stop])
-            errors[:, j - start] = error
-        w[:, stop:] -= errors @ inv_chol[start:stop, stop:]
-    unpermuted = np.empty_like(codes)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    del h
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    parts = [_gptq_rows(w[start:start + GPTQ_ROWS], upper, order, dead, importance, bits, block_size, symmetric,
+                        integer_zero, act_order) for start in range(0, w.shape[0], GPTQ_ROWS)]
+    codes, scales, zeros = (np.concatenate(p) for p in zip(*parts))
+    return _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
+
+
+def _gptq_rows(w, upper, order, dead, importance, bits, block_size, symmetric, integer_zero, act_order):
+    """GPTQ of rows w [n, K] given the permuted inverse Hessian's upper Cholesky factor: codes, scales, zeros."""
+    import torch
+
+    w = torch.from_numpy(np.ascontiguousarray(_pad(np.asarray(w, np.float32), block_size)))
+    n, k = w.shape
+    w[:, dead] = 0.0
+    nb = k // block_size
+    scales, zeros = torch.empty((n, nb)), torch.empty((n, nb))
+    if act_order:
+        s, z = _clip_search(w.reshape(n, nb, block_size).numpy(), importance, bits, symmetric, integer_zero)
+        scales[:], zeros[:] = torch.from_numpy(s), torch.from_numpy(z)
+    w = w[:, order]
+    groups = order // block_size
+    top = float((1 << bits) - 1)
+    codes = torch.empty((n, k))
+    step = max(GPTQ_BATCH, block_size)  # whole blocks per batch
+    for start in range(0, k, step):
+        stop = min(start + step, k)
+        batch = w[:, start:stop].clone()
+        errors = torch.empty_like(batch)
+        block = upper[start:stop, start:stop]
+        for j in range(stop - start):
+            if not act_order and j % block_size == 0:  # the block's range, on the weights as compensated so far
+                b = (start + j) // block_size
+                s, z = _clip_search(batch[:, None, j:j + block_size].numpy(), importance[b:b + 1], bits, symmetric,
+                                    integer_zero)
+                scales[:, b], zeros[:, b] = torch.from_numpy(s[:, 0]), torch.from_numpy(z[:, 0])
+            if j % block_size == 0:
+                scale, zero = scales[:, groups[start:stop]], zeros[:, groups[start:stop]]
+            column = batch[:, j]
+            q = torch.clamp(torch.round(column / scale[:, j] + zero[:, j]), 0, top)
+            codes[:, start + j] = q
+            error = (column - (q - zero[:, j]) * scale[:, j]) / block[j, j]
+            batch[:, j:] -= error[:, None] * block[j, j:][None, :]
+            errors[:, j] = error
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    unpermuted = torch.empty_like(codes)
     unpermuted[:, order] = codes
-    return _finish(unpermuted, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
+    return unpermuted.numpy(), scales.numpy(), zeros.numpy()

@@ -32,6 +32,8 @@ class WeightHints(Protocol):
 
     def hessian(self, name: str) -> np.ndarray | None: ...  # X^T X of the weight's input on calibration text
 
+    def has_hessian(self, name: str) -> bool: ...  # whether hessian(name) has one, known without computing it
+
 
 @dataclass(frozen=True)
 class QuantOptions:
@@ -231,8 +233,9 @@ class QuantizeWeights(GraphPass):
             def compute():
                 w = tensor.numpy().T if rows is None else tensor.numpy().T[rows]
                 hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
-                if hessian is not None and input_scale is not None:  # the input is x / s now
-                    hessian = hessian / np.outer(input_scale, input_scale)
+                s = input_scale() if input_scale is not None else None
+                if hessian is not None and s is not None:  # the input is x / s now
+                    hessian = (hessian / np.outer(s, s)).astype(np.float32)
                 integer = not opts.float_zero_points
                 if opts.method == "gptq" and hessian is not None:
                     return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp, act_order=True)

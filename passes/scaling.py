@@ -3,12 +3,14 @@ has its input columns multiplied by s and the norm's weight divided by s, which 
 but moves quantization error away from the columns whose inputs carry the most energy.
 
 s = sqrt(diag(X^T X)) ** alpha, with alpha searched per matrix for the smallest round-to-nearest output error
-(weighted by X^T X) at the layers' block size (the lm_head's and edge layers' own finer blocks are not searched
+(weighted by X^T X, on a spread sample of the rows) at the layers' block size (the lm_head's and edge layers' own finer blocks are not searched
 separately); alpha = 0 (no scaling) is one of the candidates. A lookup that
 shares a tied lm_head's table divides its rows by s again (one Mul on the looked-up row).
 
-Weights stay lazy: each matrix is read once here to choose s (then dropped), and its scaled form is computed
-again when the quantizer reads it."""
+Weights and statistics stay lazy: s is chosen when the quantizer or the writer first needs it (the calibration
+statistics exist only once the layer-by-layer calibration reaches that layer), reading the matrix once to choose
+it; its scaled form is computed again when the quantizer reads it. A site whose best s is no scaling keeps its
+values as they are (the lookup's Mul then multiplies by ones)."""
 
 from __future__ import annotations
 
@@ -19,26 +21,52 @@ from passes.base import GraphPass
 from passes.quantization import quantize_rtn
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
-INPUT_SCALE = "input_scale"  # Value.meta key: s [K] applied to a weight's input columns (the quantizer reads it)
+INPUT_SCALE = "input_scale"  # Value.meta key: the LazyScale applied to a weight's input columns (the quantizer reads it)
 _GAMMA_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2, "RMSNormalization": 1}
+
+
+SEARCH_ROWS = 1024  # the alpha search measures the error on at most this many output rows, evenly spread
 
 
 def choose_input_scale(w: np.ndarray, hessian: np.ndarray, block_size: int) -> np.ndarray | None:
     """w [N, K] (rows are outputs); the s [K] whose scaled weight loses least to 4-bit round-to-nearest, or None
-    when no scaling does best."""
-    h = hessian.astype(np.float64)
-    magnitude = np.sqrt(np.maximum(np.diag(h), 1e-12))
+    when no scaling does best. Rows are independent, so a spread sample of them ranks the candidates."""
+    import torch
+
+    if w.shape[0] > SEARCH_ROWS:
+        w = w[np.linspace(0, w.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
+    h = torch.from_numpy(np.asarray(hessian, np.float32))
+    magnitude = np.sqrt(np.maximum(np.diag(hessian).astype(np.float64), 1e-12))
     best, best_error = None, np.inf
     for alpha in ALPHAS:
         s = magnitude ** alpha
         s = s / np.sqrt(s.max() * s.min())
         scaled = w * s
-        error = scaled - quantize_rtn(scaled, 4, block_size).dequantize()
-        h_scaled = h / np.outer(s, s)
-        total = float(((error @ h_scaled) * error).sum())
+        error = torch.from_numpy((scaled - quantize_rtn(scaled, 4, block_size).dequantize()).astype(np.float32))
+        weights = torch.from_numpy((1.0 / s).astype(np.float32))
+        error = error * weights  # error @ (H / s s^T) @ error^T, as (error / s) @ H @ (error / s)^T
+        total = float(((error @ h) * error).sum())
         if total < best_error:
             best, best_error = (None if alpha == 0 else s), total
     return best
+
+
+class LazyScale:
+    """A matrix's input scale, chosen when first asked for (by the quantizer, or by the writer for the norm's
+    weight): its calibration statistics exist only once the quantizer's layer-by-layer calibration reaches it."""
+
+    def __init__(self, weight: ir.TensorProtocol, hints, name: str, block_size: int):
+        self.weight, self.hints, self.name, self.block_size = weight, hints, name, block_size
+        self.chosen, self.value = False, None
+
+    def __call__(self) -> np.ndarray | None:
+        """s [K] as float64, or None: no scaling did best."""
+        if not self.chosen:
+            w = self.weight.numpy()  # [K, N]
+            self.value = choose_input_scale(np.ascontiguousarray(w.T), self.hints.hessian(self.name),
+                                            self.block_size)
+            self.chosen = True
+        return self.value
 
 
 class ScaleNormedInputs(GraphPass):
@@ -61,17 +89,13 @@ class ScaleNormedInputs(GraphPass):
             site = self._site(node)
             if site is None:
                 continue
-            weight, gamma, hessian, lookups = site
-            w = weight.const_value.numpy()  # [K, N]
-            s = choose_input_scale(np.ascontiguousarray(w.T), hessian, self.block_size)
-            del w
-            if s is None:
-                continue
-            _rescale(weight, s[:, None].astype(np.float32))
-            _rescale(gamma, (1.0 / s).astype(np.float32))
-            weight.meta[INPUT_SCALE] = s
+            weight, gamma, name, lookups = site
+            scale = LazyScale(weight.const_value, self.hints, name, self.block_size)
+            _rescale(weight, lambda s=scale: None if s() is None else s()[:, None])
+            _rescale(gamma, lambda s=scale: None if s() is None else 1.0 / s())
+            weight.meta[INPUT_SCALE] = scale
             for gather in lookups:
-                self._unscale_lookup(model.graph, gather, s)
+                self._unscale_lookup(model.graph, gather, scale)
             sites += 1
         return sites
 
@@ -88,8 +112,7 @@ class ScaleNormedInputs(GraphPass):
         names = list(weight.meta.get(self.names_key, []))
         if not names or any(self.hints.prequantized_layout(n) is not None for n in names):
             return None
-        hessian = self.hints.hessian(names[0])
-        if hessian is None or hessian.shape[0] != weight.const_value.shape[0]:
+        if not self.hints.has_hessian(names[0]):
             return None
         lookups = []
         for use in weight.uses():
@@ -102,12 +125,15 @@ class ScaleNormedInputs(GraphPass):
             if not gathers or any(g.op_type != "Gather" or g.inputs[0] is not user.outputs[0] for g in gathers):
                 return None
             lookups += gathers
-        return weight, gamma, hessian, lookups
+        return weight, gamma, names[0], lookups
 
     @staticmethod
-    def _unscale_lookup(graph: ir.Graph, gather: ir.Node, s: np.ndarray) -> None:
-        inverse = ir.Value(name=f"{gather.inputs[0].name}.input_scale_inverse",
-                           const_value=ir.tensor((1.0 / s).astype(np.float32)))
+    def _unscale_lookup(graph: ir.Graph, gather: ir.Node, scale: LazyScale) -> None:
+        k = scale.weight.shape[0]
+        name = f"{gather.inputs[0].name}.input_scale_inverse"
+        inverse = ir.Value(name=name, const_value=ir.LazyTensor(
+            lambda: ir.Tensor(np.ones(k, np.float32) if scale() is None else (1.0 / scale()).astype(np.float32)),
+            dtype=ir.DataType.FLOAT, shape=ir.Shape([k]), name=name))
         graph.register_initializer(inverse)
         looked_up = gather.outputs[0]
         mul = ir.node("Mul", [looked_up, inverse])
@@ -122,8 +148,12 @@ def _is_float_constant(value: ir.Value, rank: int) -> bool:
     return tensor is not None and tensor.dtype == ir.DataType.FLOAT and len(tensor.shape) == rank
 
 
-def _rescale(value: ir.Value, factor: np.ndarray) -> None:
-    """The value's lazy tensor times `factor` (broadcast), still read only when asked for."""
+def _rescale(value: ir.Value, factor) -> None:
+    """The value's lazy tensor times factor() (broadcast; None: unchanged), still read only when asked for."""
     tensor = value.const_value
-    value.const_value = ir.LazyTensor(lambda: ir.Tensor((tensor.numpy() * factor).astype(np.float32)),
-                                      dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+
+    def load():
+        f = factor()
+        return tensor if f is None else ir.Tensor((tensor.numpy() * f).astype(np.float32))
+
+    value.const_value = ir.LazyTensor(load, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)

@@ -21,6 +21,9 @@ class Hints:
     def hessian(self, name):
         return self.h
 
+    def has_hessian(self, name):
+        return True
+
     def prequantized_layout(self, name):
         return None
 

@@ -24,6 +24,16 @@ class WeightInfo:
     quantized_bits: int | None = None  # their bits, known without reading them
     quantized_block_size: int = 32
     quantized_minimums: bool = False  # d*q + m blocks (GGUF Q4_1)
+    load_rows: Callable[[int, int], np.ndarray] | None = None  # rows [start, stop) alone, where the file allows
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32, read alone where the format allows (else cut from the whole tensor)."""
+        return self.load_rows(start, stop) if self.load_rows is not None else self.load()[start:stop]
+
+    def row_chunks(self, rows: int = 8192):
+        """(start, rows) over the tensor in chunks: a large table never sits in memory whole."""
+        for start in range(0, self.shape[0], rows):
+            yield start, self.rows(start, min(start + rows, self.shape[0]))
 
 
 @dataclass

@@ -111,6 +111,18 @@ def _tensor_loader(tensor, n_heads: int | None):
     return load
 
 
+def _rows_loader(tensor):
+    """Rows of a tensor stored row by row (every GGUF type: a row is whole blocks)."""
+    def load_rows(start: int, stop: int) -> np.ndarray:
+        from gguf import dequantize
+
+        columns = int(tensor.shape[0])
+        values = dequantize(np.asarray(tensor.data)[start:stop], tensor.tensor_type).astype(np.float32, copy=False)
+        return values.reshape(-1, columns)
+
+    return load_rows
+
+
 # llama.cpp block formats carried over without requantizing: (bytes per block of 32, has a minimum, bits)
 _BLOCK_FORMATS = {"Q4_0": (18, False, 4), "Q4_1": (20, True, 4), "Q8_0": (34, False, 8)}
 
@@ -180,7 +192,8 @@ def open_gguf(path: Path) -> Checkpoint:
         weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads),
                                    load_quantized=_quantized_loader(tensor, n_heads),
                                    quantized_bits=block_format[2] if block_format else None,
-                                   quantized_minimums=bool(block_format and block_format[1]))
+                                   quantized_minimums=bool(block_format and block_format[1]),
+                                   load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor))
 
     def write_tokenizer(dest: Path) -> list[str]:
         return write_gguf_tokenizer(path, reader, config, dest)

@@ -91,6 +91,17 @@ def _tensor_loader(path: Path, name: str):
     return load
 
 
+def _rows_loader(path: Path, name: str):
+    def load_rows(start: int, stop: int) -> np.ndarray:
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice(name)[start:stop].to(torch.float32).numpy()
+
+    return load_rows
+
+
 def open_hf_folder(folder: Path) -> Checkpoint:
     config = _load_config(folder)
     check_llama_config(config, folder)
@@ -98,7 +109,7 @@ def open_hf_folder(folder: Path) -> Checkpoint:
     weights: dict[str, WeightInfo] = {}
     for path in files:
         for name, shape in _read_header(path).items():
-            weights[name] = WeightInfo(shape=shape, load=_tensor_loader(path, name))
+            weights[name] = WeightInfo(shape=shape, load=_tensor_loader(path, name), load_rows=_rows_loader(path, name))
 
     def write_tokenizer(dest: Path) -> list[str]:
         written = []
