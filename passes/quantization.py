@@ -197,20 +197,25 @@ def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: 
                    integer_zero)
 
 
+CLIP_CHUNK = 256  # rows per step of the clip search: its temporaries stay in cache
+
+
 def _clip_search(blocks: np.ndarray, importance: np.ndarray, bits: int, symmetric: bool, integer_zero: bool):
     """Per block, the range ratio minimising sum(importance * error^2); blocks [N, nb, bs], importance [nb, bs].
-    The same arithmetic as _block_params and _round, in PyTorch (all cores) and in row chunks."""
+    The same arithmetic as _block_params and _round, in PyTorch (all cores), in row chunks small enough to stay
+    in cache."""
     import torch
 
     levels, half = float((1 << bits) - 1), float(1 << (bits - 1))
     weight = torch.from_numpy(np.asarray(importance, np.float32))
     best_scale = np.ones(blocks.shape[:2], np.float32)
     best_zero = np.zeros(blocks.shape[:2], np.float32)
-    for start in range(0, blocks.shape[0], 4096):
-        w = torch.from_numpy(np.ascontiguousarray(blocks[start:start + 4096], np.float32))
+    for start in range(0, blocks.shape[0], CLIP_CHUNK):
+        w = torch.from_numpy(np.ascontiguousarray(blocks[start:start + CLIP_CHUNK], np.float32))
         lo, hi = w.amin(-1), w.amax(-1)
         best_err = torch.full(w.shape[:2], float("inf"))
         chosen_scale, chosen_zero = torch.ones(w.shape[:2]), torch.zeros(w.shape[:2])
+        q = torch.empty_like(w)
         for ratio in CLIP_RATIOS:
             ratio = float(ratio)
             if symmetric:
@@ -227,13 +232,15 @@ def _clip_search(blocks: np.ndarray, importance: np.ndarray, bits: int, symmetri
                 scale = 2 * spread / levels
                 zero = torch.where(scale > 0, -low / torch.where(scale > 0, scale, 1.0), 0.0)
             scale = torch.where(scale == 0, 1.0, scale)
-            q = torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, levels)
-            err = (((q - zero[..., None]) * scale[..., None] - w) ** 2 * weight).sum(-1)
+            s, z = scale[..., None], zero[..., None]
+            torch.div(w, s, out=q)
+            q.add_(z).round_().clamp_(0, levels).sub_(z).mul_(s).sub_(w).square_().mul_(weight)
+            err = q.sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             chosen_scale = torch.where(better, scale, chosen_scale)
             chosen_zero = torch.where(better, zero, chosen_zero)
-        best_scale[start:start + 4096], best_zero[start:start + 4096] = chosen_scale.numpy(), chosen_zero.numpy()
+        best_scale[start:start + CLIP_CHUNK], best_zero[start:start + CLIP_CHUNK] = chosen_scale, chosen_zero
     return best_scale, best_zero
 
 
@@ -249,6 +256,9 @@ def quantize_clip(w: np.ndarray, importance: np.ndarray | None, bits: int = 4, b
 
 GPTQ_BATCH = 128  # columns whose updates are applied to the rest of the matrix as one product (lazy batch)
 GPTQ_ROWS = 16384  # rows are independent in GPTQ: larger matrices (embeddings, lm_heads) go in row chunks
+# Wider inputs are compensated in column groups of at most this many (the Hessian taken block-diagonal): the
+# inverse's Cholesky factor costs K^3, which for a 14336-wide down projection outweighs the rest of the layer.
+GPTQ_GROUP_COLUMNS = 4096
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
@@ -258,9 +268,10 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
     range is fixed up front on the original weights and columns are quantized from the highest input energy
     down, so the most important columns are rounded while the most freedom is left to compensate.
 
-    float32 in PyTorch on all cores: the inverse Hessian's Cholesky factor is computed once, each batch of
-    GPTQ_BATCH columns is compensated within itself column by column, and its errors reach the later columns in
-    one matrix product; rows go in chunks of GPTQ_ROWS (each row's result depends only on that row)."""
+    float32 in PyTorch on all cores: the inverse Hessian's Cholesky factor is computed once per column group
+    (see GPTQ_GROUP_COLUMNS), each batch of GPTQ_BATCH columns is compensated within itself column by column, and
+    its errors reach the later columns in one matrix product; rows go in chunks of GPTQ_ROWS (each row's result
+    depends only on that row)."""
     import torch
 
     columns = w.shape[1]
@@ -271,56 +282,70 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     importance = _importance(np.diag(hessian), columns, block_size)
-    order = torch.argsort(-torch.diagonal(h), stable=True) if act_order else torch.arange(k)
-    h = h[order][:, order]
-    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns.
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    del h
-    upper = torch.linalg.cholesky(inverse, upper=True)
-    del inverse
-    parts = [_gptq_rows(w[start:start + GPTQ_ROWS], upper, order, dead, importance, bits, block_size, symmetric,
-                        integer_zero, act_order) for start in range(0, w.shape[0], GPTQ_ROWS)]
-    codes, scales, zeros = (np.concatenate(p) for p in zip(*parts))
+    w = _pad(np.asarray(w, np.float32), block_size)
+    groups = -(-k // GPTQ_GROUP_COLUMNS)
+    width = -(-k // groups // block_size) * block_size  # equal groups of whole blocks
+    parts = []
+    for first in range(0, k, width):
+        last = min(first + width, k)
+        span = slice(first, last)
+        sub = h[span, span]
+        order = torch.argsort(-torch.diagonal(sub), stable=True) if act_order else torch.arange(last - first)
+        sub = sub[order][:, order]
+        # Upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns.
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(sub)), upper=True)
+        del sub
+        chunks = [_gptq_rows(w[start:start + GPTQ_ROWS, span], upper, order, dead[span],
+                             importance[first // block_size:last // block_size], bits, block_size, symmetric,
+                             integer_zero, act_order) for start in range(0, w.shape[0], GPTQ_ROWS)]
+        parts.append([np.concatenate(p) for p in zip(*chunks)])
+    codes, scales, zeros = (np.concatenate(p, axis=1) for p in zip(*parts))
     return _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
 
 
 def _gptq_rows(w, upper, order, dead, importance, bits, block_size, symmetric, integer_zero, act_order):
-    """GPTQ of rows w [n, K] given the permuted inverse Hessian's upper Cholesky factor: codes, scales, zeros."""
+    """GPTQ of rows w [n, K] given the permuted inverse Hessian's upper Cholesky factor: codes, scales, zeros.
+    Works on W^T, so each column of W is one contiguous row."""
     import torch
 
-    w = torch.from_numpy(np.ascontiguousarray(_pad(np.asarray(w, np.float32), block_size)))
+    w = torch.from_numpy(np.array(w, np.float32))  # a copy: compensation works in place
     n, k = w.shape
     w[:, dead] = 0.0
     nb = k // block_size
-    scales, zeros = torch.empty((n, nb)), torch.empty((n, nb))
+    scales, zeros = torch.empty((nb, n)), torch.empty((nb, n))
     if act_order:
         s, z = _clip_search(w.reshape(n, nb, block_size).numpy(), importance, bits, symmetric, integer_zero)
-        scales[:], zeros[:] = torch.from_numpy(s), torch.from_numpy(z)
-    w = w[:, order]
+        scales[:], zeros[:] = torch.from_numpy(s.T), torch.from_numpy(z.T)
+    wt = w.T[order].contiguous()  # [K, n], columns in quantization order
+    del w
     groups = order // block_size
     top = float((1 << bits) - 1)
-    codes = torch.empty((n, k))
+    codes = torch.empty((k, n))
     step = max(GPTQ_BATCH, block_size)  # whole blocks per batch
     for start in range(0, k, step):
         stop = min(start + step, k)
-        batch = w[:, start:stop].clone()
+        batch = wt[start:stop]  # a view: compensated in place
         errors = torch.empty_like(batch)
         block = upper[start:stop, start:stop]
         for j in range(stop - start):
             if not act_order and j % block_size == 0:  # the block's range, on the weights as compensated so far
                 b = (start + j) // block_size
-                s, z = _clip_search(batch[:, None, j:j + block_size].numpy(), importance[b:b + 1], bits, symmetric,
-                                    integer_zero)
-                scales[:, b], zeros[:, b] = torch.from_numpy(s[:, 0]), torch.from_numpy(z[:, 0])
-            if j % block_size == 0:
-                scale, zero = scales[:, groups[start:stop]], zeros[:, groups[start:stop]]
-            column = batch[:, j]
-            q = torch.clamp(torch.round(column / scale[:, j] + zero[:, j]), 0, top)
-            codes[:, start + j] = q
-            error = (column - (q - zero[:, j]) * scale[:, j]) / block[j, j]
-            batch[:, j:] -= error[:, None] * block[j, j:][None, :]
-            errors[:, j] = error
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
+                s, z = _clip_search(batch[j:j + block_size].T.contiguous()[:, None, :].numpy(), importance[b:b + 1],
+                                    bits, symmetric, integer_zero)
+                scales[b], zeros[b] = torch.from_numpy(s[:, 0]), torch.from_numpy(z[:, 0])
+            group = int(groups[start + j])
+            scale, zero = scales[group], zeros[group]
+            column = batch[j]
+            q = codes[start + j]
+            torch.div(column, scale, out=q)
+            q.add_(zero).round_().clamp_(0, top)
+            error = errors[j]
+            torch.sub(q, zero, out=error)
+            error.mul_(scale).sub_(column).div_(-block[j, j])  # (column - dequantized) / d
+            if j + 1 < stop - start:
+                batch[j + 1:].addr_(block[j, j + 1:], error, alpha=-1.0)
+        if stop < k:
+            wt[stop:].addmm_(upper[start:stop, stop:].T, errors, alpha=-1.0)
     unpermuted = torch.empty_like(codes)
-    unpermuted[:, order] = codes
-    return unpermuted.numpy(), scales.numpy(), zeros.numpy()
+    unpermuted[order] = codes
+    return unpermuted.T.numpy(), scales.T.numpy(), zeros.T.numpy()
