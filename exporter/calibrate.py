@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from exporter.errors import UserError
+from exporter.progress import format_seconds
 from exporter.sources import Checkpoint
 
 WINDOW = 256
@@ -175,8 +176,8 @@ class CalibrationStream:
         if self.log and index < self.num_layers:
             elapsed = time.perf_counter() - self.started
             left = elapsed / (index + 1) * (self.num_layers - index - 1)
-            self.log(f"      layer {index + 1}/{self.num_layers} calibrated ({elapsed:.0f}s, "
-                     f"about {left:.0f}s left for the layers)")
+            self.log(f"      layer {index + 1}/{self.num_layers} calibrated and quantizing ({format_seconds(elapsed)} "
+                     f"so far, about {format_seconds(left)} left for the layers)")
 
     def _run_layer(self, index: int):
         layer = load_layer(self.checkpoint, index, self.config)

@@ -84,6 +84,8 @@ def export(options: ExportOptions) -> Path:
                    float_embedding=not options.quantize_embedding,
                    fine_layers=len(edge_layers(config.num_hidden_layers)), fine_block=EDGE_LAYER_BLOCK)
 
+    check_export_memory(options, config, precision, checkpoint, block_size, target, progress.log)
+
     from exporter.trace import trace_to_onnx
 
     progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
@@ -154,6 +156,31 @@ def export(options: ExportOptions) -> Path:
         pkg.write_json(staging / pkg.MANIFEST, manifest)
     progress.log(f"Package written to {output}")
     return output
+
+
+def check_export_memory(options: ExportOptions, config, precision: str, checkpoint: Checkpoint, block_size: int,
+                        target, log) -> None:
+    """Print what the export will need at its peak and refuse, before the long steps, when it is not free."""
+    from exporter import export_memory
+    from passes.quantize import DEFAULT_METHOD
+
+    method = options.quant_method or DEFAULT_METHOD
+    carried = fully_prequantized(checkpoint, block_size, bits=(4,) if target.uses_tensorrt else (4, 8),
+                                 layers_only=target.uses_tensorrt)
+    calibrated = precision == "int4" and method != "rtn" and not carried
+    need = export_memory.estimate(config, precision, calibrated, options.verify).peak
+    free = export_memory.available_bytes()
+    log(f"      export memory: about {need / GIB:.1f} GiB at the peak"
+        + (f" ({free / GIB:.1f} GiB free)" if free is not None else ""))
+    if free is not None and need > free:
+        hints = ["close other programs"]
+        if calibrated:
+            rtn = export_memory.estimate(config, precision, False, options.verify).peak
+            hints.append(f"--quant rtn (about {rtn / GIB:.1f} GiB)")
+        if options.verify:
+            hints.append("--no-verify")
+        raise UserError(f"this export needs about {need / GIB:.1f} GiB of memory and {free / GIB:.1f} GiB are free: "
+                        f"{', '.join(hints)}, or export on a machine with more memory")
 
 
 def tensorrt_material(folder: Path, target, io: dict, context: int, vocab_size: int, progress) -> dict:

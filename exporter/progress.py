@@ -29,15 +29,28 @@ class Progress:
         """A callback (done, total) that redraws one line on a terminal and prints every 10% otherwise."""
         tty = self.stream.isatty()
         last = [-1]
+        started = time.perf_counter()
 
         def update(done: int, total: int) -> None:
             if self.quiet:
                 return
+            elapsed = time.perf_counter() - started
+            left = f", about {format_seconds(elapsed / done * (total - done))} left" if 0 < done < total else ""
             if tty:
                 end = "\n" if done == total else ""
-                print(f"\r      {label} {done}/{total}", end=end, file=self.stream, flush=True)
+                print(f"\r      {label} {done}/{total}{left}\033[K", end=end, file=self.stream, flush=True)
             elif done * 10 // total != last[0]:
                 last[0] = done * 10 // total
-                print(f"      {label} {done}/{total}", file=self.stream, flush=True)
+                print(f"      {label} {done}/{total}{left}", file=self.stream, flush=True)
 
         return update
+
+
+def format_seconds(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

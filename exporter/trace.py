@@ -18,6 +18,7 @@ import torch
 
 from exporter.errors import UserError
 from exporter.sources import Checkpoint
+from passes.base import ROW_READER
 from passes.quantize import SOURCE_NAMES
 
 OPSET = 23
@@ -153,6 +154,8 @@ def _bind_weights(model: ir.Model, checkpoint: Checkpoint, parameter_names: set[
         if name in parameter_names:
             value.const_value = _lazy_weight(checkpoint, name, value.shape)
             value.meta[SOURCE_NAMES] = [checkpoint.tensor_name(name)]
+            if checkpoint.weight(name).load_rows is not None:
+                value.meta[ROW_READER] = checkpoint.weight(name).rows
             bound += 1
         model.graph.initializers.pop(value.name)
         value.name = name

@@ -59,6 +59,7 @@ class StreamedReference:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
         from exporter.calibrate import embed, load_layer
+        from exporter.progress import format_seconds
 
         config, checkpoint = self.config, self.checkpoint
         rotary = LlamaRotaryEmbedding(config)
@@ -79,8 +80,8 @@ class StreamedReference:
                 if log:
                     elapsed = time.perf_counter() - started
                     left = elapsed / (index + 1) * (config.num_hidden_layers - index - 1)
-                    log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({elapsed:.0f}s, about "
-                        f"{left:.0f}s left)")
+                    log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({format_seconds(elapsed)} so "
+                        f"far, about {format_seconds(left)} left)")
             norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             norm.weight.copy_(torch.from_numpy(np.asarray(checkpoint.weight("model.norm.weight").load(), np.float32)))
             normed = [norm(h)[0] for h in hidden]

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import GraphPass, replace_value
+from passes.base import ROW_READER, GraphPass, replace_value
 from passes.quantization import (BlockQuantized, concatenate_rows, layout_template, quantize_clip, quantize_gptq,
                                  quantize_rtn)
 from passes.scaling import INPUT_SCALE
@@ -21,6 +21,7 @@ from passes.scaling import INPUT_SCALE
 METHODS = ("rtn", "clip", "gptq")
 DEFAULT_METHOD = "gptq"  # best measured on the default model (README, INT4)
 SOURCE_NAMES = "checkpoint_names"  # Value.meta key: the checkpoint tensors a weight holds, stacked along N
+CHUNK_ROWS = 16384  # weights with more output rows than this are read and quantized this many rows at a time
 
 
 class WeightHints(Protocol):
@@ -139,6 +140,19 @@ def dividing_block(block: int, k: int) -> int:
     return candidate if k % candidate == 0 else block
 
 
+def _by_row_chunks(weight: ir.Value, rows: slice | None, quantize, transposed: bool = True) -> BlockQuantized:
+    """quantize(W[rows]) over the weight's rows in [out, in] layout (all of them when `rows` is None), CHUNK_ROWS
+    rows at a time where the source reads them alone (a quantized row depends only on itself). The weight's
+    tensor is [in, out] when `transposed` (a MatMul's B), else [out, in] (a lookup table)."""
+    tensor, reader = weight.const_value, weight.meta.get(ROW_READER)
+    first, last, _ = (rows or slice(None)).indices(tensor.shape[1] if transposed else tensor.shape[0])
+    if reader is None:
+        w = tensor.numpy().T if transposed else tensor.numpy()
+        return quantize(w[first:last])
+    parts = [quantize(reader(start, min(start + CHUNK_ROWS, last))) for start in range(first, last, CHUNK_ROWS)]
+    return parts[0] if len(parts) == 1 else concatenate_rows(parts)
+
+
 def _weight_of(node: ir.Node, position: int) -> ir.Value | None:
     value = node.inputs[position] if len(node.inputs) > position else None
     if value is None or not value.is_initializer() or value.const_value is None:
@@ -231,18 +245,21 @@ class QuantizeWeights(GraphPass):
             input_scale = weight.meta.get(INPUT_SCALE)
 
             def compute():
-                w = tensor.numpy().T if rows is None else tensor.numpy().T[rows]
                 hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
                 s = input_scale() if input_scale is not None else None
                 if hessian is not None and s is not None:  # the input is x / s now
                     hessian = (hessian / np.outer(s, s)).astype(np.float32)
                 integer = not opts.float_zero_points
-                if opts.method == "gptq" and hessian is not None:
-                    return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp, act_order=True)
-                if opts.method in ("gptq", "clip"):
-                    importance = None if hessian is None else np.diag(hessian)
-                    return quantize_clip(w, importance, bits, block, symmetric, integer)
-                return quantize_rtn(w, bits, block, symmetric, integer)
+
+                def quantize(w):
+                    if opts.method == "gptq" and hessian is not None:
+                        return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp, act_order=True)
+                    if opts.method in ("gptq", "clip"):
+                        importance = None if hessian is None else np.diag(hessian)
+                        return quantize_clip(w, importance, bits, block, symmetric, integer)
+                    return quantize_rtn(w, bits, block, symmetric, integer)
+
+                return _by_row_chunks(weight, rows, quantize)
 
             zero_dtype = None if symmetric else np.float32 if opts.float_zero_points else np.uint8
             template = layout_template(n, k, bits, block, zero_dtype)
@@ -497,8 +514,8 @@ class QuantizeWeights(GraphPass):
         block = dividing_block(block, h)
         if h % block:
             return None  # no block size divides the rows: the table stays as it is
-        compute = lambda: quantize_rtn(tensor.numpy().T if transposed else tensor.numpy(), bits, block,  # noqa: E731
-                                       symmetric=True)
+        compute = lambda: _by_row_chunks(weight, None, lambda w: quantize_rtn(w, bits, block, symmetric=True),  # noqa: E731
+                                         transposed=transposed)
         names = list(weight.meta.get(SOURCE_NAMES, []))
         source = None
         if self.hints is not None and len(names) == 1:

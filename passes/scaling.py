@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import GraphPass
+from passes.base import ROW_READER, GraphPass
 from passes.quantization import quantize_rtn
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -26,6 +26,12 @@ _GAMMA_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormaliza
 
 
 SEARCH_ROWS = 1024  # the alpha search measures the error on at most this many output rows, evenly spread
+SAMPLE_CHUNK = 16384  # rows read at a time to pick them from a large weight
+
+
+def search_rows(n: int) -> np.ndarray:
+    """The rows the alpha search measures: all of them, or SEARCH_ROWS evenly spread."""
+    return np.arange(n) if n <= SEARCH_ROWS else np.linspace(0, n - 1, SEARCH_ROWS).astype(np.int64)
 
 
 def choose_input_scale(w: np.ndarray, hessian: np.ndarray, block_size: int) -> np.ndarray | None:
@@ -33,8 +39,7 @@ def choose_input_scale(w: np.ndarray, hessian: np.ndarray, block_size: int) -> n
     when no scaling does best. Rows are independent, so a spread sample of them ranks the candidates."""
     import torch
 
-    if w.shape[0] > SEARCH_ROWS:
-        w = w[np.linspace(0, w.shape[0] - 1, SEARCH_ROWS).astype(np.int64)]
+    w = w[search_rows(w.shape[0])]
     h = torch.from_numpy(np.asarray(hessian, np.float32))
     magnitude = np.sqrt(np.maximum(np.diag(hessian).astype(np.float64), 1e-12))
     best, best_error = None, np.inf
@@ -55,18 +60,30 @@ class LazyScale:
     """A matrix's input scale, chosen when first asked for (by the quantizer, or by the writer for the norm's
     weight): its calibration statistics exist only once the quantizer's layer-by-layer calibration reaches it."""
 
-    def __init__(self, weight: ir.TensorProtocol, hints, name: str, block_size: int):
-        self.weight, self.hints, self.name, self.block_size = weight, hints, name, block_size
+    def __init__(self, weight: ir.TensorProtocol, hints, name: str, block_size: int, rows=None):
+        self.weight, self.hints, self.name, self.block_size, self.rows = weight, hints, name, block_size, rows
         self.chosen, self.value = False, None
 
     def __call__(self) -> np.ndarray | None:
         """s [K] as float64, or None: no scaling did best."""
         if not self.chosen:
-            w = self.weight.numpy()  # [K, N]
-            self.value = choose_input_scale(np.ascontiguousarray(w.T), self.hints.hessian(self.name),
-                                            self.block_size)
+            self.value = choose_input_scale(self._sample(), self.hints.hessian(self.name), self.block_size)
             self.chosen = True
         return self.value
+
+    def _sample(self) -> np.ndarray:
+        """The rows (in [N, K] layout) the search measures, read in chunks where the source allows."""
+        k, n = self.weight.shape
+        wanted = search_rows(n)
+        if self.rows is None:
+            return np.ascontiguousarray(self.weight.numpy().T[wanted])
+        sample = np.empty((len(wanted), k), np.float32)
+        for start in range(0, n, SAMPLE_CHUNK):
+            stop = min(start + SAMPLE_CHUNK, n)
+            hit = (wanted >= start) & (wanted < stop)
+            if hit.any():
+                sample[hit] = self.rows(start, stop)[wanted[hit] - start]
+        return sample
 
 
 class ScaleNormedInputs(GraphPass):
@@ -90,8 +107,9 @@ class ScaleNormedInputs(GraphPass):
             if site is None:
                 continue
             weight, gamma, name, lookups = site
-            scale = LazyScale(weight.const_value, self.hints, name, self.block_size)
+            scale = LazyScale(weight.const_value, self.hints, name, self.block_size, weight.meta.get(ROW_READER))
             _rescale(weight, lambda s=scale: None if s() is None else s()[:, None])
+            _rescale_rows(weight, scale)
             _rescale(gamma, lambda s=scale: None if s() is None else 1.0 / s())
             weight.meta[INPUT_SCALE] = scale
             for gather in lookups:
@@ -146,6 +164,14 @@ class ScaleNormedInputs(GraphPass):
 def _is_float_constant(value: ir.Value, rank: int) -> bool:
     tensor = value.const_value if value.is_initializer() else None
     return tensor is not None and tensor.dtype == ir.DataType.FLOAT and len(tensor.shape) == rank
+
+
+def _rescale_rows(weight: ir.Value, scale: LazyScale) -> None:
+    """The weight's row reader (rows in [out, in] layout), scaled along its input columns as its tensor is."""
+    reader = weight.meta.get(ROW_READER)
+    if reader is not None:
+        weight.meta[ROW_READER] = lambda start, stop: reader(start, stop) if scale() is None else \
+            (reader(start, stop) * scale()[None, :]).astype(np.float32)
 
 
 def _rescale(value: ir.Value, factor) -> None:

@@ -1,0 +1,58 @@
+"""How much memory an export needs on this machine, from the config and the method alone, and how much is free.
+
+Weights stream one tensor at a time and calibration one decoder layer at a time, so the peak is the largest of:
+- a layer being calibrated and quantized: its float32 weights, its input statistics (X^T X, one K x K matrix per
+  distinct input), and GPTQ's working copies of its largest matrix;
+- the largest single tensor (the embedding or lm_head) being read and converted;
+- verify: ONNX Runtime holding the whole package (the reference after it needs one layer);
+plus the interpreter and libraries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1 << 30
+BASE_BYTES = int(1.2 * GIB)  # Python, PyTorch, ONNX Runtime and the traced graph
+GPTQ_COPIES = 4  # the float32 matrix, its transposed working copy, the codes, their unpermuted copy
+TABLE_COPIES = 3  # a table read as bf16, converted to float32, and transformed once
+
+
+@dataclass(frozen=True)
+class ExportMemory:
+    layer: int  # calibrating and quantizing one decoder layer
+    table: int  # the largest single tensor
+    verify: int  # the package loaded in ONNX Runtime
+
+    @property
+    def peak(self) -> int:
+        return BASE_BYTES + max(self.layer, self.table, self.verify)
+
+
+def estimate(config, precision: str, calibrated: bool, verify: bool) -> ExportMemory:
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    layer_weights = attention + 3 * hidden * inter
+    largest_matrix = max(2 * hidden * inter, hidden * head_dim * (heads + 2 * kv_heads))
+    layer = 4 * GPTQ_COPIES * largest_matrix
+    if calibrated:
+        statistics = 4 * (2 * hidden * hidden + (heads * head_dim) ** 2 + inter * inter)
+        layer += 4 * layer_weights + statistics
+    table = TABLE_COPIES * 4 * config.vocab_size * hidden
+    weight_bytes = {"fp32": 4, "fp16": 2, "int4": 0.6}.get(precision, 4)
+    package = weight_bytes * (config.num_hidden_layers * layer_weights
+                              + config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2))
+    return ExportMemory(layer=int(layer), table=int(table), verify=int(1.1 * package) if verify else 0)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none: the check is then skipped)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
