@@ -40,6 +40,7 @@ SHAPES = {
                   num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192),
 }
 VOCAB = 128256
+OUTPUT_SCALE = 0.05
 
 
 def layer_shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -53,7 +54,11 @@ def layer_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 def write_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
     """A Hugging Face folder of the shape's sizes with random bf16 weights, written one tensor at a time. Matrices
-    are drawn with std 1/sqrt(fan-in) so activations keep their scale through the layers, as a trained model's do."""
+    are drawn with std 1/sqrt(fan-in) so activations keep their scale through the layers, as a trained model's do.
+    Two choices give the model a decisive next token, so INT4 verify's top-1 gate measures something (on plain
+    random weights every logit is noise and no INT4 package agrees with fp32): the lm_head holds the embedding's
+    values (an untied model still stores both), and the layers' output projections (o_proj, down_proj) are
+    scaled by OUTPUT_SCALE, so the residual stream keeps the token and the logits rank it first."""
     import torch
     from safetensors.torch import save_file
 
@@ -63,27 +68,34 @@ def write_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
 
-    def random(shape_):
+    def random(name, shape_):
         if len(shape_) == 1:
             return torch.ones(shape_, dtype=torch.bfloat16)
+        if name == "lm_head.weight":
+            return table
+        scale = OUTPUT_SCALE if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
         out = torch.empty(shape_, dtype=torch.bfloat16)
         for start in range(0, shape_[0], 4096):  # in row blocks: no fp32 copy of a whole embedding
             rows = min(4096, shape_[0] - start)
-            out[start:start + rows] = torch.randn((rows, shape_[1]), generator=generator) / shape_[1] ** 0.5
+            out[start:start + rows] = torch.randn((rows, shape_[1]), generator=generator) * (scale / shape_[1] ** 0.5)
         return out
 
     weight_map = {}
 
     def shard(name: str, tensors: dict[str, tuple[int, ...]]):
-        save_file({n: random(s) for n, s in tensors.items()}, str(folder / name), metadata={"format": "pt"})
+        save_file({n: random(n, s) for n, s in tensors.items()}, str(folder / name), metadata={"format": "pt"})
         weight_map.update({n: name for n in tensors})
 
     layers = c["num_hidden_layers"]
     total = layers + 1
-    edges = {"model.embed_tokens.weight": (VOCAB, c["hidden_size"]), "model.norm.weight": (c["hidden_size"],)}
+    table = random("model.embed_tokens.weight", (VOCAB, c["hidden_size"]))
+    edges = {"model.norm.weight": (c["hidden_size"],)}
     if not c["tie_word_embeddings"]:
         edges["lm_head.weight"] = (VOCAB, c["hidden_size"])
     shard(f"model-00001-of-{total:05d}.safetensors", edges)
+    save_file({"model.embed_tokens.weight": table}, str(folder / "embedding.safetensors"), metadata={"format": "pt"})
+    weight_map["model.embed_tokens.weight"] = "embedding.safetensors"
+    del table
     for index in range(layers):
         shard(f"model-{index + 2:05d}-of-{total:05d}.safetensors",
               {f"model.layers.{index}.{n}": s for n, s in layer_shapes(c).items()})
