@@ -71,8 +71,6 @@ def write_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
     def random(name, shape_):
         if len(shape_) == 1:
             return torch.ones(shape_, dtype=torch.bfloat16)
-        if name == "lm_head.weight":
-            return table
         scale = OUTPUT_SCALE if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
         out = torch.empty(shape_, dtype=torch.bfloat16)
         for start in range(0, shape_[0], 4096):  # in row blocks: no fp32 copy of a whole embedding
@@ -82,23 +80,22 @@ def write_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
 
     weight_map = {}
 
-    def shard(name: str, tensors: dict[str, tuple[int, ...]]):
-        save_file({n: random(n, s) for n, s in tensors.items()}, str(folder / name), metadata={"format": "pt"})
+    def shard(name: str, tensors: dict[str, torch.Tensor]):
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
         weight_map.update({n: name for n in tensors})
 
     layers = c["num_hidden_layers"]
     total = layers + 1
     table = random("model.embed_tokens.weight", (VOCAB, c["hidden_size"]))
-    edges = {"model.norm.weight": (c["hidden_size"],)}
+    edges = {"model.norm.weight": random("model.norm.weight", (c["hidden_size"],))}
     if not c["tie_word_embeddings"]:
-        edges["lm_head.weight"] = (VOCAB, c["hidden_size"])
+        edges["lm_head.weight"] = table
     shard(f"model-00001-of-{total:05d}.safetensors", edges)
-    save_file({"model.embed_tokens.weight": table}, str(folder / "embedding.safetensors"), metadata={"format": "pt"})
-    weight_map["model.embed_tokens.weight"] = "embedding.safetensors"
-    del table
+    shard("embedding.safetensors", {"model.embed_tokens.weight": table})
+    del table, edges
     for index in range(layers):
         shard(f"model-{index + 2:05d}-of-{total:05d}.safetensors",
-              {f"model.layers.{index}.{n}": s for n, s in layer_shapes(c).items()})
+              {f"model.layers.{index}.{n}": random(n, s) for n, s in layer_shapes(c).items()})
         print(f"  {folder.name}: layer {index + 1}/{layers} written", file=sys.stderr, flush=True)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,

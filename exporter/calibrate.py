@@ -64,6 +64,7 @@ class SourceHints:
         """Whether calibration covers this weight, known without computing anything."""
         return name in self.hessians
 
+
 def fully_prequantized(checkpoint: Checkpoint, block_size: int, bits: tuple[int, ...] = (4, 8),
                        layers_only: bool = False) -> bool:
     """Every matrix (with `layers_only`, every decoder-layer matrix: the embedding and lm_head stay float) already
@@ -107,6 +108,30 @@ def _linear_names(config) -> list[str]:
     with torch.device("meta"):
         layer = LlamaDecoderLayer(config, 0)
     return [n + ".weight" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def order_by_layer(model, config) -> None:
+    """Reorder the graph's initializers (the order the package writer reads them in) by the decoder layer their
+    values come from, keeping the order within a layer: streamed calibration then computes each layer once.
+    A norm's weight goes with the layer it feeds (its input scale needs that layer's statistics); the final
+    norm, the lm_head and a table tied to it come last (they need every layer's output)."""
+    import re
+
+    layers = config.num_hidden_layers
+    last = ("lm_head", "model.norm") + (("model.embed_tokens",) if config.tie_word_embeddings else ())
+
+    def stage(name: str) -> int:
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+        return layers if name.startswith(last) or ".input_scale_inverse" in name else -1
+
+    initializers = model.graph.initializers
+    values = sorted(initializers.values(), key=lambda v: stage(v.name or ""))
+    for value in values:
+        initializers.pop(value.name)
+    for value in values:
+        model.graph.register_initializer(value)
 
 
 class CalibrationStream:
@@ -174,10 +199,12 @@ class CalibrationStream:
                     self.current["model.embed_tokens.weight"] = head
         self.layer = index
         if self.log and index < self.num_layers:
+            # Layers before this one were calibrated and quantized: their pace sets the estimate.
             elapsed = time.perf_counter() - self.started
-            left = elapsed / (index + 1) * (self.num_layers - index - 1)
-            self.log(f"      layer {index + 1}/{self.num_layers} calibrated and quantizing ({format_seconds(elapsed)} "
-                     f"so far, about {format_seconds(left)} left for the layers)")
+            left = f", about {format_seconds(elapsed / index * (self.num_layers - index))} left for the layers" \
+                if index else ""
+            self.log(f"      layer {index + 1}/{self.num_layers} calibrated, quantizing ({format_seconds(elapsed)} "
+                     f"so far{left})")
 
     def _run_layer(self, index: int):
         layer = load_layer(self.checkpoint, index, self.config)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter import __version__
-from exporter.calibrate import fully_prequantized
+from exporter.calibrate import fully_prequantized, order_by_layer
 from exporter.errors import UserError
 from exporter.progress import Progress
 from exporter.sources import Checkpoint, open_checkpoint
@@ -108,6 +108,8 @@ def export(options: ExportOptions) -> Path:
     if options.report:
         print(format_report(reports))
 
+    if hints is not None and hints.hessians:
+        order_by_layer(model, config)
     with pkg.staged_package(output, options.force) as staging:
         progress.begin("Writing the package (weights streamed one tensor at a time)")
         pkg.save_model(model, staging, progress=progress.counter("weights"))
