@@ -6,8 +6,8 @@ memory of each export (and of each llama-export stage, from its progress lines),
 
 Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 70b-2 and 70b-4 (Llama-3-70B width with 2 and 4
 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn (--quant rtn --no-verify), jetson-int4
-(--target jetson-orin, default verify), android-int4 (--target android-arm64), verify (llama-export verify of the
-cpu-int4 package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu). Checkpoints are written once into
+(--target jetson-orin, default verify), android-int4 (--target android-arm64), verify and verify-rtn (llama-export
+verify of the cpu-int4 or cpu-int4-rtn package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu). Checkpoints are written once into
 DIR and reused. Not a test: the figures depend on the machine."""
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def commands(run: str, source: Path, work: Path, shape: str) -> list[str]:
         "android-int4": cli + ["--model", str(source), "--target", "android-arm64", "--precision", "int4",
                                "--no-verify", "--force", "-o", str(out)],
         "verify": cli + ["verify", str(work / f"{shape}-cpu-int4"), "--reference", str(source)],
+        "verify-rtn": cli + ["verify", str(work / f"{shape}-cpu-int4-rtn"), "--reference", str(source)],
         "builder-int4": [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
                          "-p", "int4", "-e", "cpu", "-c", str(work / f"{shape}-builder-cache")],
     }[run]
@@ -168,7 +169,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for checkpoints and packages (reused)")
     parser.add_argument("--shapes", default="1b,8b", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--runs", default="cpu-int4,cpu-int4-rtn,builder-int4,verify",
-                        help="comma-separated: cpu-int4, cpu-int4-rtn, jetson-int4, android-int4, verify, builder-int4")
+                        help="comma-separated: cpu-int4, cpu-int4-rtn, jetson-int4, android-int4, verify, verify-rtn, "
+                             "builder-int4")
     parser.add_argument("--keep", action="store_true", help="keep the packages (default: each is removed once measured)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -193,7 +195,7 @@ def main() -> None:
             import shutil
 
             for run in args.runs.split(","):
-                if run != "verify":
+                if not run.startswith("verify"):
                     shutil.rmtree(args.work / f"{shape}-{run}", ignore_errors=True)
 
 
