@@ -57,8 +57,8 @@ def write_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
     are drawn with std 1/sqrt(fan-in) so activations keep their scale through the layers, as a trained model's do.
     Two choices give the model a decisive next token, so INT4 verify's top-1 gate measures something (on plain
     random weights every logit is noise and no INT4 package agrees with fp32): the lm_head holds the embedding's
-    values (an untied model still stores both), and the layers' output projections (o_proj, down_proj) are
-    scaled by OUTPUT_SCALE, so the residual stream keeps the token and the logits rank it first."""
+    values (an untied model still stores both) with unit entries, and the layers' output projections (o_proj,
+    down_proj) are scaled by OUTPUT_SCALE, so the residual stream keeps the token and the logits rank it first."""
     import torch
     from safetensors.torch import save_file
 
@@ -72,6 +72,8 @@ def write_checkpoint(folder: Path, shape: str, tokenizer_from: Path) -> Path:
         if len(shape_) == 1:
             return torch.ones(shape_, dtype=torch.bfloat16)
         scale = OUTPUT_SCALE if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        if name == "model.embed_tokens.weight":  # unit entries: the token outweighs what the layers add
+            scale = shape_[1] ** 0.5
         out = torch.empty(shape_, dtype=torch.bfloat16)
         for start in range(0, shape_[0], 4096):  # in row blocks: no fp32 copy of a whole embedding
             rows = min(4096, shape_[0] - start)

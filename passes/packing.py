@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import GraphPass, replace_value
+from passes.base import ROW_READER, GraphPass, replace_value
 from passes.cleanup import lazy_transform
 from passes.quantize import SOURCE_NAMES
 
@@ -36,6 +36,9 @@ def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Val
     sources = [m.inputs[1].meta.get(SOURCE_NAMES) for m in matmuls]
     if all(sources):  # which checkpoint tensors the packed weight stacks, for quantizers that use them
         weight.meta[SOURCE_NAMES] = [name for names in sources for name in names]
+    readers = [m.inputs[1].meta.get(ROW_READER) for m in matmuls]
+    if all(readers):  # the stacked rows straight from the source: no transposed copy to build and undo
+        weight.meta[ROW_READER] = _stacked_rows(readers, [t.shape[1] for t in tensors])
     graph.register_initializer(weight)
     packed = ir.node("MatMul", [matmuls[0].inputs[0], weight])
     order = {id(node): i for i, node in enumerate(graph)}
@@ -45,6 +48,18 @@ def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Val
         packed.outputs[0].shape = ir.Shape([*list(out_shape)[:-1], columns])
     packed.outputs[0].type = matmuls[0].outputs[0].type
     return packed.outputs[0]
+
+
+def _stacked_rows(readers, counts: list[int]):
+    """A row reader over parts stacked along the output rows: rows [start, stop) of the stack, part by part."""
+    offsets = np.cumsum([0, *counts])
+
+    def read(start: int, stop: int) -> np.ndarray:
+        pieces = [reader(max(start, first) - first, min(stop, last) - first)
+                  for reader, first, last in zip(readers, offsets[:-1], offsets[1:]) if start < last and stop > first]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    return read
 
 
 def _drop(graph: ir.Graph, matmuls: list[ir.Node]) -> None:

@@ -162,7 +162,12 @@ def _block_params(w: np.ndarray, bits: int, symmetric: bool, ratio, integer_zero
 
 
 def _round(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(np.rint(w / scale[..., None] + zero[..., None]), 0, (1 << bits) - 1)
+    """Codes of blocks w [..., block] as uint8 (PyTorch: all cores)."""
+    import torch
+
+    q = torch.div(torch.from_numpy(np.asarray(w, np.float32)), torch.from_numpy(scale)[..., None])
+    q.add_(torch.from_numpy(zero)[..., None]).round_().clamp_(0, (1 << bits) - 1)
+    return q.to(torch.uint8).numpy()
 
 
 def _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero) -> BlockQuantized:
@@ -185,8 +190,8 @@ def _importance(importance: np.ndarray | None, k: int, block_size: int) -> np.nd
 
 
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
-    w = _pad(w, block_size)
-    return w.reshape(w.shape[0], -1, block_size).astype(np.float32)
+    w = np.ascontiguousarray(_pad(w, block_size), np.float32)  # no copy when it already is
+    return w.reshape(w.shape[0], -1, block_size)
 
 
 def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
