@@ -170,14 +170,15 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
     carried = fully_prequantized(checkpoint, block_size, bits=(4,) if target.uses_tensorrt else (4, 8),
                                  layers_only=target.uses_tensorrt)
     calibrated = precision == "int4" and method != "rtn" and not carried
-    need = export_memory.estimate(config, precision, calibrated, options.verify).peak
+    float_tables = precision != "int4" or target.uses_tensorrt or not options.quantize_embedding
+    need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables).peak
     free = export_memory.available_bytes()
     log(f"      export memory: about {need / GIB:.1f} GiB at the peak"
         + (f" ({free / GIB:.1f} GiB free)" if free is not None else ""))
     if free is not None and need > free:
         hints = ["close other programs"]
         if calibrated:
-            rtn = export_memory.estimate(config, precision, False, options.verify).peak
+            rtn = export_memory.estimate(config, precision, False, options.verify, float_tables).peak
             hints.append(f"--quant rtn (about {rtn / GIB:.1f} GiB)")
         if options.verify:
             hints.append("--no-verify")
