@@ -7,8 +7,8 @@ memory of each export (and of each llama-export stage, from its progress lines),
 Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 70b-2 and 70b-4 (Llama-3-70B width with 2 and 4
 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn (--quant rtn --no-verify), jetson-int4
 (--target jetson-orin, default verify), android-int4 (--target android-arm64), verify and verify-rtn (llama-export
-verify of the cpu-int4 or cpu-int4-rtn package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu). Checkpoints are written once into
-DIR and reused. Not a test: the figures depend on the machine."""
+verify of the cpu-int4 or cpu-int4-rtn package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu).
+Checkpoints are written once into DIR and reused. Not a test: the figures depend on the machine."""
 
 from __future__ import annotations
 
@@ -173,7 +173,8 @@ def main() -> None:
     parser.add_argument("--runs", default="cpu-int4,cpu-int4-rtn,builder-int4,verify",
                         help="comma-separated: cpu-int4, cpu-int4-rtn, jetson-int4, android-int4, verify, verify-rtn, "
                              "builder-int4")
-    parser.add_argument("--keep", action="store_true", help="keep the packages (default: each is removed once measured)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the packages (default: each is removed once measured)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     from bench._common import default_model_as_hf_folder

@@ -514,8 +514,8 @@ class QuantizeWeights(GraphPass):
         block = dividing_block(block, h)
         if h % block:
             return None  # no block size divides the rows: the table stays as it is
-        compute = lambda: _by_row_chunks(weight, None, lambda w: quantize_rtn(w, bits, block, symmetric=True),  # noqa: E731
-                                         transposed=transposed)
+        compute = lambda: _by_row_chunks(  # noqa: E731
+            weight, None, lambda w: quantize_rtn(w, bits, block, symmetric=True), transposed=transposed)
         names = list(weight.meta.get(SOURCE_NAMES, []))
         source = None
         if self.hints is not None and len(names) == 1:

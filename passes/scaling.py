@@ -3,9 +3,9 @@ has its input columns multiplied by s and the norm's weight divided by s, which 
 but moves quantization error away from the columns whose inputs carry the most energy.
 
 s = sqrt(diag(X^T X)) ** alpha, with alpha searched per matrix for the smallest round-to-nearest output error
-(weighted by X^T X, on a spread sample of the rows) at the layers' block size (the lm_head's and edge layers' own finer blocks are not searched
-separately); alpha = 0 (no scaling) is one of the candidates. A lookup that
-shares a tied lm_head's table divides its rows by s again (one Mul on the looked-up row).
+(weighted by X^T X, on a spread sample of the rows) at the layers' block size (the lm_head's and edge layers' own
+finer blocks are not searched separately); alpha = 0 (no scaling) is one of the candidates. A lookup that shares
+a tied lm_head's table divides its rows by s again (one Mul on the looked-up row).
 
 Weights and statistics stay lazy: s is chosen when the quantizer or the writer first needs it (the calibration
 statistics exist only once the layer-by-layer calibration reaches that layer), reading the matrix once to choose
@@ -21,7 +21,8 @@ from passes.base import ROW_READER, GraphPass
 from passes.quantization import quantize_rtn
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
-INPUT_SCALE = "input_scale"  # Value.meta key: the LazyScale applied to a weight's input columns (the quantizer reads it)
+# Value.meta key: the LazyScale applied to a weight's input columns (the quantizer reads it)
+INPUT_SCALE = "input_scale"
 _GAMMA_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2, "RMSNormalization": 1}
 
 
