@@ -4,7 +4,7 @@ memory of each export (and of each llama-export stage, from its progress lines),
 
     python bench/scale.py --work DIR [--shapes 1b,8b] [--runs cpu-int4,cpu-int4-rtn,builder-int4]
 
-Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 70b-2 and 70b-4 (Llama-3-70B width with 2 and 4
+Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 8b-2 (its width with 2 layers), 70b-2 and 70b-4 (Llama-3-70B width with 2 and 4
 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn (--quant rtn --no-verify), jetson-int4
 (--target jetson-orin, default verify), android-int4 (--target android-arm64), verify and verify-rtn (llama-export
 verify of the cpu-int4 or cpu-int4-rtn package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu).
@@ -34,6 +34,8 @@ SHAPES = {
                rope_scaling=LLAMA3_ROPE),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192),
+    "8b-2": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192),
     "70b-2": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=2, num_attention_heads=64,
                   num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, max_position_embeddings=8192),
     "70b-4": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
