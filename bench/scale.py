@@ -4,8 +4,8 @@ memory of each export (and of each llama-export stage, from its progress lines),
 
     python bench/scale.py --work DIR [--shapes 1b,8b] [--runs cpu-int4,cpu-int4-rtn,builder-int4]
 
-Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 8b-2 (its width with 2 layers), 70b-2 and 70b-4 (Llama-3-70B width with 2 and 4
-layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn (--quant rtn --no-verify), jetson-int4
+Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 8b-2 (its width with 2 layers), 70b-2 and 70b-4
+(Llama-3-70B width with 2 and 4 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn (--quant rtn --no-verify), jetson-int4
 (--target jetson-orin, default verify), android-int4 (--target android-arm64), verify and verify-rtn (llama-export
 verify of the cpu-int4 or cpu-int4-rtn package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu).
 Checkpoints are written once into DIR and reused. Not a test: the figures depend on the machine."""
