@@ -290,56 +290,93 @@ GPTQ_ROWS = 16384  # rows are independent in GPTQ: larger matrices (embeddings, 
 GPTQ_GROUP_COLUMNS = 4096
 
 
-def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
-                  symmetric: bool = False, integer_zero: bool = True, damp: float = 0.1,
-                  act_order: bool = False) -> BlockQuantized:
-    """hessian [K, K]: X^T X over calibration activations (any positive scale). With act_order, every block's
-    range is fixed up front on the original weights and columns are quantized from the highest input energy
-    down, so the most important columns are rounded while the most freedom is left to compensate.
+@dataclass
+class GptqHessian:
+    """What GPTQ derives from X^T X, computed once and used for every row chunk of the matrix (or matrices) that
+    read the same input: per column group, the quantization order, the inverse's upper Cholesky factor and the
+    dead columns; and each block's input energy (its diagonal)."""
 
-    float32 in PyTorch on all cores: the inverse Hessian's Cholesky factor is computed once per column group
-    (see GPTQ_GROUP_COLUMNS), each batch of GPTQ_BATCH columns is compensated within itself column by column, and
-    its errors reach the later columns in one matrix product; rows go in chunks of GPTQ_ROWS (each row's result
-    depends only on that row)."""
+    columns: int
+    block_size: int
+    act_order: bool
+    groups: list  # (slice of padded columns, order, upper, dead) per group
+    importance: np.ndarray
+
+
+def prepare_gptq(hessian: np.ndarray, block_size: int = 32, damp: float = 0.1, act_order: bool = False) -> GptqHessian:
+    """hessian [K, K]: X^T X over calibration activations (any positive scale)."""
     import torch
 
-    columns = w.shape[1]
+    columns = hessian.shape[0]
     k = columns + (-columns % block_size)
     h = torch.zeros((k, k), dtype=torch.float32)
     h[:columns, :columns] = torch.from_numpy(np.asarray(hessian, np.float32))
     dead = torch.diagonal(h) <= 0  # padding columns come out dead too: no input reaches them
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
-    importance = _importance(np.diag(hessian), columns, block_size)
-    w = _pad(np.asarray(w, np.float32), block_size)
-    groups = -(-k // GPTQ_GROUP_COLUMNS)
-    width = -(-k // groups // block_size) * block_size  # equal groups of whole blocks
-    parts = []
+    count = -(-k // GPTQ_GROUP_COLUMNS)
+    width = -(-k // count // block_size) * block_size  # equal groups of whole blocks
+    groups = []
     for first in range(0, k, width):
-        last = min(first + width, k)
-        span = slice(first, last)
+        span = slice(first, min(first + width, k))
         sub = h[span, span]
-        order = torch.argsort(-torch.diagonal(sub), stable=True) if act_order else torch.arange(last - first)
-        sub = sub[order][:, order]
-        upper = _inverse_upper_cholesky(sub)
-        del sub
-        chunks = [_gptq_rows(w[start:start + GPTQ_ROWS, span], upper, order, dead[span],
-                             importance[first // block_size:last // block_size], bits, block_size, symmetric,
-                             integer_zero, act_order) for start in range(0, w.shape[0], GPTQ_ROWS)]
+        order = torch.argsort(-torch.diagonal(sub), stable=True) if act_order else torch.arange(sub.shape[0])
+        groups.append((span, order, _inverse_upper_cholesky(sub[order][:, order]), dead[span]))
+    return GptqHessian(columns, block_size, act_order, groups, _importance(np.diag(hessian), columns, block_size))
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray | GptqHessian, bits: int = 4, block_size: int = 32,
+                  symmetric: bool = False, integer_zero: bool = True, damp: float = 0.1,
+                  act_order: bool = False) -> BlockQuantized:
+    """hessian: X^T X [K, K], or what prepare_gptq made of it (then block_size, damp and act_order are its own).
+    With act_order, every block's range is fixed up front on the original weights and columns are quantized from
+    the highest input energy down, so the most important columns are rounded while the most freedom is left to
+    compensate.
+
+    float32 in PyTorch on all cores: the inverse Hessian's Cholesky factor is computed once per column group
+    (see GPTQ_GROUP_COLUMNS), each batch of GPTQ_BATCH columns is compensated within itself, and its errors reach
+    the later columns in one matrix product; rows go in chunks of GPTQ_ROWS (each row's result depends only on
+    that row)."""
+    if not isinstance(hessian, GptqHessian):
+        hessian = prepare_gptq(hessian, block_size, damp, act_order)
+    if w.shape[1] != hessian.columns:
+        raise ValueError(f"a weight of {w.shape[1]} input columns with a Hessian of {hessian.columns}")
+    block_size = hessian.block_size
+    w = _pad(np.asarray(w, np.float32), block_size)
+    parts = []
+    for span, order, upper, dead in hessian.groups:
+        importance = hessian.importance[span.start // block_size:span.stop // block_size]
+        chunks = [_gptq_rows(w[start:start + GPTQ_ROWS, span], upper, order, dead, importance, bits, block_size,
+                             symmetric, integer_zero, hessian.act_order) for start in range(0, w.shape[0], GPTQ_ROWS)]
         parts.append([np.concatenate(p) for p in zip(*chunks)])
     codes, scales, zeros = (np.concatenate(p, axis=1) for p in zip(*parts))
-    return _finish(codes, scales, zeros, bits, block_size, symmetric, columns, integer_zero)
+    return _finish(codes, scales, zeros, bits, block_size, symmetric, hessian.columns, integer_zero)
 
 
 def _inverse_upper_cholesky(h):
     """U, upper triangular, with H^-1 = U^T U (row i: how column i's error spreads onto the later columns). With J
     the reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so U = (J L J)^-1 = J L^-1 J: one factorization and
-    one triangular solve, where inverting H and factoring the inverse takes three."""
+    one triangular inverse, where inverting H and factoring the inverse takes three factorizations."""
     import torch
 
     lower = torch.linalg.cholesky(torch.flip(h, (0, 1)))
-    inverse = torch.linalg.solve_triangular(lower, torch.eye(h.shape[0], dtype=h.dtype), upper=False)
-    return torch.flip(inverse, (0, 1))
+    return torch.flip(_inverse_lower(lower), (0, 1))
+
+
+def _inverse_lower(lower):
+    """L^-1 of a lower triangular L by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. A third
+    of the work of solving against the identity, all of it in matrix products."""
+    import torch
+
+    n = lower.shape[0]
+    if n <= 256:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    half = n // 2
+    a, c = _inverse_lower(lower[:half, :half]), _inverse_lower(lower[half:, half:])
+    out = torch.zeros_like(lower)
+    out[:half, :half], out[half:, half:] = a, c
+    out[half:, :half] = -(c @ lower[half:, :half] @ a)
+    return out
 
 
 def _gptq_rows(w, upper, order, dead, importance, bits, block_size, symmetric, integer_zero, act_order):
@@ -360,7 +397,7 @@ def _gptq_rows(w, upper, order, dead, importance, bits, block_size, symmetric, i
     groups = order // block_size
     top = float((1 << bits) - 1)
     codes = torch.empty((k, n))
-    step = max(GPTQ_BATCH, block_size)  # whole blocks per batch
+    step = block_size * max(1, GPTQ_BATCH // block_size)  # whole blocks per batch
     for start in range(0, k, step):
         stop = min(start + step, k)
         batch = wt[start:stop]  # a view: compensated in place
@@ -381,8 +418,12 @@ def _gptq_rows(w, upper, order, dead, importance, bits, block_size, symmetric, i
             error = errors[j]
             torch.sub(q, zero, out=error)
             error.mul_(scale).sub_(column).div_(-block[j, j])  # (column - dequantized) / d
-            if j + 1 < stop - start:
-                batch[j + 1:].addr_(block[j, j + 1:], error, alpha=-1.0)
+            inner = j - j % block_size + block_size  # rank-1 updates within the block, products past it
+            if j + 1 < min(inner, stop - start):
+                batch[j + 1:inner].addr_(block[j, j + 1:inner], error, alpha=-1.0)
+            if j + 1 == inner and inner < stop - start:
+                first = inner - block_size
+                batch[inner:].addmm_(block[first:inner, inner:].T, errors[first:inner], alpha=-1.0)
         if stop < k:
             wt[stop:].addmm_(upper[start:stop, stop:].T, errors, alpha=-1.0)
     unpermuted = torch.empty_like(codes)

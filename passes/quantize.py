@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.base import ROW_READER, GraphPass, replace_value
-from passes.quantization import (BlockQuantized, concatenate_rows, layout_template, quantize_clip, quantize_gptq,
-                                 quantize_rtn)
+from passes.quantization import (BlockQuantized, concatenate_rows, layout_template, prepare_gptq, quantize_clip,
+                                 quantize_gptq, quantize_rtn)
 from passes.scaling import INPUT_SCALE
 
 METHODS = ("rtn", "clip", "gptq")
@@ -248,12 +248,16 @@ class QuantizeWeights(GraphPass):
                 hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
                 s = input_scale() if input_scale is not None else None
                 if hessian is not None and s is not None:  # the input is x / s now
-                    hessian = (hessian / np.outer(s, s)).astype(np.float32)
+                    s = s.astype(np.float32)
+                    hessian = np.divide(hessian, s[:, None], dtype=np.float32)
+                    hessian /= s[None, :]
                 integer = not opts.float_zero_points
+                if opts.method == "gptq" and hessian is not None:  # once for all row chunks
+                    hessian = prepare_gptq(hessian, block, opts.damp, act_order=True)
 
                 def quantize(w):
                     if opts.method == "gptq" and hessian is not None:
-                        return quantize_gptq(w, hessian, bits, block, symmetric, integer, opts.damp, act_order=True)
+                        return quantize_gptq(w, hessian, bits, block, symmetric, integer)
                     if opts.method in ("gptq", "clip"):
                         importance = None if hessian is None else np.diag(hessian)
                         return quantize_clip(w, importance, bits, block, symmetric, integer)
