@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.mapped_pages import paged_out_while_loading
+
 
 class PackageError(Exception):
     """The folder is not a package this runtime can run; reported as one line."""
@@ -56,7 +58,8 @@ class OnnxPackage(PackageLayout):
         options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            with paged_out_while_loading(self.folder):
+                self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise PackageError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.input_names = {i.name for i in self.session.get_inputs()}

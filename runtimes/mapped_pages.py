@@ -1,0 +1,71 @@
+"""Handing a package's weight-file pages back to the kernel once ONNX Runtime has read them.
+
+ONNX Runtime maps a package's external data file into memory and, at session creation, its CPU kernels pack the
+weights into buffers of their own. MatMulNBits (int8 activations, x86) copies the scales into its packed buffer
+but keeps the mapping of the original scales, so pages it never reads again stay resident: for an 8B INT4
+package the session would hold its packed weights plus most of the scales a second time. Asking the kernel to
+page the file's mapped pages out (madvise MADV_PAGEOUT) drops clean file pages only; any page ONNX Runtime reads
+later comes back from the file, so results are unchanged. Linux only; elsewhere nothing is done."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+MADV_PAGEOUT = 21  # Linux 5.4 and later; older kernels refuse it (EINVAL) and nothing changes
+WATCH_SECONDS = 0.1
+
+
+def _madvise():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def page_out(folder: str | Path) -> int:
+    """Pages out this process's mappings of files inside `folder`; returns how many mappings were advised."""
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    prefix = os.path.realpath(folder) + os.sep
+    advised = 0
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].rstrip("\n").startswith(prefix):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            advised += madvise(start, end - start, MADV_PAGEOUT) == 0
+    return advised
+
+
+@contextmanager
+def paged_out_while_loading(folder: str | Path):
+    """Pages out the folder's mapped files every WATCH_SECONDS while the block runs (ONNX Runtime creates a
+    session without holding the GIL, so this thread runs beside it) and once at the end, so the pages the
+    kernels have finished packing never pile up."""
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(WATCH_SECONDS):
+            page_out(folder)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        page_out(folder)
