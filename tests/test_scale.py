@@ -241,3 +241,22 @@ def test_weight_file_pages_are_handed_back_after_the_session_is_created(tmp_path
     assert resident_kept >= 1024 * 0.9  # the 1 MB of scales stayed resident
     assert _resident_kb(tmp_path) < 64
     np.testing.assert_array_equal(released.run(None, {"a": a})[0], expected)
+
+
+def test_gptq_factors_are_computed_once_and_exact():
+    """The inverse Hessian's upper factor (triangular inverse by halves) satisfies U^T U = H^-1; a prepared
+    Hessian used chunk by chunk gives the codes of the whole matrix quantized at once."""
+    from passes import quantization
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 600)).astype(np.float32) * rng.uniform(0.5, 3, 600).astype(np.float32)
+    h = x.T @ x / 2000
+    upper = quantization._inverse_upper_cholesky(torch.from_numpy(h).double())
+    assert torch.allclose(torch.triu(upper), upper)
+    np.testing.assert_allclose((upper.T @ upper).numpy(), np.linalg.inv(h.astype(np.float64)), rtol=1e-8, atol=1e-10)
+    w = rng.standard_normal((96, 600)).astype(np.float32)
+    whole = quantization.quantize_gptq(w, h, 4, 32, act_order=True)
+    prepared = quantization.prepare_gptq(h, 32, act_order=True)
+    parts = [quantization.quantize_gptq(w[i:i + 32], prepared, 4) for i in range(0, 96, 32)]
+    np.testing.assert_array_equal(np.concatenate([p.codes for p in parts]), whole.codes)
+    np.testing.assert_array_equal(np.concatenate([p.scales for p in parts]), whole.scales)
