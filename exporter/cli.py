@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -235,6 +236,9 @@ def cmd_verify(args) -> int:
                             log=lambda m: print(m, file=sys.stderr))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if result["non_finite"]:
+        print(f"FAILED: {result['non_finite']}")
+        return 1
     print(f"{'PASSED' if result['passed'] else 'FAILED'}: max |logit diff| {result['max_abs_logit_diff']:.2e}, "
           f"greedy tokens {result['greedy_tokens_matched']}/{result['greedy_tokens_compared']}, "
           f"top-1 agreement {result['top1_agreement']:.4f}")
@@ -315,6 +319,14 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so staging folders and locks are cleaned up."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: everything is local
@@ -328,11 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     from runtimes import PackageError
     from targets import TargetError
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return command(args)
     except (UserError, PackageError, TargetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ def default_output(checkpoint: Checkpoint, target: str, precision: str) -> Path:
 
 
 def export(options: ExportOptions) -> Path:
+    with contextlib.ExitStack() as claims:
+        return _export(options, claims)
+
+
+def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
     target = get_target(options.target)
     precision = options.precision or target.default_precision
     target.check_precision(precision)
@@ -65,6 +71,7 @@ def export(options: ExportOptions) -> Path:
     checkpoint = open_checkpoint(resolve_model(options.model, progress.log))
     output = options.output or default_output(checkpoint, target.name, precision)
     pkg.check_output(output, options.force)
+    claims.enter_context(pkg.output_lock(output))
     config = checkpoint.config
     progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
                  f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")
@@ -141,6 +148,8 @@ def export(options: ExportOptions) -> Path:
             parity = verify_package(staging, checkpoint, precision, new_tokens=options.verify_tokens,
                                     log=progress.log)
             progress.end("passed" if parity["passed"] else "FAILED")
+            if parity["non_finite"]:
+                raise UserError(f"{parity['non_finite']}; nothing was written")
             if not parity["passed"]:
                 raise UserError(
                     f"the package does not match the PyTorch reference (max |logit diff| "

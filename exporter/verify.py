@@ -148,8 +148,10 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
     reference = reference if reference is not None else StreamedReference(checkpoint)
     references = reference([prompt + tokens[:-1] for prompt, tokens, _ in runs], log=log)
     max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0
-    per_prompt = []
-    for (prompt, tokens, ours), theirs in zip(runs, references):
+    per_prompt, non_finite = [], None
+    for number, ((prompt, tokens, ours), theirs) in enumerate(zip(runs, references), 1):
+        non_finite = non_finite or _first_non_finite(ours, "the package's", number) or _first_non_finite(
+            theirs, "the PyTorch reference's (the source weights hold NaN or Inf)", number)
         diff = float(np.max(np.abs(ours - theirs)))
         reference_next = theirs[len(prompt) - 1:].argmax(-1)
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference_next)) if a != b), len(tokens))
@@ -161,7 +163,9 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         if log:
             log(f"  prompt {len(per_prompt)}: max |logit diff| {diff:.2e}, greedy {prefix}/{len(tokens)} tokens match")
     top1_agreement = agree / positions
-    passed = top1_agreement >= tolerance.min_top1_agreement
+    if non_finite:
+        max_diff = float("nan")
+    passed = non_finite is None and top1_agreement >= tolerance.min_top1_agreement
     if tolerance.max_abs_logit_diff is not None:
         passed = passed and max_diff <= tolerance.max_abs_logit_diff
     if tolerance.all_greedy_tokens:
@@ -175,9 +179,19 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         "top1_agreement": top1_agreement,
         "positions_compared": positions,
         "tolerance": asdict(tolerance),
+        "non_finite": non_finite,
         "reference": f"transformers {_transformers_version()} LlamaForCausalLM (fp32, eager, one layer at a time)",
         "prompts": per_prompt,
     }
+
+
+def _first_non_finite(logits: np.ndarray, whose: str, prompt_number: int) -> str | None:
+    """Where a logit is NaN or Inf first: such logits compare as equal under max() and argmax(), so they are
+    looked for on their own."""
+    finite = np.isfinite(logits).all(-1)
+    if finite.all():
+        return None
+    return f"{whose} logits are not finite (NaN or Inf) at prompt {prompt_number}, position {int(np.argmin(finite))}"
 
 
 def _transformers_version() -> str:

@@ -1,65 +1,19 @@
-"""Writing package folders: staged in a hidden sibling folder and renamed into place only when complete."""
+"""Writing package folders: the model, its genai_config.json and manifest (staging and the swap into place: staging.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import onnx_ir as ir
 
-from targets.base import TargetError
+from targets.staging import MANIFEST, TOOL, check_output, is_package, output_lock, staged_package  # noqa: F401
 
-MANIFEST = "manifest.json"
-TOOL = "llama-export"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # onnx-ir writes weights concurrently up to this many bytes; one tensor at a time keeps export memory flat.
 _IN_FLIGHT_BYTES = 64 << 20
 DEFAULT_MAX_LENGTH = 4096  # genai's search max_length; the full context would allocate huge KV buffers
-
-
-def is_package(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text()).get("tool") == TOOL
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_output(output: Path, force: bool) -> None:
-    """Refuse, before any work, an output path that exists and is not a package from this tool."""
-    if not output.exists() or force:
-        return
-    if output.is_dir() and (is_package(output) or not any(output.iterdir())):
-        return
-    raise TargetError(f"output path exists and is not a llama-export package: {output} (use --force to replace it)")
-
-
-@contextlib.contextmanager
-def staged_package(output: Path, force: bool):
-    """Yields a staging folder; on success it replaces `output`, on any failure it is deleted."""
-    check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists() or output.is_symlink():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-        staging.rename(output)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        staging.rename(output)
 
 
 def save_model(model: ir.Model, folder: Path, progress=None) -> None:

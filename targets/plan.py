@@ -38,18 +38,30 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, name: str = "model") -> ModelShape:
+        """The sizes a plan needs, each checked: a zero, negative or fractional size names itself."""
         get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
-        try:
-            hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-            return cls(name=name, layers=int(get("num_hidden_layers")), hidden=hidden,
-                       intermediate=int(get("intermediate_size")), heads=heads,
-                       kv_heads=int(get("num_key_value_heads") or heads),
-                       head_dim=int(get("head_dim") or hidden // heads), vocab=int(get("vocab_size")),
-                       tied=bool(get("tie_word_embeddings", False)),
-                       max_context=int(get("max_position_embeddings") or 4096))
-        except (TypeError, ValueError):
-            raise TargetError(f"{name}: the config lacks the sizes a LLaMA plan needs (hidden_size, "
-                              "num_attention_heads, num_hidden_layers, intermediate_size, vocab_size)") from None
+
+        def size(key: str, default=None) -> int:
+            value = get(key)
+            if value is None:
+                value = default
+            if value is None:
+                raise TargetError(f"{name}: the config lacks {key} (a LLaMA plan needs hidden_size, "
+                                  "num_attention_heads, num_hidden_layers, intermediate_size, vocab_size)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+                raise TargetError(f"{name}: {key} is {value!r}; it must be a whole number of at least 1")
+            return int(value)
+
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        kv_heads = size("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise TargetError(f"{name}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                              f"{kv_heads}")
+        return cls(name=name, layers=size("num_hidden_layers"), hidden=hidden,
+                   intermediate=size("intermediate_size"), heads=heads, kv_heads=kv_heads,
+                   head_dim=size("head_dim", hidden // heads or None), vocab=size("vocab_size"),
+                   tied=bool(get("tie_word_embeddings", False)),
+                   max_context=size("max_position_embeddings", 4096))
 
     @classmethod
     def from_json(cls, path: Path) -> ModelShape:

@@ -132,9 +132,10 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matrix_type: str = "Q8_0",
-                    embedding_type: str = "Q8_0", types: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+                    embedding_type: str = "Q8_0", types: dict[str, str] | None = None,
+                    arrays: dict[str, list] | None = None) -> dict[str, np.ndarray]:
     """A GGUF as llama.cpp's converter writes it (quantized matrices, permuted Q/K); returns the HF tensors.
-    `types` overrides the format of single tensors, by GGUF name."""
+    `types` overrides the format of single tensors, by GGUF name; `arrays` adds metadata arrays."""
     import gguf
     from transformers import LlamaForCausalLM
 
@@ -151,6 +152,8 @@ def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matr
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    for key, values in (arrays or {}).items():
+        writer.add_array(key, values)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

@@ -36,6 +36,17 @@ class WeightInfo:
             yield start, self.rows(start, min(start + rows, self.shape[0]))
 
 
+def require_finite(values: np.ndarray, tensor: str, path: Path) -> np.ndarray:
+    """A NaN or Inf in a source tensor named, rather than carried into the package (where NaN logits would
+    compare as equal). One float32 sum finds them; a sum that overflows is checked element by element."""
+    if values.size and not np.isfinite(np.add.reduce(values, axis=None)):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise UserError(f"{path}: tensor '{tensor}' holds {int(bad.sum())} NaN or Inf values (first at index "
+                            f"{tuple(int(i) for i in np.argwhere(bad)[0])}); the checkpoint is corrupt")
+    return values
+
+
 @dataclass
 class Checkpoint:
     name: str
@@ -86,8 +97,62 @@ def require_supported(model_type, where: Path) -> None:
         )
 
 
+def check_sizes(config, where: Path) -> None:
+    """Every size positive and whole, the heads divisible (a config object or a dict of its fields)."""
+    from targets import TargetError
+    from targets.plan import ModelShape
+
+    try:
+        ModelShape.from_config(config, str(where))
+    except TargetError as exc:
+        raise UserError(str(exc)) from None
+
+
 def check_llama_config(config, where: Path) -> None:
+    """Sizes positive and consistent, a rope type transformers knows: checked before anything is built from them."""
     require_supported(getattr(config, "model_type", None), where)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    if heads % kv_heads:
-        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    check_sizes(config, where)
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise UserError(f"{where}: unknown rope type '{rope_type}' in the config (transformers knows default, "
+                            f"{', '.join(ROPE_INIT_FUNCTIONS)})")
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter a LlamaForCausalLM of this config holds, with its shape, from the config alone."""
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+             "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+             "mlp.down_proj.weight": (hidden, inter)}
+    if getattr(config, "attention_bias", False):
+        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+                      "self_attn.o_proj.bias": (hidden,)})
+    if getattr(config, "mlp_bias", False):
+        layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (hidden,)})
+    for index in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def check_weights_match_config(checkpoint: Checkpoint) -> None:
+    """The layer count first (a config claiming 100000 layers is refused before anything is sized by it), then
+    every tensor's shape, from the headers alone."""
+    layers = checkpoint.config.num_hidden_layers
+    present = {int(name.split(".")[2]) for name in checkpoint.weights if name.startswith("model.layers.")
+               and name.split(".")[2].isdigit()}
+    if layers != (max(present) + 1 if present else 0):
+        raise UserError(f"{checkpoint.path}: the config gives {layers} decoder layers, the weights hold "
+                        f"{len(present)} (layer indices {min(present, default=0)}..{max(present, default=-1)}); "
+                        "fix num_hidden_layers or the missing weight files")
+    checkpoint.check_complete(expected_shapes(checkpoint.config))

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from exporter.errors import UserError
-from exporter.sources.base import Checkpoint, WeightInfo, check_llama_config, require_supported
+from exporter.sources.base import (Checkpoint, WeightInfo, check_llama_config, check_sizes,
+                                   check_weights_match_config, require_finite, require_supported)
 
 # GGUF tensor name -> Hugging Face parameter name (per-layer names take the block index).
 _GLOBAL_NAMES = {
@@ -64,11 +65,12 @@ def _config_from_metadata(reader, path: Path):
         kv_heads = int(_field(reader, p + "attention.head_count_kv", heads))
         layers = int(_field(reader, p + "block_count"))
         intermediate = int(_field(reader, p + "feed_forward_length"))
-    except TypeError:
-        raise UserError(f"{path}: GGUF metadata lacks the model dimensions") from None
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    vocab = int(_field(reader, p + "vocab_size", len(tokens)))
-    head_dim = int(_field(reader, p + "attention.key_length", hidden // heads))
+        tokens = _field(reader, "tokenizer.ggml.tokens") or []
+        vocab = int(_field(reader, p + "vocab_size", len(tokens)))
+        head_dim = int(_field(reader, p + "attention.key_length", hidden // heads if heads > 0 else 0))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: GGUF metadata lacks the model dimensions (or holds them as something other "
+                        "than whole numbers)") from None
     rope = {"rope_type": "default", "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0))}
     scaling = _field(reader, p + "rope.scaling.type")
     if scaling == "linear":
@@ -82,43 +84,50 @@ def _config_from_metadata(reader, path: Path):
             "export the Hugging Face folder instead"
         )
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
-        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_parameters=rope,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", eos),
-    )
+    check_sizes(dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     num_hidden_layers=layers, intermediate_size=intermediate, vocab_size=vocab, head_dim=head_dim),
+                path)
+    try:
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
+            rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_parameters=rope,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", eos),
+        )
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise UserError(f"{path}: GGUF metadata does not make a LLaMA config ({exc})") from None
 
 
-def _tensor_loader(tensor, n_heads: int | None):
+def _tensor_loader(tensor, n_heads: int | None, path: Path):
     def load() -> np.ndarray:
         from gguf import dequantize
 
         values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         values = values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        require_finite(values, tensor.name, path)
         return unpermute_rows(values, n_heads) if n_heads else values
 
     return load
 
 
-def _rows_loader(tensor):
+def _rows_loader(tensor, path: Path):
     """Rows of a tensor stored row by row (every GGUF type: a row is whole blocks)."""
     def load_rows(start: int, stop: int) -> np.ndarray:
         from gguf import dequantize
 
         columns = int(tensor.shape[0])
         values = dequantize(np.asarray(tensor.data)[start:stop], tensor.tensor_type).astype(np.float32, copy=False)
-        return values.reshape(-1, columns)
+        return require_finite(values.reshape(-1, columns), tensor.name, path)
 
     return load_rows
 
@@ -127,7 +136,7 @@ def _rows_loader(tensor):
 _BLOCK_FORMATS = {"Q4_0": (18, False, 4), "Q4_1": (20, True, 4), "Q8_0": (34, False, 8)}
 
 
-def _quantized_loader(tensor, n_heads: int | None):
+def _quantized_loader(tensor, n_heads: int | None, path: Path):
     """The tensor's own blocks as codes/scales (None for other formats): Q4_0 is d*(q-8), Q8_0 is d*q with q
     signed (stored here as q+128 around the midpoint 128), Q4_1 is d*q+m (kept as scale and minimum)."""
     kind = tensor.tensor_type.name
@@ -149,6 +158,9 @@ def _quantized_loader(tensor, n_heads: int | None):
             codes = np.concatenate([body & 0x0F, body >> 4], axis=-1)
             zero_points = None
         minimums = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else None
+        require_finite(scales, tensor.name, path)
+        if minimums is not None:
+            require_finite(minimums, tensor.name, path)
         codes = codes.reshape(rows, -1)
         if n_heads:
             codes, scales = unpermute_rows(codes, n_heads), unpermute_rows(scales, n_heads)
@@ -161,6 +173,9 @@ def _quantized_loader(tensor, n_heads: int | None):
 def _open_reader(path: Path):
     from gguf import GGUFReader
 
+    from exporter.sources.gguf_layout import check_gguf_layout
+
+    check_gguf_layout(path)
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError, struct errors, or numpy errors on bad files
@@ -189,24 +204,19 @@ def open_gguf(path: Path) -> Checkpoint:
             n_heads = config.num_key_value_heads
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         block_format = _BLOCK_FORMATS.get(tensor.tensor_type.name)
-        weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads),
-                                   load_quantized=_quantized_loader(tensor, n_heads),
+        weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads, path),
+                                   load_quantized=_quantized_loader(tensor, n_heads, path),
                                    quantized_bits=block_format[2] if block_format else None,
                                    quantized_minimums=bool(block_format and block_format[1]),
-                                   load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor))
+                                   load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor, path))
 
     def write_tokenizer(dest: Path) -> list[str]:
         return write_gguf_tokenizer(path, reader, config, dest)
 
-    return Checkpoint(
-        name=path.stem,
-        kind="gguf",
-        path=path,
-        config=config,
-        weights=weights,
-        files=[path],
-        write_tokenizer=write_tokenizer,
-    )
+    checkpoint = Checkpoint(name=path.stem, kind="gguf", path=path, config=config, weights=weights, files=[path],
+                            write_tokenizer=write_tokenizer)
+    check_weights_match_config(checkpoint)
+    return checkpoint
 
 
 def write_gguf_tokenizer(path: Path, reader, config, dest: Path) -> list[str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from exporter.errors import UserError
-from exporter.sources.base import Checkpoint, WeightInfo, check_llama_config, require_supported
+from exporter.sources.base import (Checkpoint, WeightInfo, check_llama_config, check_weights_match_config,
+                                   require_finite, require_supported)
 
 # Files a runtime tokenizer needs; tokenizer.model is left out on purpose: onnxruntime-genai prefers it over
 # tokenizer.json when present, and tokenizer.json is what every runtime here reads.
@@ -26,6 +27,8 @@ def _load_config(folder: Path):
         raw = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_path}: not a config (a JSON object with model_type, hidden_size, ...)")
     require_supported(raw.get("model_type"), folder)
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -56,8 +59,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+# safetensors dtypes a floating-point checkpoint holds, with their sizes in bytes.
+_FLOAT_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+
+
 def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of one safetensors file, checking that the file holds all the bytes it declares."""
+    """Tensor shapes of one safetensors file, each entry checked against its dtype and the file's length: data
+    ranges in bounds, of the size their shape needs, not overlapping."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -65,19 +73,53 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length is past the end of the file")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
-    shapes, data_end = {}, 0
+    shapes, ranges = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        shapes[name] = tuple(info["shape"])
-        data_end = max(data_end, info["data_offsets"][1])
-    if 8 + header_len + data_end > size:
-        raise UserError(
-            f"{path}: truncated safetensors file ({size} bytes, its header describes {8 + header_len + data_end})"
-        )
+        shape, begin, end = _check_entry(path, name, info)
+        if 8 + header_len + end > size:
+            raise UserError(f"{path}: truncated safetensors file ({size} bytes; tensor '{name}' ends at byte "
+                            f"{8 + header_len + end})")
+        shapes[name] = shape
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, name), (begin, _, other) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise UserError(f"{path}: tensors '{name}' and '{other}' overlap in the file (corrupt safetensors)")
     return shapes
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, info) -> tuple[tuple[int, ...], int, int]:
+    def bad(what: str):
+        return UserError(f"{path}: tensor '{name}' {what}")
+
+    if not isinstance(info, dict):
+        raise bad("has no dtype, shape and data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _FLOAT_DTYPES:
+        raise bad(f"has dtype {dtype!r}; llama-export reads {', '.join(_FLOAT_DTYPES)} checkpoints (convert "
+                  "quantized or integer weights to one of them first)")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise bad(f"has shape {shape!r}; expected a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise bad(f"has data_offsets {offsets!r}; expected [begin, end] with begin <= end")
+    elements = 1
+    for d in shape:
+        elements *= d
+    if offsets[1] - offsets[0] != elements * _FLOAT_DTYPES[dtype]:
+        raise bad(f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} in {dtype} needs "
+                  f"{elements * _FLOAT_DTYPES[dtype]}")
+    return tuple(shape), offsets[0], offsets[1]
 
 
 def _tensor_loader(path: Path, name: str):
@@ -86,7 +128,7 @@ def _tensor_loader(path: Path, name: str):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32).numpy()
+            return require_finite(f.get_tensor(name).to(torch.float32).numpy(), name, path)
 
     return load
 
@@ -97,7 +139,7 @@ def _rows_loader(path: Path, name: str):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return f.get_slice(name)[start:stop].to(torch.float32).numpy()
+            return require_finite(f.get_slice(name)[start:stop].to(torch.float32).numpy(), name, path)
 
     return load_rows
 
@@ -119,12 +161,7 @@ def open_hf_folder(folder: Path) -> Checkpoint:
                 written.append(name)
         return written
 
-    return Checkpoint(
-        name=folder.name,
-        kind="hf",
-        path=folder,
-        config=config,
-        weights=weights,
-        files=[folder / "config.json", *files],
-        write_tokenizer=write_tokenizer,
-    )
+    checkpoint = Checkpoint(name=folder.name, kind="hf", path=folder, config=config, weights=weights,
+                            files=[folder / "config.json", *files], write_tokenizer=write_tokenizer)
+    check_weights_match_config(checkpoint)
+    return checkpoint

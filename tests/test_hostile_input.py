@@ -1,0 +1,189 @@
+"""Hostile files, races and signals, through the real CLI: each ends in one line naming the problem, in bounded
+time and memory, with nothing half-written and no user file touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_hf_model, run_cli, write_tiny_gguf
+from test_bad_input import assert_clean_failure, copy_with_config, error_lines
+
+# A header case must refuse within this: no allocation from a claimed count, no skeleton from a claimed size.
+HEADER_SECONDS, HEADER_MEMORY_KB = 60, 2 << 20
+
+
+def run_bounded(*args: str) -> subprocess.CompletedProcess:
+    """The CLI under /usr/bin/time-like limits: an address-space cap makes unbounded growth fail, not swap."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (HEADER_MEMORY_KB * 1024 * 2, HEADER_MEMORY_KB * 1024 * 2))
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=HEADER_SECONDS * 2, preexec_fn=limit)
+    assert time.monotonic() - started < HEADER_SECONDS, args
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert usage < HEADER_MEMORY_KB, f"{usage} kB"
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_hf_model(tmp_path_factory.mktemp("hostile") / "tiny", "llama2-gqa")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_bytes(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("hostile-gguf") / "tiny.gguf"
+    write_tiny_gguf(path, arrays={"tokenizer.ggml.token_type": [1, 1, 1]})
+    return path.read_bytes()
+
+
+def patch_after(data: bytes, marker: bytes, fmt: str, value, skip: int = 0) -> bytes:
+    """`value` packed over the bytes `skip` bytes after the first occurrence of `marker`."""
+    at = data.index(marker) + len(marker) + skip
+    return data[:at] + struct.pack("<" + fmt, value) + data[at + struct.calcsize("<" + fmt):]
+
+
+def export_fails(tmp_path: Path, model: Path, *fragments: str) -> None:
+    out = tmp_path / "out"
+    assert_clean_failure(run_bounded("--model", str(model), "-o", str(out), "--no-verify"), out, *fragments)
+
+
+# 2. A GGUF array claiming 2^62 entries.
+def test_gguf_array_length_past_the_file_is_refused(tmp_path, tiny_gguf_bytes):
+    path = tmp_path / "huge-array.gguf"
+    path.write_bytes(patch_after(tiny_gguf_bytes, b"tokenizer.ggml.token_type", "Q", 1 << 62, skip=8))
+    export_fails(tmp_path, path, "huge-array.gguf", "tokenizer.ggml.token_type")
+    plan = run_bounded("plan", "--target", "jetson-orin", "--model", str(path))
+    assert plan.returncode == 1 and len(error_lines(plan.stderr)) == 1 and "token_type" in plan.stderr
+
+
+# 3. A config or GGUF claiming 100000 layers.
+def test_config_claiming_100000_layers_is_refused_before_tracing(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "deep", num_hidden_layers=100000)
+    export_fails(tmp_path, folder, "100000 decoder layers", "the weights hold 2")
+
+
+def test_gguf_claiming_100000_layers_is_refused_before_tracing(tmp_path, tiny_gguf_bytes):
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(patch_after(tiny_gguf_bytes, b"llama.block_count", "I", 100000, skip=4))
+    export_fails(tmp_path, path, "100000 decoder layers")
+
+
+# 1 (GGUF form) and 8: tensor data ranges that overlap or a head count of zero.
+def test_gguf_with_overlapping_tensors_is_refused(tmp_path, tiny_gguf_bytes):
+    name = b"blk.0.attn_k.weight"
+    at = tiny_gguf_bytes.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", tiny_gguf_bytes, at)[0]
+    offset_at = at + 4 + 8 * n_dims + 4
+    path = tmp_path / "overlap.gguf"
+    path.write_bytes(tiny_gguf_bytes[:offset_at] + struct.pack("<Q", 0) + tiny_gguf_bytes[offset_at + 8:])
+    export_fails(tmp_path, path, "overlap", "blk.0.attn_k.weight")
+
+
+def test_gguf_head_count_zero_is_refused(tmp_path, tiny_gguf_bytes):
+    path = tmp_path / "heads.gguf"
+    path.write_bytes(patch_after(tiny_gguf_bytes, b"llama.attention.head_count", "I", 0, skip=4))
+    export_fails(tmp_path, path, "num_attention_heads is 0")
+
+
+# 8 and 11: absurd configs, in export and in plan.
+@pytest.mark.parametrize("changes, fragment", [
+    ({"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+    ({"vocab_size": -5}, "vocab_size is -5"),
+    ({"vocab_size": 10 ** 12}, "model.embed_tokens.weight"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings is 0"),
+    ({"rope_scaling": {"rope_type": "warp", "factor": 2.0}}, "unknown rope type 'warp'"),
+])
+def test_absurd_config_is_refused_in_export_and_plan(tmp_path, tiny_folder, changes, fragment):
+    folder = copy_with_config(tiny_folder, tmp_path / "model", **changes)
+    export_fails(tmp_path, folder, fragment)
+    if "rope_scaling" not in changes and changes != {"vocab_size": 10 ** 12}:
+        plan = run_bounded("plan", "--target", "jetson-orin", "--config", str(folder / "config.json"))
+        assert plan.returncode == 1 and len(error_lines(plan.stderr)) == 1, plan.stderr
+        assert fragment in plan.stderr and "Traceback" not in plan.stderr
+
+
+def test_plan_refuses_zero_heads(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "model", num_attention_heads=0)
+    plan = run_bounded("plan", "--target", "jetson-orin", "--config", str(folder / "config.json"))
+    assert plan.returncode == 1 and "num_attention_heads is 0" in plan.stderr and "fits" not in plan.stdout
+
+
+def test_config_that_is_a_json_list_is_refused(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "model")
+    (folder / "config.json").write_text("[1, 2, 3]")
+    export_fails(tmp_path, folder, "config.json", "not a config")
+
+
+# 8: safetensors headers whose entries lie.
+def rewrite_safetensors_header(folder: Path, edit) -> None:
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    encoded = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    assert len(encoded) == length, "the edit must not lengthen the header"
+    path.write_bytes(data[:8] + encoded + data[8 + length:])
+
+
+def first_matrix(header: dict) -> str:
+    return next(name for name, info in header.items() if name != "__metadata__" and len(info["shape"]) == 2)
+
+
+def last_matrix(header: dict) -> str:
+    return max((info["data_offsets"][0], name) for name, info in header.items()
+               if name != "__metadata__" and len(info["shape"]) == 2)[1]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda h: h[first_matrix(h)].update(dtype="I8"), "dtype 'I8'"),
+    (lambda h: h[first_matrix(h)].update(dtype="F16"), "needs"),
+    (lambda h: h[first_matrix(h)].update(data_offsets=h[first_matrix(h)]["data_offsets"][::-1]), "begin <= end"),
+    (lambda h: h[last_matrix(h)].update(data_offsets=[0, h[last_matrix(h)]["data_offsets"][1]
+                                                     - h[last_matrix(h)]["data_offsets"][0]]), "overlap"),
+])
+def test_safetensors_entries_that_lie_are_refused(tmp_path, tiny_folder, edit, fragment):
+    folder = copy_with_config(tiny_folder, tmp_path / "model")
+    rewrite_safetensors_header(folder, edit)
+    export_fails(tmp_path, folder, "model.safetensors", fragment)
+
+
+# 1: a NaN in the source is named; a package whose logits are NaN fails verify.
+def test_nan_weight_in_the_source_is_named(tmp_path, tiny_folder):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_with_config(tiny_folder, tmp_path / "model")
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.isnan(load_file(str(folder / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"]).any()
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("--model", str(folder), "-o", str(out)), out, "model.layers.1.mlp.up_proj.weight",
+                         "NaN")
+
+
+def test_verify_fails_a_package_with_nan_logits(tmp_path, tiny_folder):
+    out = tmp_path / "pkg"
+    assert run_cli("--model", str(tiny_folder), "-o", str(out), "-q", "--no-verify").returncode == 0
+    data = out / "model.onnx.data"
+    values = np.fromfile(data, np.float32)
+    values[:] = np.nan
+    values.tofile(data)
+    result = run_cli("verify", str(out))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not finite" in result.stdout and "prompt 1, position 0" in result.stdout, result.stdout
