@@ -184,6 +184,12 @@ def cmd_run(args) -> int:
     if not prompt:
         print(f"{PROG} run: error: the prompt encodes to no tokens", file=sys.stderr)
         return 2
+    package.check_length(len(prompt))
+    if package.context_length and len(prompt) + args.max_new_tokens > package.context_length:
+        print(f"{PROG} run: error: the prompt's {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} "
+              f"pass the package's context of {package.context_length}; use --max-new-tokens "
+              f"{package.context_length - len(prompt)} or less", file=sys.stderr)
+        return 2
     stream = TextStream(tokenizer.decode)
     start, first, count = time.perf_counter(), None, 0
     sys.stdout.write(args.prompt)
@@ -217,7 +223,8 @@ def open_for_run(folder: Path, threads: int | None):
 def cmd_verify(args) -> int:
     from exporter.errors import UserError
     from exporter.sources import open_checkpoint
-    from exporter.verify import TOLERANCES, verify_package
+    from exporter.verify import TOLERANCES, check_same_shape, verify_package
+    from runtimes.onnx_package import PackageLayout
     from targets.package import MANIFEST, is_package
 
     if not args.package.is_dir():
@@ -231,8 +238,10 @@ def cmd_verify(args) -> int:
     precision = manifest["precision"]
     if precision not in TOLERANCES:
         raise UserError(f"no tolerance defined for precision '{precision}'")
+    checkpoint = open_checkpoint(source)
+    check_same_shape(PackageLayout(args.package), checkpoint)
     print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
-    result = verify_package(args.package, open_checkpoint(source), precision, new_tokens=args.tokens,
+    result = verify_package(args.package, checkpoint, precision, new_tokens=args.tokens,
                             log=lambda m: print(m, file=sys.stderr))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -42,6 +42,9 @@ def package_perplexity(folder: Path, text: str, window: int = DEFAULT_WINDOW, lo
     from runtimes.tokenizer import PackageTokenizer
 
     package = OnnxPackage(folder)
+    if package.context_length and window > package.context_length:
+        raise UserError(f"--window {window} is longer than the package's context of {package.context_length}; "
+                        f"use --window {package.context_length} or less")
     ids = PackageTokenizer(folder).tokenizer.encode(text, add_special_tokens=False).ids
     return _perplexity(ids, window, lambda chunk: Decoder(package).prefill(chunk), str(folder), log)
 
@@ -54,6 +57,10 @@ def source_perplexity(source: str, text: str, window: int = DEFAULT_WINDOW, log=
     from exporter.verify import reference_model
 
     checkpoint = open_checkpoint(Path(source).expanduser())
+    positions = checkpoint.config.max_position_embeddings
+    if window > positions:
+        raise UserError(f"--window {window} is longer than the model's {positions} positions; use --window "
+                        f"{positions} or less")
     ids = tokenize(checkpoint, text)
     model = reference_model(checkpoint)
     with torch.no_grad():

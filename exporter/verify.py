@@ -131,6 +131,7 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
     from runtimes import Decoder, OnnxPackage
 
     package = OnnxPackage(folder)
+    check_same_shape(package, checkpoint)
     tolerance = TOLERANCES[precision]
     runs = []
     for prompt in _prompt_ids(folder):
@@ -183,6 +184,21 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         "reference": f"transformers {_transformers_version()} LlamaForCausalLM (fp32, eager, one layer at a time)",
         "prompts": per_prompt,
     }
+
+
+def check_same_shape(package, checkpoint: Checkpoint) -> None:
+    """The reference must be the package's model: another size cannot be compared logit for logit."""
+    from exporter.errors import UserError
+
+    config = checkpoint.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pairs = {"layers": (package.num_layers, config.num_hidden_layers), "vocabulary": (package.vocab_size,
+             config.vocab_size), "kv heads": (package.kv_heads, config.num_key_value_heads),
+             "head size": (package.head_size, head_dim)}
+    differ = [f"{what} {ours} vs {theirs}" for what, (ours, theirs) in pairs.items() if ours != theirs]
+    if differ:
+        raise UserError(f"{checkpoint.path} is not this package's model ({', '.join(differ)}); pass the source it "
+                        "was exported from as --reference")
 
 
 def _first_non_finite(logits: np.ndarray, whose: str, prompt_number: int) -> str | None:

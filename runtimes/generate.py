@@ -18,6 +18,7 @@ class Decoder:
         self.length = 0
 
     def _run(self, ids: list[int]) -> np.ndarray:
+        self.package.check_length(self.length + len(ids))
         input_ids = np.asarray([ids], dtype=np.int64)
         positions = np.arange(self.length, self.length + len(ids), dtype=np.int64)[None, :]
         mask = np.ones((1, self.length + len(ids)), dtype=np.int64)

@@ -27,15 +27,24 @@ class PackageLayout:
             raise PackageError(f"{self.folder}: not a package (no genai_config.json)")
         try:
             self.genai_config = json.loads(config_path.read_text())
-            decoder = self.genai_config["model"]["decoder"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             raise PackageError(f"{config_path}: unreadable ({exc})") from None
+        try:
+            self._read_layout(self.genai_config)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PackageError(f"{config_path}: not the genai_config.json of a decoder package (field {exc} missing "
+                               "or of the wrong type); re-export the package") from None
+
+    def _read_layout(self, genai_config: dict) -> None:
+        model = genai_config["model"]
+        decoder = model["decoder"]
         self.decoder_config = decoder
-        self.num_layers = decoder["num_hidden_layers"]
-        self.kv_heads = decoder["num_key_value_heads"]
-        self.head_size = decoder["head_size"]
-        self.vocab_size = self.genai_config["model"]["vocab_size"]
-        eos = self.genai_config["model"].get("eos_token_id")
+        self.num_layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_size = int(decoder["head_size"])
+        self.vocab_size = int(model["vocab_size"])
+        self.context_length = int(model.get("context_length") or 0) or None  # None: not stated
+        eos = model.get("eos_token_id")
         self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         names = decoder["inputs"]
         self.past_names = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.num_layers)]
@@ -43,6 +52,12 @@ class PackageLayout:
         self.present_names = [
             (outputs["present_key_names"] % i, outputs["present_value_names"] % i) for i in range(self.num_layers)
         ]
+
+    def check_length(self, tokens: int) -> None:
+        """Refuse a sequence longer than the package's context (its rotary tables end there)."""
+        if self.context_length is not None and tokens > self.context_length:
+            raise PackageError(f"{self.folder}: {tokens} tokens is past the package's context of "
+                               f"{self.context_length}; shorten the prompt or generate fewer tokens")
 
 
 class OnnxPackage(PackageLayout):

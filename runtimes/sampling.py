@@ -7,7 +7,7 @@ import numpy as np
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        if not (temperature >= 0 and top_k >= 0 and 0 < top_p <= 1) or not np.isfinite(temperature):  # NaN fails
             raise ValueError("need temperature >= 0, top-k >= 0 and 0 < top-p <= 1")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)

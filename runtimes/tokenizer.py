@@ -13,7 +13,8 @@ class PackageTokenizer:
 
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise PackageError(f"{folder}: no tokenizer.json in the package; pass token ids instead of text")
+            raise PackageError(f"{folder}: no tokenizer.json in the package, so text cannot be encoded; copy the "
+                               "model's tokenizer.json into the package folder")
         self.tokenizer = Tokenizer.from_file(str(path))
 
     def encode(self, text: str) -> list[int]:

@@ -18,6 +18,7 @@ from targets.base import TargetError
 MANIFEST = "manifest.json"
 TOOL = "llama-export"
 _STAGING_RE = re.compile(r"\..+\.partial-(\d+)(-old)?")
+_LOCK_RE = re.compile(r"\..+\.lock")
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # Linux renameat2 flags
 
 
@@ -86,12 +87,33 @@ def _inode(path: Path) -> int | None:
 
 
 def _sweep_dead_staging(folder: Path) -> None:
-    """Staging folders left by exports that were killed (their PID no longer runs)."""
+    """Staging folders and lock files left by exports that were killed (their PID no longer runs)."""
     for entry in folder.iterdir():
         match = _STAGING_RE.fullmatch(entry.name)
-        if not match or not entry.is_dir() or entry.is_symlink() or _pid_alive(int(match.group(1))):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif _LOCK_RE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            _remove_dead_lock(entry)
+
+
+def _remove_dead_lock(path: Path) -> None:
+    """A lock file holding a PID that no process locks any more (one holding other text is not ours)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        if not os.pread(fd, 32, 0).decode(errors="replace").strip().isdigit():
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == _inode(path):
+            path.unlink()
+    except OSError:  # held by a running export, or gone meanwhile
+        pass
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -118,6 +140,10 @@ def staged_package(output: Path, force: bool):
         yield staging
         check_output(output, force)
         _swap_into_place(staging, output)
+    except OSError as exc:  # a full disk, a quota, a file size limit: named with the space left
+        free = shutil.disk_usage(output.parent).free / 1e9
+        raise TargetError(f"writing the package at {output} failed: {exc.strerror or exc} ({free:.1f} GB free "
+                          "there); free some space or choose another --output") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the replaced package
 

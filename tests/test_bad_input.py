@@ -65,7 +65,7 @@ def test_not_a_gguf(tmp_path):
     path = tmp_path / "junk.gguf"
     path.write_bytes(b"this is not a gguf file at all" * 10)
     out = tmp_path / "out"
-    assert_clean_failure(run_cli("--model", str(path), "-o", str(out)), out, "not a readable GGUF")
+    assert_clean_failure(run_cli("--model", str(path), "-o", str(out)), out, "not a GGUF file", "junk.gguf")
 
 
 def copy_with_config(source: Path, folder: Path, **changes) -> Path:
@@ -85,7 +85,14 @@ def test_non_llama_architecture(tmp_path, tiny_folder):
 def test_missing_tensor(tmp_path, tiny_folder):
     folder = copy_with_config(tiny_folder, tmp_path / "model", num_hidden_layers=3)  # the weights hold two
     out = tmp_path / "out"
-    assert_clean_failure(run_cli("--model", str(folder), "-o", str(out)), out, "model.layers.2")
+    assert_clean_failure(run_cli("--model", str(folder), "-o", str(out)), out, "3 decoder layers", "hold 2")
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_with_config(tiny_folder, tmp_path / "model-1")
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert_clean_failure(run_cli("--model", str(folder), "-o", str(out)), out, "model.layers.1.mlp.up_proj.weight")
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])

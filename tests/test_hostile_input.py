@@ -187,3 +187,179 @@ def test_verify_fails_a_package_with_nan_logits(tmp_path, tiny_folder):
     result = run_cli("verify", str(out))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "not finite" in result.stdout and "prompt 1, position 0" in result.stdout, result.stdout
+
+
+# 4, 5 and 12: races and signals while an export writes.
+def start_export(model: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "exporter.cli", "--model", str(model), "-o", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def wait_for(pattern: str, folder: Path, process: subprocess.Popen, seconds: float = 300) -> Path:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = list(folder.glob(pattern))
+        if found:
+            return found[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"{pattern} never appeared")
+
+
+def test_sigterm_mid_write_cleans_up_and_says_so(tmp_path, tiny_folder):
+    out = tmp_path / "pkg"
+    process = start_export(tiny_folder, out)
+    wait_for(".pkg.partial-*", tmp_path, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "terminated (SIGTERM)" in stderr.strip().splitlines()[-1], stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "staging, lock or package left behind"
+
+
+def test_staging_of_a_killed_export_is_swept_by_the_next_run(tmp_path, tiny_folder):
+    out = tmp_path / "pkg"
+    process = start_export(tiny_folder, out)
+    staging = wait_for(".pkg.partial-*", tmp_path, process)
+    process.kill()
+    process.communicate()
+    assert staging.is_dir()
+    assert run_cli("--model", str(tiny_folder), "-o", str(tmp_path / "other"), "-q", "--no-verify").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_a_folder_created_at_the_output_during_the_export_is_never_replaced(tmp_path, tiny_folder):
+    out = tmp_path / "pkg"
+    process = start_export(tiny_folder, out)
+    wait_for(".pkg.partial-*", tmp_path, process)
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and len(error_lines(stderr)) == 1, stderr
+    assert "is not a llama-export package" in stderr and str(out) in stderr
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not list(tmp_path.glob(".pkg.*"))
+
+
+def test_a_second_export_to_the_same_output_refuses(tmp_path, tiny_folder):
+    out = tmp_path / "pkg"
+    first = start_export(tiny_folder, out, "--no-verify")
+    wait_for(".pkg.lock", tmp_path, first)
+    second = run_cli("--model", str(tiny_folder), "-o", str(out), "--no-verify")
+    assert second.returncode == 1 and len(error_lines(second.stderr)) == 1, second.stderr
+    assert f"another export is writing {out} (pid {first.pid})" in second.stderr
+    first.communicate(timeout=300)
+    assert first.returncode == 0 and (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+# 6: the output is the current folder.
+def test_output_dot_is_refused_up_front(tmp_path, tiny_folder):
+    here = tmp_path / "empty"
+    here.mkdir()
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(tiny_folder), "--output", "."],
+                            capture_output=True, text=True, cwd=here, timeout=300)
+    assert result.returncode == 1 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert "is the current folder" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any(here.iterdir())
+
+
+# 8: an output folder that cannot be written is found before tracing; a full disk is named with its space.
+def test_unwritable_output_is_refused_before_tracing(tmp_path, tiny_folder):
+    result = run_bounded("--model", str(tiny_folder), "-o", "/proc/llama-export-package")
+    assert result.returncode == 1 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert "cannot write the package beside /proc/llama-export-package" in result.stderr
+    assert "Tracing" not in result.stderr
+
+
+def test_a_write_that_runs_out_of_room_is_named(tmp_path, tiny_folder):
+    import resource
+
+    out = tmp_path / "pkg"
+
+    def small_files():  # writes past 64 kB fail with EFBIG, as they would on a full disk with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    result = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(tiny_folder), "-o", str(out),
+                             "--no-verify"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            preexec_fn=small_files)
+    assert_clean_failure(result, out, f"writing the package at {out} failed", "GB free there")
+
+
+# 7, 9 and 8 (run and verify): a small package run past its context, without a tokenizer, with a bad config.
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory, tiny_folder) -> Path:
+    out = tmp_path_factory.mktemp("hostile-pkg") / "pkg"
+    result = run_cli("--model", str(tiny_folder), "-o", str(out), "-q", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_package(package: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(package, dest)
+    return dest
+
+
+def test_context_is_enforced_in_run_and_eval(tmp_path, tiny_package):
+    context = json.loads((tiny_package / "genai_config.json").read_text())["model"]["context_length"]
+    long_prompt = " ".join(["the quick brown fox"] * context)
+    result = run_cli("run", str(tiny_package), "--prompt", long_prompt, "--max-new-tokens", "2")
+    assert result.returncode != 0 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert f"past the package's context of {context}" in result.stderr and result.stdout == ""
+    result = run_cli("run", str(tiny_package), "--prompt", "the fox", "--max-new-tokens", str(context))
+    assert result.returncode == 2 and "--max-new-tokens" in result.stderr and result.stdout == ""
+    text = tmp_path / "text.txt"
+    text.write_text(long_prompt)
+    result = run_cli("eval", str(tiny_package), "--text", str(text), "--window", str(context + 1))
+    assert result.returncode == 1 and f"--window {context + 1} is longer" in result.stderr, result.stderr
+
+
+def test_run_without_a_tokenizer_says_what_to_copy(tmp_path, tiny_package):
+    package = copy_package(tiny_package, tmp_path / "pkg")
+    (package / "tokenizer.json").unlink()
+    result = run_cli("run", str(package), "--prompt", "hello")
+    assert result.returncode == 1 and "copy the model's tokenizer.json" in result.stderr
+    assert "token ids" not in result.stderr
+
+
+@pytest.mark.parametrize("config", [{"model": []}, {"model": {"decoder": {"num_hidden_layers": "two"}}}, [1]])
+def test_run_on_a_wrong_genai_config_is_one_line(tmp_path, tiny_package, config):
+    package = copy_package(tiny_package, tmp_path / "pkg")
+    (package / "genai_config.json").write_text(json.dumps(config))
+    result = run_cli("run", str(package), "--prompt", "hello")
+    assert result.returncode == 1 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert "genai_config.json" in result.stderr and "internal error" not in result.stderr
+
+
+def test_run_refuses_nan_temperature(tiny_package):
+    result = run_cli("run", str(tiny_package), "--prompt", "hello", "--temperature", "nan")
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1 and "temperature" in result.stderr
+
+
+def test_verify_against_a_model_of_another_size_is_refused(tmp_path, tiny_package):
+    other = make_hf_model(tmp_path / "other", "llama2-gqa", num_hidden_layers=3)
+    result = run_cli("verify", str(tiny_package), "--reference", str(other))
+    assert result.returncode == 1 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert "is not this package's model (layers 2 vs 3)" in result.stderr
+
+
+# 10: a tokenizer file linked from outside the model folder is not copied into the package.
+def test_tokenizer_linked_from_outside_the_folder_is_refused(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "model")
+    outside = tmp_path / "secret.json"
+    outside.write_text('{"secret": true}')
+    (folder / "tokenizer_config.json").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").symlink_to(outside)
+    export_fails(tmp_path, folder, "tokenizer_config.json", "outside the model folder")
+
+
+# 8: a GGUF token that is not UTF-8.
+def test_gguf_token_with_invalid_utf8_is_refused(tmp_path, tiny_gguf_bytes):
+    path = tmp_path / "tokens.gguf"
+    data = bytearray(tiny_gguf_bytes)
+    key = data.index(b"general.architecture") + len(b"general.architecture") + 4 + 8  # the value "llama"
+    data[key:key + 5] = b"ll\xffma"
+    path.write_bytes(bytes(data))
+    export_fails(tmp_path, path, "not valid UTF-8")

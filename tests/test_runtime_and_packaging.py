@@ -9,7 +9,8 @@ import pytest
 
 from runtimes import Sampler
 from runtimes.generate import TextStream
-from targets.package import check_output, staged_package, TargetError
+from targets import TargetError
+from targets.staging import check_output, staged_package
 
 
 def test_greedy_and_seeded_sampling():

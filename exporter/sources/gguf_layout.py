@@ -36,10 +36,13 @@ class _Cursor:
     def unpack(self, fmt: str, what: str):
         return struct.unpack_from("<" + fmt, self.data, self.take(struct.calcsize("<" + fmt), what))[0]
 
-    def string(self, what: str) -> bytes:
+    def string(self, what: str) -> str:
         length = self.unpack("Q", f"{what}'s length")
         start = self.take(length, what)
-        return bytes(self.data[start:start + length])
+        try:
+            return bytes(self.data[start:start + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not valid UTF-8")
 
     def skip_value(self, kind: int, what: str, depth: int = 0) -> object:
         """Skip one value, returning it when it is a small scalar or string (alignment, names)."""
@@ -84,7 +87,7 @@ def check_gguf_layout(path: Path) -> None:
                 cursor.fail(f"the header claims {kv_count} metadata entries and {tensor_count} tensors")
             alignment = 32
             for _ in range(kv_count):
-                key = cursor.string("a metadata key").decode("utf-8", "replace")
+                key = cursor.string("a metadata key")
                 value = cursor.skip_value(cursor.unpack("I", f"{key}'s type"), f"metadata '{key}'")
                 if key == "general.alignment":
                     alignment = value if isinstance(value, int) and value > 0 else 0
@@ -92,7 +95,7 @@ def check_gguf_layout(path: Path) -> None:
                 cursor.fail(f"general.alignment must be a power of two, not {alignment}")
             tensors = []
             for _ in range(tensor_count):
-                name = cursor.string("a tensor name").decode("utf-8", "replace")
+                name = cursor.string("a tensor name")
                 n_dims = cursor.unpack("I", f"tensor {name}'s dimension count")
                 if not 1 <= n_dims <= _MAX_DIMS:
                     cursor.fail(f"tensor {name} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")

@@ -144,6 +144,20 @@ def _rows_loader(path: Path, name: str):
     return load_rows
 
 
+def _inside(folder: Path, name: str) -> Path:
+    """A file to copy into the package, refused when a link leads it out of the model folder (a Hugging Face
+    cache snapshot may link into its own repository's blobs, one level above `snapshots`)."""
+    path = folder / name
+    root = folder.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    target = path.resolve()
+    if root != target and root not in target.parents:
+        raise UserError(f"{path} links to {target}, outside the model folder; copy the file into the folder "
+                        "instead of linking it")
+    return target
+
+
 def open_hf_folder(folder: Path) -> Checkpoint:
     config = _load_config(folder)
     check_llama_config(config, folder)
@@ -153,11 +167,15 @@ def open_hf_folder(folder: Path) -> Checkpoint:
         for name, shape in _read_header(path).items():
             weights[name] = WeightInfo(shape=shape, load=_tensor_loader(path, name), load_rows=_rows_loader(path, name))
 
+    for name in TOKENIZER_FILES:  # refused now, not after the long steps
+        if (folder / name).is_file():
+            _inside(folder, name)
+
     def write_tokenizer(dest: Path) -> list[str]:
         written = []
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
-                shutil.copyfile(folder / name, dest / name)
+                shutil.copyfile(_inside(folder, name), dest / name)
                 written.append(name)
         return written
 
