@@ -12,6 +12,7 @@ The budget follows what the package holds and what TensorRT allocates at run tim
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,8 @@ class ModelShape:
             if value is None:
                 raise TargetError(f"{name}: the config lacks {key} (a LLaMA plan needs hidden_size, "
                                   "num_attention_heads, num_hidden_layers, intermediate_size, vocab_size)")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value != int(value) or value < 1):
                 raise TargetError(f"{name}: {key} is {value!r}; it must be a whole number of at least 1")
             return int(value)
 
