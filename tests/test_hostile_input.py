@@ -363,3 +363,11 @@ def test_gguf_token_with_invalid_utf8_is_refused(tmp_path, tiny_gguf_bytes):
     data[key:key + 5] = b"ll\xffma"
     path.write_bytes(bytes(data))
     export_fails(tmp_path, path, "not valid UTF-8")
+
+
+def test_weights_linked_from_outside_the_folder_are_refused(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "model")
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    export_fails(tmp_path, folder, "model.safetensors", "outside the model folder")

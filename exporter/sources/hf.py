@@ -55,7 +55,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
         raise UserError(f"{folder}: no .safetensors weights (pytorch_model.bin is not supported; convert it first)")
     for path in files:
         if not path.is_file():
-            raise UserError(f"{folder}: shard {path.name} named in the index is missing")
+            raise UserError(f"{folder}: shard {path.name} is missing or not a regular file")
+        _inside(folder, path.name)
     return files
 
 
