@@ -23,18 +23,24 @@ HEADER_SECONDS, HEADER_MEMORY_KB = 60, 2 << 20
 
 
 def run_bounded(*args: str) -> subprocess.CompletedProcess:
-    """The CLI under /usr/bin/time-like limits: an address-space cap makes unbounded growth fail, not swap."""
+    """The CLI with its own peak RSS and time checked (an address-space cap makes unbounded growth fail, not
+    swap); os.wait4 reports this child's usage alone."""
     import resource
+    import tempfile
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (HEADER_MEMORY_KB * 1024 * 2, HEADER_MEMORY_KB * 1024 * 2))
 
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, cwd=REPO,
-                            timeout=HEADER_SECONDS * 2, preexec_fn=limit)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([sys.executable, "-m", "exporter.cli", *args], stdout=out, stderr=err, text=True,
+                                   cwd=REPO, preexec_fn=limit)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        result = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
     assert time.monotonic() - started < HEADER_SECONDS, args
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert usage < HEADER_MEMORY_KB, f"{usage} kB"
+    assert usage.ru_maxrss < HEADER_MEMORY_KB, f"{usage.ru_maxrss} kB"
     return result
 
 
