@@ -184,7 +184,7 @@ def cmd_run(args) -> int:
     if not prompt:
         print(f"{PROG} run: error: the prompt encodes to no tokens", file=sys.stderr)
         return 2
-    package.check_length(len(prompt))
+    package.check_length(len(prompt) + 1)  # room for at least one new token
     if package.context_length and len(prompt) + args.max_new_tokens > package.context_length:
         print(f"{PROG} run: error: the prompt's {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} "
               f"pass the package's context of {package.context_length}; use --max-new-tokens "

@@ -27,7 +27,7 @@ class PackageLayout:
             raise PackageError(f"{self.folder}: not a package (no genai_config.json)")
         try:
             self.genai_config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise PackageError(f"{config_path}: unreadable ({exc})") from None
         try:
             self._read_layout(self.genai_config)

@@ -69,7 +69,7 @@ class ModelShape:
     def from_json(cls, path: Path) -> ModelShape:
         try:
             config = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise TargetError(f"{path}: not a readable config.json ({exc})") from None
         if not isinstance(config, dict):
             raise TargetError(f"{path}: not a config.json object")

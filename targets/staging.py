@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
 import re
@@ -17,8 +18,6 @@ from targets.base import TargetError
 
 MANIFEST = "manifest.json"
 TOOL = "llama-export"
-_STAGING_RE = re.compile(r"\..+\.partial-(\d+)(-old)?")
-_LOCK_RE = re.compile(r"\..+\.lock")
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # Linux renameat2 flags
 
 
@@ -37,14 +36,19 @@ def check_output(output: Path, force: bool) -> None:
     if output == here or output in here.parents:
         raise TargetError(f"--output {output} is the current folder or one above it; name a new folder for the "
                           "package, e.g. --output ./package")
-    if output.exists() and not force and not (output.is_dir() and (is_package(output) or not any(output.iterdir()))):
+    try:
+        replaceable = output.is_dir() and (is_package(output) or not any(output.iterdir()))
+    except OSError as exc:
+        raise TargetError(f"cannot read the output folder {output}: {exc.strerror}") from None
+    if output.exists() and not force and not replaceable:
         raise TargetError(f"output path exists and is not a llama-export package: {output} (use --force to "
                           "replace it)")
 
 
 @contextlib.contextmanager
 def output_lock(output: Path):
-    """Hold `.NAME.lock` beside the output for the whole export; a second export to the same output refuses."""
+    """Hold `.NAME.lock` beside the output for the whole export; a second export to the same output refuses.
+    Holding it, the staging folders that killed exports to this output left are swept."""
     import fcntl
 
     output = output.absolute()
@@ -53,11 +57,11 @@ def output_lock(output: Path):
         probe = output.parent / f".{output.name}.probe-{os.getpid()}"
         probe.mkdir()
         probe.rmdir()
+        fd = os.open(output.parent / f".{output.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise TargetError(f"cannot write the package beside {output}: {exc.strerror} ({output.parent}); choose "
                           "another --output") from None
     lock_path = output.parent / f".{output.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -65,12 +69,13 @@ def output_lock(output: Path):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             raise TargetError(f"another export is writing {output} (pid {holder}); wait for it to finish or "
                               "choose another --output") from None
-        if os.fstat(fd).st_ino != _inode(lock_path):  # unlinked by the holder that just finished: start over
+        if os.fstat(fd).st_nlink == 0:  # unlinked by the holder that just finished
             raise TargetError(f"another export just finished writing {output}; run again")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _sweep_dead_staging(output.parent)
         try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            with contextlib.suppress(OSError):
+                _sweep_dead_staging(output)
             yield
         finally:
             with contextlib.suppress(OSError):
@@ -79,41 +84,17 @@ def output_lock(output: Path):
         os.close(fd)
 
 
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return None
-
-
-def _sweep_dead_staging(folder: Path) -> None:
-    """Staging folders and lock files left by exports that were killed (their PID no longer runs)."""
-    for entry in folder.iterdir():
-        match = _STAGING_RE.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+def _sweep_dead_staging(output: Path) -> None:
+    """This output's staging folders whose export no longer runs. A `-old` folder (the fallback swap, killed
+    between its two renames) holds the previous package: it goes back into place if the output is missing."""
+    for entry in output.parent.glob(f".{glob.escape(output.name)}.partial-*"):
+        match = re.fullmatch(r"\.partial-(\d+)(-old)?", entry.name[len(output.name) + 1:])
+        if not match or not entry.is_dir() or entry.is_symlink() or _pid_alive(int(match.group(1))):
+            continue
+        if match.group(2) and not (output.exists() or output.is_symlink()):
+            entry.rename(output)
+        else:
             shutil.rmtree(entry, ignore_errors=True)
-        elif _LOCK_RE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-            _remove_dead_lock(entry)
-
-
-def _remove_dead_lock(path: Path) -> None:
-    """A lock file holding a PID that no process locks any more (one holding other text is not ours)."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return
-    try:
-        if not os.pread(fd, 32, 0).decode(errors="replace").strip().isdigit():
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino == _inode(path):
-            path.unlink()
-    except OSError:  # held by a running export, or gone meanwhile
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -132,20 +113,36 @@ def staged_package(output: Path, force: bool):
     signal) it is deleted. The output is checked again just before the swap."""
     output = output.absolute()
     check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise TargetError(f"cannot write the package beside {output}: {exc.strerror}; choose another --output") \
+            from None
     try:
         yield staging
         check_output(output, force)
         _swap_into_place(staging, output)
-    except OSError as exc:  # a full disk, a quota, a file size limit: named with the space left
-        free = shutil.disk_usage(output.parent).free / 1e9
-        raise TargetError(f"writing the package at {output} failed: {exc.strerror or exc} ({free:.1f} GB free "
-                          "there); free some space or choose another --output") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the replaced package
+    except OSError as exc:
+        if exc.filename is not None and not _under(exc.filename, staging, output):
+            raise TargetError(f"{exc.filename}: {exc.strerror}") from None
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f" ({shutil.disk_usage(output.parent).free / 1e9:.1f} GB free there)"
+        raise TargetError(f"writing the package at {output} failed: {exc.strerror or exc}{free}; free some space "
+                          "or choose another --output") from None
+    finally:  # after a swap, staging holds the replaced package (or the link that was the output)
+        if staging.is_symlink():
+            staging.unlink()
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _under(filename, *folders: Path) -> bool:
+    path = Path(os.fsdecode(filename)).absolute()
+    return any(path == folder or folder in path.parents for folder in folders)
 
 
 def _swap_into_place(staging: Path, output: Path) -> None:
@@ -160,7 +157,11 @@ def _swap_into_place(staging: Path, output: Path) -> None:
         return
     old = output.parent / f".{output.name}.partial-{os.getpid()}-old"
     output.rename(old)
-    staging.rename(output)
+    try:
+        staging.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:

@@ -52,7 +52,8 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gguf_bytes(tmp_path_factory) -> bytes:
     path = tmp_path_factory.mktemp("hostile-gguf") / "tiny.gguf"
-    write_tiny_gguf(path, arrays={"tokenizer.ggml.token_type": [1, 1, 1]})
+    write_tiny_gguf(path, arrays={"tokenizer.ggml.tokens": ["tok0", "tok1", "tok2"],
+                                  "tokenizer.ggml.token_type": [1, 1, 1]})
     return path.read_bytes()
 
 
@@ -155,6 +156,29 @@ def last_matrix(header: dict) -> str:
                if name != "__metadata__" and len(info["shape"]) == 2)[1]
 
 
+def test_safetensors_with_trailing_bytes_is_refused(tmp_path, tiny_folder):
+    folder = copy_with_config(tiny_folder, tmp_path / "model")
+    with open(folder / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+    export_fails(tmp_path, folder, "model.safetensors", "do not fill the file's data exactly")
+
+
+def test_hugging_face_cache_snapshot_with_links_loads(tmp_path, tiny_folder):
+    """A snapshot's files link into the repository's blobs: followed, and the export's package matches."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for path in tiny_folder.iterdir():
+        blob = repo / "blobs" / f"blob-{path.name}"
+        blob.write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("../../blobs") / blob.name)
+    out = tmp_path / "pkg"
+    result = run_cli("--model", str(snapshot), "-o", str(out), "-q", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    assert (out / "tokenizer.json").read_bytes() == (tiny_folder / "tokenizer.json").read_bytes()
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (lambda h: h[first_matrix(h)].update(dtype="I8"), "dtype 'I8'"),
     (lambda h: h[first_matrix(h)].update(dtype="F16"), "needs"),
@@ -229,17 +253,19 @@ def test_staging_of_a_killed_export_is_swept_by_the_next_run(tmp_path, tiny_fold
     staging = wait_for(".pkg.partial-*", tmp_path, process)
     process.kill()
     process.communicate()
-    assert staging.is_dir()
-    assert run_cli("--model", str(tiny_folder), "-o", str(tmp_path / "other"), "-q", "--no-verify").returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    assert staging.is_dir() and (tmp_path / ".pkg.lock").is_file()
+    assert run_cli("--model", str(tiny_folder), "-o", str(out), "-q", "--no-verify").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
 def test_a_folder_created_at_the_output_during_the_export_is_never_replaced(tmp_path, tiny_folder):
     out = tmp_path / "pkg"
     process = start_export(tiny_folder, out)
     wait_for(".pkg.partial-*", tmp_path, process)
+    process.send_signal(signal.SIGSTOP)  # held while the folder appears, so the swap comes after it
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
+    process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1 and len(error_lines(stderr)) == 1, stderr
     assert "is not a llama-export package" in stderr and str(out) in stderr
@@ -250,8 +276,14 @@ def test_a_folder_created_at_the_output_during_the_export_is_never_replaced(tmp_
 def test_a_second_export_to_the_same_output_refuses(tmp_path, tiny_folder):
     out = tmp_path / "pkg"
     first = start_export(tiny_folder, out, "--no-verify")
-    wait_for(".pkg.lock", tmp_path, first)
-    second = run_cli("--model", str(tiny_folder), "-o", str(out), "--no-verify")
+    lock = wait_for(".pkg.lock", tmp_path, first)
+    while lock.read_text() != str(first.pid):
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # held at its lock while the second export tries
+    try:
+        second = run_cli("--model", str(tiny_folder), "-o", str(out), "--no-verify")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 1 and len(error_lines(second.stderr)) == 1, second.stderr
     assert f"another export is writing {out} (pid {first.pid})" in second.stderr
     first.communicate(timeout=300)
@@ -365,10 +397,10 @@ def test_tokenizer_linked_from_outside_the_folder_is_refused(tmp_path, tiny_fold
 def test_gguf_token_with_invalid_utf8_is_refused(tmp_path, tiny_gguf_bytes):
     path = tmp_path / "tokens.gguf"
     data = bytearray(tiny_gguf_bytes)
-    key = data.index(b"general.architecture") + len(b"general.architecture") + 4 + 8  # the value "llama"
-    data[key:key + 5] = b"ll\xffma"
+    token = data.index(b"tok1")
+    data[token:token + 4] = b"t\xffk1"
     path.write_bytes(bytes(data))
-    export_fails(tmp_path, path, "not valid UTF-8")
+    export_fails(tmp_path, path, "tokenizer.ggml.tokens'[1] is not valid UTF-8")
 
 
 def test_weights_linked_from_outside_the_folder_are_refused(tmp_path, tiny_folder):

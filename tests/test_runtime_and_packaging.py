@@ -63,3 +63,31 @@ def test_check_output_refuses_foreign_folders(tmp_path):
         check_output(tmp_path / "data", force=False)
     check_output(tmp_path / "data", force=True)
     check_output(tmp_path / "new", force=False)
+
+
+def test_swap_without_renameat2_replaces_and_restores(tmp_path, monkeypatch):
+    """Where the kernel has no renameat2, two renames: a package replaced, and the old one put back when the
+    second rename fails."""
+    import targets.staging as staging_module
+
+    monkeypatch.setattr(staging_module, "_renameat2", lambda source, dest, flags: False)
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"tool": "llama-export", "old": True}))
+    with staged_package(out, force=False) as staging:
+        (staging / "manifest.json").write_text(json.dumps({"tool": "llama-export", "new": True}))
+    assert json.loads((out / "manifest.json").read_text()) == {"tool": "llama-export", "new": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+
+    real_rename = type(out).rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(".pkg.partial-") and not self.name.endswith("-old"):
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", failing_rename)
+    with pytest.raises(TargetError, match="writing the package"):
+        with staged_package(out, force=False) as staging:
+            (staging / "manifest.json").write_text("{}")
+    assert json.loads((out / "manifest.json").read_text())["new"] and [p.name for p in tmp_path.iterdir()] == ["pkg"]

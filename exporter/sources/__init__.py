@@ -11,6 +11,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model path not found: {path}")
+    try:
+        return _open(path)
+    except OSError as exc:  # unreadable files, special files, I/O errors
+        raise UserError(f"{exc.filename or path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _open(path: Path) -> Checkpoint:
     if path.is_dir():
         from exporter.sources.hf import open_hf_folder
 

@@ -79,6 +79,9 @@ def check_gguf_layout(path: Path) -> None:
             if cursor.take(4, "magic") != 0 or bytes(data[:4]) != b"GGUF":
                 raise UserError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
             version = cursor.unpack("I", "version")
+            if version not in (2, 3) and int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3):
+                raise UserError(f"{path}: a big-endian GGUF file; llama-export reads little-endian GGUF (convert it "
+                                "with llama.cpp's gguf tools)")
             if version not in (2, 3):
                 raise UserError(f"{path}: GGUF version {version} is not supported (versions 2 and 3 are)")
             tensor_count = cursor.unpack("Q", "tensor count")
@@ -90,9 +93,9 @@ def check_gguf_layout(path: Path) -> None:
                 key = cursor.string("a metadata key")
                 value = cursor.skip_value(cursor.unpack("I", f"{key}'s type"), f"metadata '{key}'")
                 if key == "general.alignment":
-                    alignment = value if isinstance(value, int) and value > 0 else 0
+                    alignment = value if isinstance(value, int) and not isinstance(value, bool) else 0
             if alignment <= 0 or alignment & (alignment - 1):
-                cursor.fail(f"general.alignment must be a power of two, not {alignment}")
+                cursor.fail("general.alignment must be a whole power of two")
             tensors = []
             for _ in range(tensor_count):
                 name = cursor.string("a tensor name")

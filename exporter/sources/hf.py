@@ -25,7 +25,7 @@ def _load_config(folder: Path):
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
         raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{config_path}: not a config (a JSON object with model_type, hidden_size, ...)")
@@ -46,20 +46,23 @@ def _safetensors_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(name, str) and name and not Path(name).is_absolute() for name in names):
+                raise ValueError("weight_map must map tensor names to shard file names in the folder")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise UserError(f"{index}: not a valid safetensors index ({exc})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
     else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
+        names = sorted(path.name for path in folder.glob("*.safetensors"))
+    if not names:
         raise UserError(f"{folder}: no .safetensors weights (pytorch_model.bin is not supported; convert it first)")
-    for path in files:
-        if not path.is_file():
-            raise UserError(f"{folder}: shard {path.name} is missing or not a regular file")
-        _inside(folder, path.name)
-    return files
+    for name in names:
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: shard {name} is missing or not a regular file")
+        _inside(folder, name)
+    return [folder / name for name in names]
 
 
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
 # safetensors dtypes a floating-point checkpoint holds, with their sizes in bytes.
 _FLOAT_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
@@ -73,10 +76,12 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
             header_len = int.from_bytes(f.read(8), "little")
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length is past the end of the file")
+            if header_len > _MAX_HEADER:
+                raise ValueError(f"a {header_len}-byte header; the safetensors library reads at most {_MAX_HEADER}")
             header = json.loads(f.read(header_len))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
     shapes, ranges = {}, []
     for name, info in header.items():
@@ -92,6 +97,14 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
     for (_, end, name), (begin, _, other) in zip(ranges, ranges[1:]):
         if begin < end:
             raise UserError(f"{path}: tensors '{name}' and '{other}' overlap in the file (corrupt safetensors)")
+        if begin > end:
+            raise UserError(f"{path}: a gap of {begin - end} bytes between tensors '{name}' and '{other}' (the "
+                            "safetensors library refuses it)")
+    data_end = ranges[-1][1] if ranges else 0
+    if (ranges and ranges[0][0] != 0) or 8 + header_len + data_end != size:
+        raise UserError(f"{path}: the tensors do not fill the file's data exactly ({size - 8 - header_len} bytes "
+                        f"of data, the header describes bytes {ranges[0][0] if ranges else 0} to {data_end}); the "
+                        "file is corrupt")
     return shapes
 
 
@@ -146,14 +159,15 @@ def _rows_loader(path: Path, name: str):
 
 
 def _inside(folder: Path, name: str) -> Path:
-    """A file to copy into the package, refused when a link leads it out of the model folder (a Hugging Face
-    cache snapshot may link into its own repository's blobs, one level above `snapshots`)."""
+    """A file of the model, refused when a name or a link leads out of the model folder (except into a Hugging
+    Face cache's blobs, where snapshots and folders downloaded with links point)."""
     path = folder / name
     root = folder.resolve()
     if root.parent.name == "snapshots":
         root = root.parent.parent
     target = path.resolve()
-    if root != target and root not in target.parents:
+    cache_blob = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+    if root != target and root not in target.parents and not cache_blob:
         raise UserError(f"{path} links to {target}, outside the model folder; copy the file into the folder "
                         "instead of linking it")
     return target
