@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         args = make_parser().parse_args(argv[1:])
     else:
         args, command = export_parser().parse_args(argv), cmd_export
-    from exporter.errors import UserError
+    from exporter.errors import UserError, one_line
     from runtimes import PackageError
     from targets import TargetError
 
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except (UserError, PackageError, TargetError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except Terminated:
         print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)

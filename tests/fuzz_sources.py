@@ -175,6 +175,7 @@ def fuzz(work: Path, examples: int, minutes: float | None, seed: int | None) -> 
         @seeded
         @given(config_values())
         def config_case(changes):
+            from exporter.errors import one_line
             from targets import TargetError
             from targets.plan import ModelShape
 
@@ -188,7 +189,7 @@ def fuzz(work: Path, examples: int, minutes: float | None, seed: int | None) -> 
             try:
                 ModelShape.from_json(case / "config.json")
             except TargetError as exc:
-                if "\n" in str(exc):
+                if "\n" in one_line(exc):  # as the CLI prints it
                     raise Failure(f"a plan refusal must be one line: {exc!r}") from None
 
         return gguf_case, safetensors_case, config_case

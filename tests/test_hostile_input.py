@@ -409,3 +409,15 @@ def test_weights_linked_from_outside_the_folder_are_refused(tmp_path, tiny_folde
     (folder / "model.safetensors").rename(outside)
     (folder / "model.safetensors").symlink_to(outside)
     export_fails(tmp_path, folder, "model.safetensors", "outside the model folder")
+
+
+def test_names_from_the_file_with_control_characters_stay_on_one_line(tmp_path, tiny_gguf_bytes):
+    """A metadata key holding a newline, whose value claims more bytes than the file has (found by the fuzz)."""
+    key = b"llama.feed_forward_length"
+    data = bytearray(tiny_gguf_bytes)
+    at = data.index(key)
+    data[at + len(key) - 1] = ord("\n")
+    data[at + len(key):at + len(key) + 4] = struct.pack("<I", 8)  # its u32 value read as a string's length
+    path = tmp_path / "newline.gguf"
+    path.write_bytes(bytes(data))
+    export_fails(tmp_path, path, "metadata 'llama.feed_forward_lengt\\n'")
