@@ -104,8 +104,9 @@ def _config_from_metadata(reader, path: Path):
             eos_token_id=eos,
             pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", eos),
         )
-    except (TypeError, ValueError, ZeroDivisionError) as exc:
-        raise UserError(f"{path}: GGUF metadata does not make a LLaMA config ({exc})") from None
+    except Exception as exc:  # transformers' config validation (several error types) on the file's values
+        cause = exc.__cause__ or exc
+        raise UserError(f"{path}: GGUF metadata does not make a LLaMA config ({cause})") from None
 
 
 def _tensor_loader(tensor, n_heads: int | None, path: Path):
