@@ -26,14 +26,24 @@ LLAMA_3_8B = {**LLAMA_32_1B, "hidden_size": 4096, "intermediate_size": 14336, "n
 
 
 def _config_only_folder(folder: Path, config: dict) -> Path:
-    """A Hugging Face folder with the config of a large model and one small tensor: enough to be opened, and the
-    size check must refuse it before any weight is needed."""
-    from safetensors.numpy import save_file
+    """A Hugging Face folder with the config of a large model and every tensor's header, its data a sparse file
+    of zeros (nothing on disk): enough to be opened, and the size check must refuse it before any weight is read."""
+    from transformers import LlamaConfig
+
+    from exporter.sources.base import expected_shapes
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
-    save_file({"model.norm.weight": np.ones(config["hidden_size"], dtype=np.float32)},
-              str(folder / "model.safetensors"))
+    header, offset = {}, 0
+    for name, shape in expected_shapes(LlamaConfig(**config)).items():
+        size = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        f.truncate(8 + len(encoded) + offset)
     return folder
 
 
