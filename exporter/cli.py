@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -328,14 +327,6 @@ COMMANDS = {
 }
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, unwound like Ctrl-C so staging folders and locks are cleaned up."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: everything is local
@@ -346,10 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args, command = export_parser().parse_args(argv), cmd_export
     from exporter.errors import UserError, one_line
+    from exporter.signals import Terminated, handle_sigterm
     from runtimes import PackageError
     from targets import TargetError
 
-    signal.signal(signal.SIGTERM, _terminate)
+    handle_sigterm()
     try:
         return command(args)
     except (UserError, PackageError, TargetError) as exc:

@@ -11,6 +11,7 @@ from exporter import __version__
 from exporter.calibrate import fully_prequantized, order_by_layer
 from exporter.errors import UserError
 from exporter.progress import Progress
+from exporter.signals import raise_if_terminated
 from exporter.sources import Checkpoint, open_checkpoint
 from passes import format_report, run_passes
 from targets import TargetError, get_target
@@ -165,6 +166,7 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
         if ort_format is not None:
             manifest["ort_format"] = ort_format
         pkg.write_json(staging / pkg.MANIFEST, manifest)
+        raise_if_terminated()  # a SIGTERM Python dropped (see exporter/signals.py) still stops the swap
     progress.log(f"Package written to {output}")
     return output
 

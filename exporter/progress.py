@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from exporter.signals import raise_if_terminated
+
 
 class Progress:
     def __init__(self, total_steps: int, stream=None, quiet: bool = False):
@@ -13,6 +15,7 @@ class Progress:
         self.started = None
 
     def log(self, message: str) -> None:
+        raise_if_terminated()
         if not self.quiet:
             print(message, file=self.stream, flush=True)
 
@@ -32,6 +35,7 @@ class Progress:
         started = time.perf_counter()
 
         def update(done: int, total: int) -> None:
+            raise_if_terminated()
             if self.quiet:
                 return
             elapsed = time.perf_counter() - started
