@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtimes import PackageError
     from targets import TargetError
 
-    handle_sigterm()
+    if command is cmd_export:  # the other commands write nothing to clean up: SIGTERM ends them at once
+        handle_sigterm()
     try:
         return command(args)
     except (UserError, PackageError, TargetError) as exc:

@@ -1,6 +1,7 @@
-"""SIGTERM unwound like Ctrl-C, so staging folders and locks are cleaned up. Python drops an exception raised
-while a weakref callback or __del__ runs ("Exception ignored in ..."), so the request is also remembered and
-raised again at the next progress line and before a package is swapped into place."""
+"""SIGTERM during an export: remembered by the handler and raised as Terminated (a KeyboardInterrupt, so the
+staging folder and lock are cleaned up) at the next progress line or weight written, and before the package is
+swapped into place. The handler does not raise itself: an exception raised at an arbitrary point can be dropped
+(inside a weakref callback) or turned into another error by library code (seen with numpy)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ _requested = False
 def _on_sigterm(signum, frame):
     global _requested
     _requested = True
-    raise Terminated()
 
 
 def handle_sigterm() -> None:
