@@ -59,17 +59,3 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the kernel (glibc keeps them otherwise, so the
-    writing step's freed buffers would still count when ONNX Runtime loads the package for verify)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-

@@ -126,11 +126,10 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
                    reference=None) -> dict:
     """The package runs every prompt first and is closed; then the reference (by default the StreamedReference;
     any callable from token sequences to their logits) runs over the same tokens, so the two never share memory."""
+    import gc
 
-    from exporter.export_memory import release_freed_memory
     from runtimes import Decoder, OnnxPackage
 
-    release_freed_memory()
     package = OnnxPackage(folder)
     check_same_shape(package, checkpoint)
     tolerance = TOLERANCES[precision]
@@ -146,7 +145,7 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         runs.append((prompt, tokens, np.concatenate(step_logits).astype(np.float32)))
         del decoder
     del package
-    release_freed_memory()
+    gc.collect()
     reference = reference if reference is not None else StreamedReference(checkpoint)
     references = reference([prompt + tokens[:-1] for prompt, tokens, _ in runs], log=log)
     max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0

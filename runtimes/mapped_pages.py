@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MADV_PAGEOUT = 21  # Linux 5.4 and later; older kernels refuse it (EINVAL) and nothing changes
-WATCH_SECONDS = 0.05
+WATCH_SECONDS = 0.1
 
 
 def _madvise():
