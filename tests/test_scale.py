@@ -227,6 +227,8 @@ def _matmulnbits_model(folder, n=2048, k=4096, block=32):
 
 def test_weight_file_pages_are_handed_back_after_the_session_is_created(tmp_path):
     """ONNX Runtime keeps the mapped scales resident after packing them; paging them out changes no output."""
+    import gc
+
     import onnxruntime as ort
 
     from runtimes.mapped_pages import paged_out_while_loading
@@ -236,6 +238,8 @@ def test_weight_file_pages_are_handed_back_after_the_session_is_created(tmp_path
     kept = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     resident_kept, expected = _resident_kb(tmp_path), kept.run(None, {"a": a})[0]
     del kept  # a page mapped twice is never paged out: one session at a time
+    gc.collect()
+    assert _resident_kb(tmp_path) == 0, "the first session's mapping is still there"
     with paged_out_while_loading(tmp_path):
         released = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert resident_kept >= 1024 * 0.9  # the 1 MB of scales stayed resident
