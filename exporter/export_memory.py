@@ -4,7 +4,7 @@ Weights stream one tensor at a time and calibration one decoder layer at a time,
 - a layer being calibrated and quantized: its float32 weights, its input statistics (X^T X, one K x K matrix per
   distinct input), and GPTQ's working copies of its largest matrix;
 - a float table (embedding or lm_head) read whole and converted, where it stays float (fp32, fp16, TensorRT
-  targets); quantized tables are read in row chunks;
+  targets) and the source cannot read its rows alone; otherwise tables are read and written in row chunks;
 - verify: ONNX Runtime holding the whole package as the copies it packs (the mapped file's pages are handed back:
   runtimes/mapped_pages.py); the reference after it needs one layer;
 plus the interpreter and libraries."""

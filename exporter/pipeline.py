@@ -181,7 +181,10 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
     carried = fully_prequantized(checkpoint, block_size, bits=(4,) if target.uses_tensorrt else (4, 8),
                                  layers_only=target.uses_tensorrt)
     calibrated = precision == "int4" and method != "rtn" and not carried
-    float_tables = precision != "int4" or target.uses_tensorrt or not options.quantize_embedding
+    # Tables that stay float are written in row chunks (passes/streamed.py) where the source reads rows alone.
+    tables = [checkpoint.weights.get(name) for name in ("model.embed_tokens.weight", "lm_head.weight")]
+    read_whole = any(table is not None and table.load_rows is None for table in tables)
+    float_tables = read_whole and (precision != "int4" or target.uses_tensorrt or not options.quantize_embedding)
     need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables).peak
     free = export_memory.available_bytes()
     log(f"      export memory: about {need / GIB:.1f} GiB at the peak"

@@ -19,6 +19,7 @@ import torch
 from exporter.errors import UserError
 from exporter.sources import Checkpoint
 from passes.base import ROW_READER
+from passes.streamed import RowStreamedTensor
 from passes.quantize import SOURCE_NAMES
 
 OPSET = 23
@@ -138,6 +139,8 @@ def _export(module, args, input_names, output_names, dynamic_shapes) -> ir.Model
 
 def _lazy_weight(checkpoint: Checkpoint, name: str, shape) -> ir.LazyTensor:
     info = checkpoint.weight(name)
+    if info.load_rows is not None and len(info.shape) == 2:
+        return RowStreamedTensor(info.rows, info.shape[0], info.shape[1], name)
 
     def load() -> ir.Tensor:
         return ir.Tensor(np.ascontiguousarray(info.load(), dtype=np.float32), name=name)

@@ -10,6 +10,7 @@ from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import rewrite
 
 from passes.base import GraphPass, count_nodes
+from passes.streamed import RowStreamedTensor
 
 # Folding reads its inputs; above this many elements a value is a weight, and weights are only touched lazily.
 SMALL_VALUE_LIMIT = 8192
@@ -119,8 +120,11 @@ class FoldWeightTransposes(GraphPass):
             perm = node.attributes.get_ints("perm", list(reversed(range(len(tensor.shape)))))
             shape = [tensor.shape[i] for i in perm]
             others = [(user, index) for user, index in weight.uses() if user is not node]
-            weight.const_value = lazy_transform([tensor], lambda a, p=tuple(perm): a.transpose(p), tensor.dtype, shape,
-                                                weight.name)
+            if isinstance(tensor, RowStreamedTensor):
+                weight.const_value = tensor.transpose()
+            else:
+                weight.const_value = lazy_transform([tensor], lambda a, p=tuple(perm): a.transpose(p), tensor.dtype,
+                                                    shape, weight.name)
             weight.shape = ir.Shape(shape)
             if others:
                 inverse = [perm.index(i) for i in range(len(perm))]

@@ -8,6 +8,7 @@ import onnx_ir as ir
 
 from passes.base import ROW_READER, GraphPass, replace_value
 from passes.cleanup import lazy_transform
+from passes.streamed import RowStreamedTensor
 from passes.quantize import SOURCE_NAMES
 
 
@@ -29,16 +30,20 @@ def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Val
     rows = tensors[0].shape[0]
     columns = sum(t.shape[1] for t in tensors)
 
-    concatenated = lazy_transform(tensors, lambda *arrays: np.concatenate(arrays, axis=1), tensors[0].dtype,
-                                  [rows, columns], name)
+    readers = [m.inputs[1].meta.get(ROW_READER) for m in matmuls]
+    stacked = _stacked_rows(readers, [t.shape[1] for t in tensors]) if all(readers) else None
+    if stacked and all(isinstance(t, RowStreamedTensor) and t.transposed and t.convert is None for t in tensors):
+        concatenated = RowStreamedTensor(stacked, columns, rows, name, transposed=True)
+    else:
+        concatenated = lazy_transform(tensors, lambda *arrays: np.concatenate(arrays, axis=1), tensors[0].dtype,
+                                      [rows, columns], name)
     weight = ir.Value(name=name, const_value=concatenated)
     weight.shape, weight.type = ir.Shape([rows, columns]), ir.TensorType(tensors[0].dtype)
     sources = [m.inputs[1].meta.get(SOURCE_NAMES) for m in matmuls]
     if all(sources):  # which checkpoint tensors the packed weight stacks, for quantizers that use them
         weight.meta[SOURCE_NAMES] = [name for names in sources for name in names]
-    readers = [m.inputs[1].meta.get(ROW_READER) for m in matmuls]
-    if all(readers):  # the stacked rows straight from the source: no transposed copy to build and undo
-        weight.meta[ROW_READER] = _stacked_rows(readers, [t.shape[1] for t in tensors])
+    if stacked:  # the stacked rows straight from the source: no transposed copy to build and undo
+        weight.meta[ROW_READER] = stacked
     graph.register_initializer(weight)
     packed = ir.node("MatMul", [matmuls[0].inputs[0], weight])
     order = {id(node): i for i, node in enumerate(graph)}

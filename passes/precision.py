@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from passes.base import GraphPass
 from passes.cleanup import lazy_transform
+from passes.streamed import RowStreamedTensor
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 # RotaryEmbedding: positions times frequencies lose digits in fp16. Softmax: exponentials of large scores.
@@ -67,8 +68,11 @@ class ConvertToFloat16(GraphPass):
         for value in list(graph.initializers.values()):
             if _is_float(value) and value.uses() and all((u.op_type, i) in WEIGHT_INPUTS for u, i in value.uses()):
                 tensor = value.const_value
-                value.const_value = lazy_transform([tensor], lambda a: a.astype(np.float16), HALF,
-                                                   list(tensor.shape), value.name)
+                if isinstance(tensor, RowStreamedTensor):
+                    value.const_value = tensor.converted(lambda a: a.astype(np.float16), HALF)
+                else:
+                    value.const_value = lazy_transform([tensor], lambda a: a.astype(np.float16), HALF,
+                                                       list(tensor.shape), value.name)
                 _typed(value, HALF)
                 hidden.add(id(value))
                 converted += 1

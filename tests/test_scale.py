@@ -140,6 +140,42 @@ def test_weights_read_in_row_chunks_write_the_same_bytes(tiny_models, tmp_path, 
     assert _data_hash(whole) == _data_hash(chunked)
 
 
+@pytest.mark.parametrize("variant, target, precision", [("llama2-gqa", "jetson-orin", "fp16"),
+                                                      ("llama3.2-tied", "jetson-orin", "int4"),
+                                                      ("llama2-gqa", "cpu", "fp32")])
+def test_float_weights_written_in_row_chunks_write_the_same_bytes(tiny_models, tmp_path, monkeypatch, variant, target,
+                                                                   precision):
+    """Weights that stay float (fp16 tables on TensorRT targets, fp32 packed matrices) are written a few rows at a
+    time, stored transposed by strided writes, and never built whole on the way."""
+    from passes import streamed
+
+    args = ["--model", str(tiny_models[variant]), "--target", target, "--precision", precision, "--no-verify", "-q"]
+    monkeypatch.setattr(streamed, "CHUNK_BYTES", 1 << 40)
+    assert main([*args, "-o", str(tmp_path / "whole")]) == 0
+    built_whole, written, whole, tofile = [], [], streamed.RowStreamedTensor._whole, streamed.RowStreamedTensor.tofile
+
+    def recording_whole(self):
+        built_whole.append(self.name)
+        return whole(self)
+
+    def recording_tofile(self, file):
+        written.append((self.name, self.transposed))
+        return tofile(self, file)
+
+    monkeypatch.setattr(streamed.RowStreamedTensor, "_whole", recording_whole)
+    monkeypatch.setattr(streamed.RowStreamedTensor, "tofile", recording_tofile)
+    monkeypatch.setattr(streamed, "CHUNK_BYTES", 4 * 3 * 64)  # three rows of the 64-wide tables a read
+    assert main([*args, "-o", str(tmp_path / "chunked")]) == 0
+    assert _data_hash(tmp_path / "whole") == _data_hash(tmp_path / "chunked")
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(built_whole)
+    tables = {name: transposed for name, transposed in written if name in ("model.embed_tokens.weight", "lm_head.weight")}
+    # A tied table is stored once, transposed for the lm_head; an untied embedding as it is, its lm_head transposed.
+    assert tables == ({"model.embed_tokens.weight": True} if "tied" in variant
+                      else {"model.embed_tokens.weight": False, "lm_head.weight": True})
+    if precision == "fp32":
+        assert not built_whole and len(written) > 2  # the packed projections too
+
+
 def test_row_reads_equal_the_whole_tensor(tiny_models, tmp_path):
     from exporter.sources import open_checkpoint
 
