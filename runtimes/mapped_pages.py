@@ -44,10 +44,43 @@ def page_out(folder: str | Path) -> int:
         return 0
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].rstrip("\n").startswith(prefix):
+        path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+        if path.startswith(prefix):
             start, end = (int(x, 16) for x in fields[0].split("-"))
+            _drain_page_batches(path, int(fields[2], 16), end - start)
             advised += madvise(start, end - start, MADV_PAGEOUT) == 0
     return advised
+
+
+def _drain_page_batches(path: str, offset: int, length: int) -> None:
+    """Pages just faulted in wait in per-CPU batches before they join the kernel's page lists, and MADV_PAGEOUT
+    skips them there: the pages other threads of ONNX Runtime read stay resident. POSIX_FADV_DONTNEED over a
+    mapped range cannot drop its mapped pages, and on that failure the kernel drains every CPU's batch."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flush(folder: str | Path) -> None:
+    """Writes the folder's files to disk: a page written but not yet on disk, or on its way there, is never paged
+    out (a package just exported is all such pages)."""
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            pass
 
 
 @contextmanager
@@ -55,6 +88,7 @@ def paged_out_while_loading(folder: str | Path):
     """Pages out the folder's mapped files every WATCH_SECONDS while the block runs (ONNX Runtime creates a
     session without holding the GIL, so this thread runs beside it) and once at the end, so the pages the
     kernels have finished packing never pile up."""
+    _flush(folder)
     done = threading.Event()
 
     def watch():

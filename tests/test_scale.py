@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -281,6 +282,41 @@ def test_weight_file_pages_are_handed_back_after_the_session_is_created(tmp_path
     assert resident_kept >= 1024 * 0.9  # the 1 MB of scales stayed resident
     assert _resident_kb(tmp_path) < 64
     np.testing.assert_array_equal(released.run(None, {"a": a})[0], expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to fault pages in on one and page them out from the other")
+def test_pages_read_on_another_cpu_are_paged_out(tmp_path):
+    """Pages a thread on another CPU faulted in wait in that CPU's batch, where MADV_PAGEOUT alone skips them
+    (ONNX Runtime's threads read most of the weights)."""
+    import mmap
+    import threading
+
+    from runtimes.mapped_pages import page_out
+
+    first, second, *_ = sorted(os.sched_getaffinity(0))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # fresh pages, read in by the other CPU's faults
+    os.close(fd)
+    kept = os.sched_getaffinity(0)
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        def read_on_second_cpu():
+            os.sched_setaffinity(0, {second})
+            sum(mapped[i] for i in range(0, len(mapped), 4096))
+
+        try:
+            os.sched_setaffinity(0, {first})
+            reader = threading.Thread(target=read_on_second_cpu)
+            reader.start()
+            reader.join()
+            assert _resident_kb(tmp_path) == 1024
+            assert page_out(tmp_path) == 1
+            assert _resident_kb(tmp_path) == 0
+        finally:
+            os.sched_setaffinity(0, kept)
 
 
 def test_gptq_factors_are_computed_once_and_exact():
