@@ -10,9 +10,14 @@ import contextlib
 import copy
 import io
 import logging
+import multiprocessing
+import signal
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -23,6 +28,7 @@ from passes.streamed import RowStreamedTensor
 from passes.quantize import SOURCE_NAMES
 
 OPSET = 23
+UNBOUND = "unbound-weights"  # where the traced graph's parameters point until they are bound to the checkpoint
 # Example sizes for tracing; each dynamic dimension gets a value above 1 so none is specialized away.
 _BATCH, _SEQ, _PAST = 2, 3, 4
 
@@ -96,15 +102,64 @@ def _dynamic_shapes(num_layers: int):
 
 
 def trace_to_onnx(checkpoint: Checkpoint) -> ir.Model:
-    """The model's ONNX graph at opset 23, weights bound lazily to the checkpoint."""
-    model = build_skeleton(checkpoint.config)
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    checkpoint.check_complete({name: tuple(p.shape) for name, p in parameters.items()})
-    inputs, outputs = io_names(checkpoint.config.num_hidden_layers)
-    exported = _export(FlatCacheLM(model).eval(), _example_inputs(checkpoint.config), inputs, outputs,
-                       _dynamic_shapes(checkpoint.config.num_hidden_layers))
+    """The model's ONNX graph at opset 23, weights bound lazily to the checkpoint.
+
+    The tracing runs in a child process: torch.export leaves its graphs and caches reachable from module globals,
+    and even once freed their memory stays with the process (fragmented among live objects), where it would add
+    to verify's peak."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        parameters = {name: tuple(p.shape) for name, p in
+                      LlamaForCausalLM(checkpoint.config).named_parameters(remove_duplicate=False)}
+    checkpoint.check_complete(parameters)
+    exported = _trace_in_child(checkpoint.config, set(parameters))
     _bind_weights(exported, checkpoint, set(parameters))
     return exported
+
+
+def _trace_in_child(config, parameter_names: set[str]) -> ir.Model:
+    context = multiprocessing.get_context("spawn")  # a fork would copy torch's and ONNX Runtime's thread pools
+    with tempfile.TemporaryDirectory(prefix="llama-export-trace-") as folder:
+        path = Path(folder) / "graph.onnx"
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_trace_child, args=(config, parameter_names, str(path), send), daemon=True)
+        child.start()
+        send.close()
+        try:
+            error = receive.recv()  # None when the graph was written, else the message
+        except EOFError:
+            child.join()
+            error = f"tracing failed: its process ended with exit code {child.exitcode}"
+        except BaseException:  # Ctrl-C or SIGTERM here: the child goes too
+            child.terminate()
+            raise
+        finally:
+            receive.close()
+            child.join()
+        if error is not None:
+            raise UserError(error)
+        return ir.serde.deserialize_model(onnx.load_model(str(path), load_external_data=False))
+
+
+def _trace_child(config, parameter_names: set[str], path: str, send) -> None:
+    """The exported graph written to `path`, its parameters as references to no file (bound by the parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends this process
+    try:
+        inputs, outputs = io_names(config.num_hidden_layers)
+        exported = _export(FlatCacheLM(build_skeleton(config)).eval(), _example_inputs(config), inputs, outputs,
+                           _dynamic_shapes(config.num_hidden_layers))
+        for value in exported.graph.initializers.values():
+            if value.name.removeprefix("model.") in parameter_names:
+                tensor = value.const_value
+                value.const_value = ir.ExternalTensor(UNBOUND, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                                      name=value.name)
+        Path(path).write_bytes(ir.serde.serialize_model(exported).SerializeToString())
+        send.send(None)
+    except UserError as exc:
+        send.send(str(exc))
+    finally:
+        send.close()
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes) -> ir.Model:
