@@ -10,9 +10,11 @@ import contextlib
 import copy
 import io
 import logging
-import multiprocessing
-import signal
-import tempfile
+import os
+import pickle
+import subprocess
+import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -119,47 +121,51 @@ def trace_to_onnx(checkpoint: Checkpoint) -> ir.Model:
 
 
 def _trace_in_child(config, parameter_names: set[str]) -> ir.Model:
-    context = multiprocessing.get_context("spawn")  # a fork would copy torch's and ONNX Runtime's thread pools
-    with tempfile.TemporaryDirectory(prefix="llama-export-trace-") as folder:
-        path = Path(folder) / "graph.onnx"
-        receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=_trace_child, args=(config, parameter_names, str(path), send), daemon=True)
-        child.start()
-        send.close()
-        try:
-            error = receive.recv()  # None when the graph was written, else the message
-        except EOFError:
-            child.join()
-            error = f"tracing failed: its process ended with exit code {child.exitcode}"
-        except BaseException:  # Ctrl-C or SIGTERM here: the child goes too
-            child.terminate()
-            raise
-        finally:
-            receive.close()
-            child.join()
-        if error is not None:
-            raise UserError(error)
-        return ir.serde.deserialize_model(onnx.load_model(str(path), load_external_data=False))
-
-
-def _trace_child(config, parameter_names: set[str], path: str, send) -> None:
-    """The exported graph written to `path`, its parameters as references to no file (bound by the parent)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends this process
+    """A plain interpreter, not multiprocessing (its spawn would run the caller's main script again in the child);
+    the request and the graph travel through pipes, so no temporary file can fill a disk."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    command = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+               "from exporter.trace import trace_child; trace_child()"]  # Ctrl-C is the parent's to handle
+    child = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        reply, _ = child.communicate(pickle.dumps((config, sorted(parameter_names))))
+    except BaseException:  # Ctrl-C or SIGTERM here: the child goes too
+        child.kill()
+        child.wait()
+        raise
+    if not reply:
+        raise RuntimeError(f"tracing failed: its process ended with exit code {child.returncode}")
+    kind, payload = pickle.loads(reply)  # written by trace_child below, never by a user
+    if kind == "user-error":
+        raise UserError(payload)
+    if kind == "internal-error":
+        raise RuntimeError(payload)
+    return ir.serde.deserialize_model(onnx.load_model_from_string(payload))
+
+
+def trace_child() -> None:
+    """The child's side: the request read from stdin, traced, and the graph written to stdout, its parameters as
+    references to no file (bound by the parent); a failure's message is sent instead, never a traceback printed."""
+    reply = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever a library prints goes to stderr, not into the reply
+    try:
+        config, parameter_names = pickle.load(sys.stdin.buffer)
         inputs, outputs = io_names(config.num_hidden_layers)
         exported = _export(FlatCacheLM(build_skeleton(config)).eval(), _example_inputs(config), inputs, outputs,
                            _dynamic_shapes(config.num_hidden_layers))
         for value in exported.graph.initializers.values():
-            if value.name.removeprefix("model.") in parameter_names:
+            if value.name.removeprefix("model.") in set(parameter_names):
                 tensor = value.const_value
                 value.const_value = ir.ExternalTensor(UNBOUND, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
                                                       name=value.name)
-        Path(path).write_bytes(ir.serde.serialize_model(exported).SerializeToString())
-        send.send(None)
+        result = ("graph", ir.serde.serialize_model(exported).SerializeToString())
     except UserError as exc:
-        send.send(str(exc))
-    finally:
-        send.close()
+        result = ("user-error", str(exc))
+    except BaseException as exc:
+        summary = traceback.format_exception_only(exc)[-1].strip().replace("\n", " ")
+        result = ("internal-error", f"tracing failed in its process: {summary}\n" + traceback.format_exc())
+    with contextlib.suppress(BrokenPipeError), reply:  # a parent that is gone wants no reply
+        reply.write(pickle.dumps(result))
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes) -> ir.Model:

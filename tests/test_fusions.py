@@ -156,22 +156,42 @@ def test_fusions_leave_an_unrelated_graph_unchanged():
 
 def test_tracing_leaves_no_graph_behind_in_the_exporting_process(tmp_path):
     """torch.export's graphs stay reachable from module globals (and their memory with the process, where it adds
-    to verify's peak): the tracing runs in a child, which prints nothing of its own."""
+    to verify's peak): the tracing runs in a child, which prints nothing of its own and does not run the caller's
+    script again (a script without a __main__ guard, as a user's may be)."""
     import subprocess
     import sys
 
     folder = make_hf_model(tmp_path / "model", "llama2-gqa")
-    script = ("import gc, sys, torch.fx\n"
-              "from exporter.sources import open_checkpoint\n"
-              "from exporter.trace import trace_to_onnx\n"
-              "model = trace_to_onnx(open_checkpoint(sys.argv[1]))\n"
-              "gc.collect()\n"
-              "print(sum(type(o) is torch.fx.Node for o in gc.get_objects()),"
-              " sum(node.op_type == 'MatMul' for node in model.graph))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=300,
+    script = tmp_path / "user_script.py"
+    script.write_text("import gc, sys, torch.fx\n"
+                      "from exporter.sources import open_checkpoint\n"
+                      "from exporter.trace import trace_to_onnx\n"
+                      "print('script ran')\n"
+                      "model = trace_to_onnx(open_checkpoint(sys.argv[1]))\n"
+                      "gc.collect()\n"
+                      "print(sum(type(o) is torch.fx.Node for o in gc.get_objects()),"
+                      " sum(node.op_type == 'MatMul' for node in model.graph))\n")
+    done = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=300,
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert done.returncode == 0, done.stderr
-    fx_nodes, matmuls = map(int, done.stdout.split())
+    ran, counts = done.stdout.splitlines()
+    assert ran == "script ran"
+    fx_nodes, matmuls = map(int, counts.split())
     assert fx_nodes == 0
     assert matmuls >= 7 * 2  # the graph came back whole: seven projections a layer, two layers at least
     assert done.stderr == ""
+
+
+def test_a_failure_in_the_tracing_process_comes_back_as_one_line(tmp_path):
+    """The child never prints a traceback: its error's type and message lead the text the parent raises."""
+    import pickle
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "from exporter.trace import trace_child; trace_child()"],
+                          input=b"not a pickle", capture_output=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0 and done.stderr == b""
+    kind, text = pickle.loads(done.stdout)
+    assert kind == "internal-error"
+    assert text.splitlines()[0] == "tracing failed in its process: _pickle.UnpicklingError: invalid load key, 'n'."
