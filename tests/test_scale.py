@@ -143,6 +143,7 @@ def test_weights_read_in_row_chunks_write_the_same_bytes(tiny_models, tmp_path, 
 
 @pytest.mark.parametrize("variant, target, precision", [("llama2-gqa", "jetson-orin", "fp16"),
                                                       ("llama3.2-tied", "jetson-orin", "int4"),
+                                                      ("llama2-gqa", "jetson-orin", "int4"),
                                                       ("llama2-gqa", "cpu", "fp32")])
 def test_float_weights_written_in_row_chunks_write_the_same_bytes(tiny_models, tmp_path, monkeypatch, variant, target,
                                                                    precision):
