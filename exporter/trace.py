@@ -16,7 +16,6 @@ import subprocess
 import sys
 import traceback
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -150,11 +149,12 @@ def trace_child() -> None:
     os.dup2(2, 1)  # whatever a library prints goes to stderr, not into the reply
     try:
         config, parameter_names = pickle.load(sys.stdin.buffer)
+        parameter_names = set(parameter_names)
         inputs, outputs = io_names(config.num_hidden_layers)
         exported = _export(FlatCacheLM(build_skeleton(config)).eval(), _example_inputs(config), inputs, outputs,
                            _dynamic_shapes(config.num_hidden_layers))
         for value in exported.graph.initializers.values():
-            if value.name.removeprefix("model.") in set(parameter_names):
+            if value.name.removeprefix("model.") in parameter_names:
                 tensor = value.const_value
                 value.const_value = ir.ExternalTensor(UNBOUND, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
                                                       name=value.name)

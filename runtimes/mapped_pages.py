@@ -9,6 +9,7 @@ later comes back from the file, so results are unchanged. Linux only; elsewhere 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -42,30 +43,39 @@ def page_out(folder: str | Path) -> int:
             lines = maps.readlines()
     except OSError:
         return 0
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        path = fields[5].rstrip("\n") if len(fields) == 6 else ""
-        if path.startswith(prefix):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            _drain_page_batches(path, int(fields[2], 16), end - start)
-            advised += madvise(start, end - start, MADV_PAGEOUT) == 0
+    files: dict[str, int | None] = {}  # one descriptor a file, however many mappings of it
+    try:
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+            if path.startswith(prefix):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if path not in files:
+                    files[path] = _open_quietly(path)
+                _drain_page_batches(files[path], int(fields[2], 16), end - start)
+                advised += madvise(start, end - start, MADV_PAGEOUT) == 0
+    finally:
+        for fd in files.values():
+            if fd is not None:
+                os.close(fd)
     return advised
 
 
-def _drain_page_batches(path: str, offset: int, length: int) -> None:
+def _open_quietly(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _drain_page_batches(fd: int | None, offset: int, length: int) -> None:
     """Pages just faulted in wait in per-CPU batches before they join the kernel's page lists, and MADV_PAGEOUT
     skips them there: the pages other threads of ONNX Runtime read stay resident. POSIX_FADV_DONTNEED over a
     mapped range cannot drop its mapped pages, and on that failure the kernel drains every CPU's batch."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    if fd is None:
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except (OSError, AttributeError):
-        pass
-    finally:
-        os.close(fd)
 
 
 def _flush(folder: str | Path) -> None:
