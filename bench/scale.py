@@ -116,8 +116,8 @@ STAGE = re.compile(r"^\[(\d+)/\d+\] (.*)$")
 
 
 def run_measured(command: list[str]) -> dict:
-    """Wall time, peak RSS and, from llama-export's progress lines, each stage's seconds and the process's peak RSS
-    when the stage ended (/proc's VmHWM, sampled as the lines arrive)."""
+    """Wall time, peak RSS and, from llama-export's progress lines, each stage's seconds, the process's peak RSS
+    when the stage ended and what it still held then (/proc's VmHWM and VmRSS, sampled as the lines arrive)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stages, current, tail = [], None, []
@@ -128,7 +128,8 @@ def run_measured(command: list[str]) -> dict:
         if match or line.startswith("Package written"):
             if current is not None:
                 current["seconds"] = now - current["start"]
-                current["peak_rss_mb"] = _hwm_mb(process.pid)
+                current["peak_rss_mb"] = _status_mb(process.pid, "VmHWM")
+                current["rss_mb"] = _status_mb(process.pid, "VmRSS")
                 stages.append(current)
             current = {"stage": match.group(2), "start": now} if match else None
     _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
@@ -140,10 +141,10 @@ def run_measured(command: list[str]) -> dict:
             "returncode": os.waitstatus_to_exitcode(status), "tail": tail}
 
 
-def _hwm_mb(pid: int) -> float | None:
+def _status_mb(pid: int, key: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -192,8 +193,10 @@ def main() -> None:
             status = "ok" if row["returncode"] == 0 else f"FAILED ({row['tail'][-1] if row['tail'] else ''})"
             print(f"{shape:<6} {run:<13} {row['seconds']:>8.1f} s {row['peak_rss_mb']:>8.0f} MB  {status}", flush=True)
             for stage in row["stages"]:
-                rss = f"{stage['peak_rss_mb']:.0f} MB" if stage.get("peak_rss_mb") else "-"
-                print(f"         {stage['seconds']:>8.1f} s  peak so far {rss:>9}  {stage['stage']}", flush=True)
+                peak = f"{stage['peak_rss_mb']:.0f} MB" if stage.get("peak_rss_mb") else "-"
+                held = f"{stage['rss_mb']:.0f} MB" if stage.get("rss_mb") else "-"
+                print(f"         {stage['seconds']:>8.1f} s  peak so far {peak:>9}  held {held:>9}  {stage['stage']}",
+                      flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
         if not args.keep:

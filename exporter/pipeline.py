@@ -7,7 +7,7 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter import __version__
+from exporter import __version__, export_memory
 from exporter.calibrate import fully_prequantized, order_by_layer
 from exporter.errors import UserError
 from exporter.progress import Progress
@@ -132,6 +132,8 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
             progress.log("      note: the source has no tokenizer; `run` will need token ids")
         progress.end(f"{_size_mb(staging):.0f} MB")
 
+        quant = hints = None  # the calibration stream and its last layer's state
+        export_memory.hand_back_freed_memory()
         ort_format = None
         if target.package_format == "ort":
             progress.log("      converting to the ORT format (ONNX Runtime Mobile)")
@@ -140,6 +142,7 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
         tensorrt = None
         if target.uses_tensorrt:
             tensorrt = tensorrt_material(staging, target, io, context, config.vocab_size, progress)
+            export_memory.hand_back_freed_memory()
 
         parity = {"skipped": True}
         if options.verify:
@@ -174,7 +177,6 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
 def check_export_memory(options: ExportOptions, config, precision: str, checkpoint: Checkpoint, block_size: int,
                         target, log) -> None:
     """Print what the export will need at its peak and refuse, before the long steps, when it is not free."""
-    from exporter import export_memory
     from passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
@@ -202,11 +204,13 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
 
 def tensorrt_material(folder: Path, target, io: dict, context: int, vocab_size: int, progress) -> dict:
     """Profiles, build and check scripts, reference outputs; the engine too where TensorRT and a GPU are here."""
+    from runtimes.reference_steps import run_reference_steps
     from targets import engine
 
     progress.log("      writing engine build material (profiles, build_engine.py/.sh, reference outputs)")
     spec = engine.write_build_material(folder, io, context, target.platform)
-    engine.write_reference(folder, io, vocab_size)
+    arrays, inputs, runtime = run_reference_steps(folder / "model.onnx", io, engine.reference_ids(vocab_size))
+    engine.write_reference(folder, arrays, inputs, runtime)
     info = {"parser": target.tensorrt.version, "requires": target.platform, "opset": target.tensorrt.opset,
             "context": context, "profiles": [p["name"] for p in spec["profiles"]], "engine": None}
     missing = engine.tensorrt_available()

@@ -126,8 +126,7 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
                    reference=None) -> dict:
     """The package runs every prompt first and is closed; then the reference (by default the StreamedReference;
     any callable from token sequences to their logits) runs over the same tokens, so the two never share memory."""
-    import gc
-
+    from exporter.export_memory import hand_back_freed_memory
     from runtimes import Decoder, OnnxPackage
 
     package = OnnxPackage(folder)
@@ -145,7 +144,7 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         runs.append((prompt, tokens, np.concatenate(step_logits).astype(np.float32)))
         del decoder
     del package
-    gc.collect()
+    hand_back_freed_memory()
     reference = reference if reference is not None else StreamedReference(checkpoint)
     references = reference([prompt + tokens[:-1] for prompt, tokens, _ in runs], log=log)
     max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0

@@ -15,6 +15,20 @@ class PackageError(Exception):
     """The folder is not a package this runtime can run; reported as one line."""
 
 
+def open_session(model_path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session on a package's graph, its weight file's pages handed back as they are packed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+    options.log_severity_level = 3
+    try:
+        with paged_out_while_loading(model_path.parent):
+            return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise PackageError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+
+
 class PackageLayout:
     """What genai_config.json says about a package: layers, heads, IO names, end tokens."""
 
@@ -62,21 +76,12 @@ class PackageLayout:
 
 class OnnxPackage(PackageLayout):
     def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None):
-        import onnxruntime as ort
-
         super().__init__(folder)
         decoder = self.decoder_config
         model_path = self.folder / (model_file or decoder["filename"])
         if not model_path.is_file():
             raise PackageError(f"{self.folder}: model file {model_path.name} is missing")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
-        options.log_severity_level = 3
-        try:
-            with paged_out_while_loading(self.folder):
-                self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise PackageError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.session = open_session(model_path, threads)
         self.input_names = {i.name for i in self.session.get_inputs()}
         past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0][0])
         self.kv_dtype = np.float16 if "float16" in past_type else np.float32

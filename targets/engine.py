@@ -95,40 +95,16 @@ def write_build_material(folder: Path, io: dict, context: int, requirement: str,
     return spec
 
 
-def write_reference(folder: Path, io: dict, vocab_size: int) -> dict:
-    """Two steps of the package's graph on ONNX Runtime (CPU): prefill of fixed ids, then one decode step fed the
-    prefill's cache. Saved for check_engine.py; returns a summary for the manifest."""
-    import onnxruntime as ort
+def reference_ids(vocab_size: int) -> list[int]:
+    return [i % vocab_size for i in REFERENCE_IDS]
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = [o.name for o in session.get_outputs()]
-    ids = np.array([[i % vocab_size for i in REFERENCE_IDS]], dtype=np.int64)
-    past = {}
-    for name, spec in io["inputs"].items():
-        if name.startswith("past_key_values."):
-            dims = [1 if d == "batch" else 0 if d == "past_sequence" else d for d in spec["shape"]]
-            past[name] = np.zeros(dims, dtype=np.float16 if "float16" in inputs[name].type else np.float32)
-    arrays, steps = {}, []
-    length = 0
-    for step, step_ids in (("prefill", ids), ("decode", None)):
-        if step_ids is None:
-            step_ids = arrays["prefill/out/logits"][:, -1:].argmax(-1).astype(np.int64)
-        count = step_ids.shape[1]
-        feed = {"input_ids": step_ids, "attention_mask": np.ones((1, length + count), np.int64), **past}
-        if "position_ids" in inputs:
-            feed["position_ids"] = np.arange(length, length + count, dtype=np.int64)[None]
-        results = dict(zip(outputs, session.run(outputs, feed)))
-        for name, value in feed.items():
-            arrays[f"{step}/in/{name}"] = value
-        arrays[f"{step}/out/logits"] = results["logits"].astype(np.float32)
-        past = {name: results[name.replace("past_key_values.", "present.")] for name in past}
-        length += count
-        steps.append(step)
+
+def write_reference(folder: Path, arrays: dict[str, np.ndarray], inputs: list[str], runtime: str) -> dict:
+    """Saves the reference steps (runtimes/reference_steps.py) for check_engine.py; returns a summary for the
+    manifest."""
     np.savez_compressed(folder / REFERENCE, **arrays)
-    summary = {"steps": steps, "inputs": list(feed), "runtime": f"onnxruntime {ort.__version__} (CPU)"}
+    steps = list(dict.fromkeys(key.split("/")[0] for key in arrays))
+    summary = {"steps": steps, "inputs": inputs, "runtime": runtime}
     (folder / REFERENCE_SPEC).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
