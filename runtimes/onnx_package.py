@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.mapped_pages import paged_out_while_loading
+from runtimes.streamed_head import StreamedHead, StreamedHeadSession, split_head
 
 
 class PackageError(Exception):
@@ -16,17 +17,39 @@ class PackageError(Exception):
 
 
 def open_session(model_path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session on a package's graph, its weight file's pages handed back as they are packed."""
+    """An ONNX Runtime CPU session on a package's graph, its weight file's pages handed back as they are packed;
+    a large fp16 lm_head is computed outside the session (runtimes/streamed_head.py)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     options.log_severity_level = 3
+    graph, head = _without_fp16_head(model_path)
+    if head is not None:
+        head.threads = options.intra_op_num_threads
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(model_path.parent))
     try:
         with paged_out_while_loading(model_path.parent):
-            return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(graph or str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise PackageError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+    return StreamedHeadSession(session, head) if head is not None else session
+
+
+def _without_fp16_head(model_path: Path) -> tuple[bytes | None, StreamedHead | None]:
+    """The graph's bytes without its projection and the projection, where it is a large fp16 weight; else None, None
+    (ORT-format files and graphs onnx cannot read are left to ONNX Runtime)."""
+    if model_path.suffix != ".onnx":
+        return None, None
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # ONNX Runtime reports an unreadable graph in one line below
+        return None, None
+    head = split_head(model, model_path.parent)
+    return (model.SerializeToString(), head) if head is not None else (None, None)
 
 
 class PackageLayout:

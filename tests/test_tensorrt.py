@@ -263,6 +263,33 @@ def test_jetson_export_end_to_end(tiny_models, tmp_path):
     np.testing.assert_allclose(step, reference["decode/out/logits"][0, -1], atol=1e-4)
     verify = run_cli("verify", str(out))
     assert verify.returncode == 0 and "PASSED" in verify.stdout
+    _check_streamed_head(out, prefill, reference)
+
+
+def _check_streamed_head(out: Path, whole_prefill: np.ndarray, reference) -> None:
+    """The fp16 lm_head computed outside ONNX Runtime (what an 8B package gets) gives the whole graph's logits to
+    within the graph's own fp16 rounding of the hidden state and of the product, which ONNX Runtime's CPU run skips."""
+    import runtimes.streamed_head as streamed
+    from runtimes import Decoder, OnnxPackage
+
+    assert not isinstance(OnnxPackage(out).session, streamed.StreamedHeadSession)  # small: the plain session
+    threshold, block = streamed.STREAMED_BYTES, streamed.BLOCK_BYTES
+    vocab = json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"]
+    streamed.STREAMED_BYTES, streamed.BLOCK_BYTES = 1, 2 * vocab * 7  # 7 rows a block: the last block is short
+    try:
+        package = OnnxPackage(out)
+    finally:
+        streamed.STREAMED_BYTES, streamed.BLOCK_BYTES = threshold, block
+    assert isinstance(package.session, streamed.StreamedHeadSession)
+    assert package.session.head.rows % 7 != 0
+    decoder = Decoder(package)
+    prefill = decoder.prefill(reference["prefill/in/input_ids"][0].tolist())
+    assert prefill.shape == whole_prefill.shape and prefill.dtype == np.float32
+    assert np.abs(prefill - whole_prefill).max() <= np.abs(whole_prefill).max() * 2 ** -9
+    assert np.array_equal(prefill.argmax(-1), whole_prefill.argmax(-1))
+    step = decoder.decode(int(reference["decode/in/input_ids"][0, 0]))
+    whole_step = reference["decode/out/logits"][0, -1]
+    assert np.abs(step - whole_step).max() <= np.abs(whole_step).max() * 2 ** -9
 
 
 def _engine_here() -> str | None:
