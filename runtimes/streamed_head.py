@@ -95,10 +95,12 @@ def split_head(model, folder: Path, threshold: int | None = None):
     rows, columns = weight.dims
     if location.get("location") is None or 2 * rows * columns < (threshold or STREAMED_BYTES):
         return None
+    data_path = _weight_file(folder, location, 2 * rows * columns)
+    if data_path is None:
+        return None  # ONNX Runtime refuses it with the whole graph, in its own words
     if sum(weight.name in node.input for node in graph.node) != 1:
         return None  # a tied table: the embedding reads it too
-    head = StreamedHead(matmul.input[0], cast_to_float32, folder / location["location"],
-                        int(location.get("offset", 0)), rows, columns)
+    head = StreamedHead(matmul.input[0], cast_to_float32, data_path, int(location.get("offset", 0)), rows, columns)
     removed = {id(matmul), id(last)}
     kept_nodes = [node for node in graph.node if id(node) not in removed]
     del graph.node[:]
@@ -119,6 +121,19 @@ class OutputArg:
     name: str
     type: str
     shape: list
+
+
+def _weight_file(folder: Path, location: dict[str, str], size: int) -> Path | None:
+    """The external data file, where it lies inside the package folder and holds the weight's bytes where the graph
+    says (as ONNX Runtime checks for the weights it reads itself)."""
+    try:
+        path = (folder / location["location"]).resolve()
+        offset = int(location.get("offset", 0))
+        length = int(location.get("length", size))
+        inside = path.is_relative_to(folder.resolve()) and path.is_file()
+        return path if inside and length == size and 0 <= offset and offset + size <= path.stat().st_size else None
+    except (OSError, ValueError):
+        return None
 
 
 class StreamedHeadSession:

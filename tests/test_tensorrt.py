@@ -310,3 +310,36 @@ def test_engine_builds_runs_and_matches_reference(tiny_models, tmp_path):
     assert check.returncode == 0 and "PASSED" in check.stdout
     run = run_cli("run", str(out), "--prompt", "The quick", "--max-new-tokens", "8")
     assert run.returncode == 0 and "note:" not in run.stderr
+
+
+def test_streamed_head_reads_only_a_weight_inside_the_package(tmp_path):
+    """The lm_head taken out of the graph is read by us, not ONNX Runtime: its file must lie inside the package and
+    hold the bytes the graph says, or the graph goes to ONNX Runtime whole (which refuses it in its own words)."""
+    from onnx import TensorProto, helper
+
+    from runtimes.streamed_head import split_head
+
+    def graph(location: str, offset: int = 0):
+        weight = TensorProto(name="lm_head.weight", data_type=TensorProto.FLOAT16, dims=[4, 6])
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", "48")):
+            weight.external_data.add(key=key, value=value)
+        nodes = [helper.make_node("MatMul", ["hidden", "lm_head.weight"], ["logits.fp16"]),
+                 helper.make_node("Cast", ["logits.fp16"], ["logits"], to=TensorProto.FLOAT)]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT16, [1, 4])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 6])], [weight]))
+
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "model.onnx.data").write_bytes(bytes(64))
+    (tmp_path / "outside.bin").write_bytes(bytes(64))
+    head = split_head(model := graph("model.onnx.data", offset=16), package, threshold=1)
+    assert head is not None and (head.offset, head.rows, head.columns, head.cast_to_float32) == (16, 4, 6, True)
+    assert [o.name for o in model.graph.output] == ["hidden"] and not model.graph.node
+    assert not model.graph.initializer
+    for location, offset in (("../outside.bin", 0), ("model.onnx.data", 24), ("missing.data", 0)):
+        untouched = graph(location, offset)
+        assert split_head(untouched, package, threshold=1) is None
+        assert len(untouched.graph.node) == 2 and untouched.graph.output[0].name == "logits"
+    assert split_head(graph("model.onnx.data"), package) is None  # under the size threshold: ONNX Runtime runs it
