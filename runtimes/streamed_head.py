@@ -2,8 +2,8 @@
 blocks at every step.
 
 ONNX Runtime's CPU kernels have no fp16 MatMul: to run a TensorRT package's graph on the CPU (verify, the engine's
-reference outputs, `run`) it casts the fp16 lm_head to float32 once and keeps that copy, 2 GB for a 128k vocabulary at
-width 4096, more than the whole INT4 decoder beside it is worth. Here the session stops at the projection's input and
+reference outputs, `run`) it casts the fp16 lm_head to float32 once and keeps that copy (2 GB for a 128k vocabulary at
+width 4096) beside the INT4 decoder layers. Here the session stops at the projection's input and
 the projection runs in float32 over row blocks of the fp16 weight, which is read with plain file reads (its pages stay
 out of this process). The product is accumulated in float32 as ONNX Runtime does, and the hidden state and the
 product are fp16 as the graph says; ONNX Runtime's whole-graph CPU run drops those two roundings (it removes the
