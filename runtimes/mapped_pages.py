@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MADV_PAGEOUT = 21  # Linux 5.4 and later; older kernels refuse it (EINVAL) and nothing changes
-WATCH_SECONDS = 0.1
+WATCH_SECONDS = 0.02  # between passes, pages read wait resident: the session's peak over its steady size
 
 
 def _madvise():
@@ -31,6 +31,23 @@ def _madvise():
     return function
 
 
+def _file_mappings() -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of each of this process's file mappings."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return []
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+        if path.startswith(os.sep):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mappings.append((start, end, int(fields[2], 16), path))
+    return mappings
+
+
 def page_out(folder: str | Path) -> int:
     """Pages out this process's mappings of files inside `folder`; returns how many mappings were advised."""
     madvise = _madvise()
@@ -38,27 +55,31 @@ def page_out(folder: str | Path) -> int:
         return 0
     prefix = os.path.realpath(folder) + os.sep
     advised = 0
-    try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.readlines()
-    except OSError:
-        return 0
     files: dict[str, int | None] = {}  # one descriptor a file, however many mappings of it
     try:
-        for line in lines:
-            fields = line.split(maxsplit=5)
-            path = fields[5].rstrip("\n") if len(fields) == 6 else ""
+        for start, end, offset, path in _file_mappings():
             if path.startswith(prefix):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
                 if path not in files:
                     files[path] = _open_quietly(path)
-                _drain_page_batches(files[path], int(fields[2], 16), end - start)
+                _drain_page_batches(files[path], offset, end - start)
                 advised += madvise(start, end - start, MADV_PAGEOUT) == 0
     finally:
         for fd in files.values():
             if fd is not None:
                 os.close(fd)
     return advised
+
+
+def page_out_libraries(folder: str | Path) -> int:
+    """Pages out this process's other file mappings, its interpreter's and libraries' code: what runs next comes
+    straight back, and the pages of libraries idle while ONNX Runtime loads (PyTorch's, in an export) are handed
+    back meanwhile."""
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    prefix = os.path.realpath(folder) + os.sep
+    return sum(madvise(start, end - start, MADV_PAGEOUT) == 0
+               for start, end, _, path in _file_mappings() if not path.startswith(prefix))
 
 
 def _open_quietly(path: str) -> int | None:
@@ -95,10 +116,11 @@ def _flush(folder: str | Path) -> None:
 
 @contextmanager
 def paged_out_while_loading(folder: str | Path):
-    """Pages out the folder's mapped files every WATCH_SECONDS while the block runs (ONNX Runtime creates a
-    session without holding the GIL, so this thread runs beside it) and once at the end, so the pages the
-    kernels have finished packing never pile up."""
+    """Pages out the process's libraries once, and the folder's mapped files every WATCH_SECONDS while the block
+    runs (ONNX Runtime creates a session without holding the GIL, so this thread runs beside it) and once at the
+    end, so the pages the kernels have finished packing never pile up."""
     _flush(folder)
+    page_out_libraries(folder)
     done = threading.Event()
 
     def watch():
