@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from runtimes.onnx_package import open_session
+from runtimes.streamed_head import StreamedHeadSession
 
 
 def run_reference_steps(model_path: Path, io: dict, ids: list[int]) -> tuple[dict[str, np.ndarray], list[str], str]:
@@ -38,4 +39,5 @@ def run_reference_steps(model_path: Path, io: dict, ids: list[int]) -> tuple[dic
         arrays[f"{step}/out/logits"] = results["logits"].astype(np.float32)
         past = {name: results[name.replace("past_key_values.", "present.")] for name in past}
         length += count
-    return arrays, list(feed), f"onnxruntime {ort.__version__} (CPU)"
+    streamed = ", the fp16 lm_head in float32 row blocks" if isinstance(session, StreamedHeadSession) else ""
+    return arrays, list(feed), f"onnxruntime {ort.__version__} (CPU{streamed})"
