@@ -12,6 +12,9 @@ from runtimes.mapped_pages import paged_out_while_loading
 from runtimes.streamed_head import StreamedHead, StreamedHeadSession, split_head
 
 
+GRAPH_ONLY_BYTES = 64 << 20  # a larger .onnx file holds weights itself: not read twice to look for the lm_head
+
+
 class PackageError(Exception):
     """The folder is not a package this runtime can run; reported as one line."""
 
@@ -39,8 +42,8 @@ def open_session(model_path: Path, threads: int | None = None):
 
 def _without_fp16_head(model_path: Path) -> tuple[bytes | None, StreamedHead | None]:
     """The graph's bytes without its projection and the projection, where it is a large fp16 weight; else None, None
-    (ORT-format files and graphs onnx cannot read are left to ONNX Runtime)."""
-    if model_path.suffix != ".onnx":
+    (ORT-format files, graphs holding their weights and graphs onnx cannot read are left to ONNX Runtime)."""
+    if model_path.suffix != ".onnx" or model_path.stat().st_size > GRAPH_ONLY_BYTES:
         return None, None
     import onnx
 

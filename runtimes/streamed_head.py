@@ -36,14 +36,21 @@ class StreamedHead:
         product = np.zeros((inputs.shape[0], self.columns), np.float32)
         block = max(1, BLOCK_BYTES // (2 * self.columns))
         buffer = np.empty(block * self.columns, np.float16)
-        with open(self.data_path, "rb") as data:
-            data.seek(self.offset)
-            for start in range(0, self.rows, block):
-                count = min(block, self.rows - start)
-                weight = buffer[:count * self.columns]
-                if data.readinto(weight) != weight.nbytes:
-                    raise OSError(f"{self.data_path}: the lm_head's rows end early (the file was cut short)")
-                product += self._block_product(inputs[:, start:start + count], weight.reshape(count, self.columns))
+        try:
+            with open(self.data_path, "rb") as data:
+                data.seek(self.offset)
+                for start in range(0, self.rows, block):
+                    count = min(block, self.rows - start)
+                    weight = buffer[:count * self.columns]
+                    if data.readinto(weight) != weight.nbytes:
+                        raise OSError("the file ends before the lm_head's last row")
+                    product += self._block_product(inputs[:, start:start + count],
+                                                   weight.reshape(count, self.columns))
+        except OSError as exc:
+            from runtimes.onnx_package import PackageError
+
+            raise PackageError(f"{self.data_path}: cannot read the lm_head ({exc}); was the package changed while "
+                               "it ran?") from None
         logits = product.astype(np.float16).reshape(*lead, self.columns)
         return logits.astype(np.float32) if self.cast_to_float32 else logits
 
@@ -80,29 +87,22 @@ def split_head(model, folder: Path, threshold: int | None = None):
     import onnx
 
     graph = model.graph
-    producers = {output: node for node in graph.node for output in node.output}
-    last = producers.get("logits")
-    cast_to_float32 = last is not None and last.op_type == "Cast"
-    matmul = producers.get(last.input[0]) if cast_to_float32 else last
-    if matmul is None or matmul.op_type != "MatMul":
+    found = _projection(graph)
+    if found is None:
         return None
-    if sum(matmul.output[0] in node.input for node in graph.node) != int(cast_to_float32):
-        return None  # the projection's fp16 output is used elsewhere too
-    weight = next((i for i in graph.initializer if i.name == matmul.input[1]), None)
-    if weight is None or weight.data_type != onnx.TensorProto.FLOAT16 or len(weight.dims) != 2:
-        return None
+    matmul, last, weight = found
+    cast_to_float32 = last.op_type == "Cast"
     location = {entry.key: entry.value for entry in weight.external_data}
     rows, columns = weight.dims
-    if location.get("location") is None or 2 * rows * columns < (threshold or STREAMED_BYTES):
+    size = 2 * rows * columns
+    if rows <= 0 or columns <= 0 or location.get("location") is None or size < (threshold or STREAMED_BYTES):
         return None
-    data_path = _weight_file(folder, location, 2 * rows * columns)
+    data_path = _weight_file(folder, location, size)
     if data_path is None:
         return None  # ONNX Runtime refuses it with the whole graph, in its own words
-    if sum(weight.name in node.input for node in graph.node) != 1:
-        return None  # a tied table: the embedding reads it too
     head = StreamedHead(matmul.input[0], cast_to_float32, data_path, int(location.get("offset", 0)), rows, columns)
-    removed = {id(matmul), id(last)}
-    kept_nodes = [node for node in graph.node if id(node) not in removed]
+    removed = {matmul.output[0], "logits"}
+    kept_nodes = [node for node in graph.node if not removed & set(node.output)]
     del graph.node[:]
     graph.node.extend(kept_nodes)
     kept_initializers = [i for i in graph.initializer if i.name != weight.name]
@@ -121,6 +121,39 @@ class OutputArg:
     name: str
     type: str
     shape: list
+
+
+def _projection(graph):
+    """(MatMul, the node making `logits`, the fp16 2-D weight) where the graph's `logits` output is MatMul(hidden, W)
+    or a float32 Cast of it, and cutting there leaves the rest of the graph whole; else None."""
+    import onnx
+
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {output.name for output in graph.output}
+    last = producers.get("logits")
+    if "logits" not in outputs or last is None or consumers.get("logits"):
+        return None
+    if last.op_type == "Cast":
+        to = next((a.i for a in last.attribute if a.name == "to"), None)
+        if to != onnx.TensorProto.FLOAT or len(last.input) != 1 or consumers.get(last.input[0]) != 1:
+            return None
+        matmul = producers.get(last.input[0])
+    else:
+        matmul = last
+    if matmul is None or matmul.op_type != "MatMul" or len(matmul.input) != 2 or matmul.output[0] in outputs - {
+            "logits"}:
+        return None
+    hidden, weight_name = matmul.input
+    if hidden in outputs or weight_name in {i.name for i in graph.input} or consumers.get(weight_name) != 1:
+        return None  # a tied table (the embedding reads it too), or a weight fed as an input
+    weight = next((i for i in graph.initializer if i.name == weight_name), None)
+    if weight is None or weight.data_type != onnx.TensorProto.FLOAT16 or len(weight.dims) != 2:
+        return None
+    return matmul, last, weight
 
 
 def _weight_file(folder: Path, location: dict[str, str], size: int) -> Path | None:

@@ -278,16 +278,16 @@ def _check_streamed_head(out: Path, whole_prefill: np.ndarray, reference) -> Non
     streamed.STREAMED_BYTES, streamed.BLOCK_BYTES = 1, 2 * vocab * 7  # 7 rows a block: the last block is short
     try:
         package = OnnxPackage(out)
+        assert isinstance(package.session, streamed.StreamedHeadSession)
+        assert package.session.head.rows % 7 != 0
+        decoder = Decoder(package)
+        prefill = decoder.prefill(reference["prefill/in/input_ids"][0].tolist())
+        step = decoder.decode(int(reference["decode/in/input_ids"][0, 0]))
     finally:
         streamed.STREAMED_BYTES, streamed.BLOCK_BYTES = threshold, block
-    assert isinstance(package.session, streamed.StreamedHeadSession)
-    assert package.session.head.rows % 7 != 0
-    decoder = Decoder(package)
-    prefill = decoder.prefill(reference["prefill/in/input_ids"][0].tolist())
     assert prefill.shape == whole_prefill.shape and prefill.dtype == np.float32
     assert np.abs(prefill - whole_prefill).max() <= np.abs(whole_prefill).max() * 2 ** -9
     assert np.array_equal(prefill.argmax(-1), whole_prefill.argmax(-1))
-    step = decoder.decode(int(reference["decode/in/input_ids"][0, 0]))
     whole_step = reference["decode/out/logits"][0, -1]
     assert np.abs(step - whole_step).max() <= np.abs(whole_step).max() * 2 ** -9
 
@@ -343,3 +343,11 @@ def test_streamed_head_reads_only_a_weight_inside_the_package(tmp_path):
         assert split_head(untouched, package, threshold=1) is None
         assert len(untouched.graph.node) == 2 and untouched.graph.output[0].name == "logits"
     assert split_head(graph("model.onnx.data"), package) is None  # under the size threshold: ONNX Runtime runs it
+    as_input = graph("model.onnx.data")  # a weight also declared as a graph input can be fed: left to ONNX Runtime
+    as_input.graph.input.append(helper.make_tensor_value_info("lm_head.weight", TensorProto.FLOAT16, [4, 6]))
+    read_elsewhere = graph("model.onnx.data")  # the logits are consumed inside the graph too
+    read_elsewhere.graph.node.append(helper.make_node("ArgMax", ["logits"], ["next"]))
+    to_double = graph("model.onnx.data")
+    to_double.graph.node[1].attribute[0].i = TensorProto.DOUBLE
+    for untouched in (as_input, read_elsewhere, to_double):
+        assert split_head(untouched, package, threshold=1) is None and untouched.graph.output[0].name == "logits"
