@@ -13,7 +13,7 @@ from exporter.errors import UserError
 from exporter.progress import Progress
 from exporter.signals import raise_if_terminated
 from exporter.sources import Checkpoint, open_checkpoint
-from passes import format_report, run_passes
+from passes import forget_rewriter_matches, format_report, run_passes
 from targets import TargetError, get_target
 from targets.plan import GIB, ModelShape, plan_memory, refusal
 from targets.mobile import ORT_MODEL_FILE, check_size, convert_to_ort, size_breakdown
@@ -133,6 +133,7 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
         progress.end(f"{_size_mb(staging):.0f} MB")
 
         quant = hints = None  # the calibration stream and its last layer's state
+        forget_rewriter_matches()
         export_memory.hand_back_freed_memory()
         ort_format = None
         if target.package_format == "ort":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict, dataclass
 
@@ -64,3 +65,23 @@ def format_report(reports: list[PassReport]) -> str:
     for r in reports:
         lines.append(f"{r.name:<24} {r.sites:>6} {r.nodes_before:>13} {r.nodes_after:>12} {r.seconds:>8.2f}")
     return "\n".join(lines)
+
+
+def forget_rewriter_matches() -> int:
+    """Clears what onnxscript's rewrite rules remember of their last match; returns how many matchers held one.
+    The rules are module-level objects and each matcher keeps the graph, node and values it last matched: the
+    exported graph, and through its lazy initializers the calibration statistics, would stay reachable after the
+    package is written. (onnxscript has no public way to reset them; if its matchers change, nothing is done.)"""
+    try:
+        from onnxscript.rewriter import _basics, _matcher
+    except ImportError:
+        return 0
+    cleared = 0
+    for matcher in gc.get_objects():
+        if isinstance(matcher, _matcher.PatternMatcher):
+            held = any(getattr(matcher, name, None) is not None for name in ("_current_node", "_graph"))
+            for name, empty in (("_match", _basics.MatchResult), ("_current_node", None), ("_graph", None)):
+                if hasattr(matcher, name):
+                    setattr(matcher, name, empty() if empty else None)
+            cleared += held
+    return cleared
