@@ -76,9 +76,14 @@ def forget_rewriter_matches() -> int:
         from onnxscript.rewriter import _basics, _matcher
     except ImportError:
         return 0
+    kinds, pending = set(), [_matcher.PatternMatcher]
+    while pending:  # the concrete classes: an isinstance check on every live object warns on some of torch's
+        kind = pending.pop()
+        kinds.add(kind)
+        pending += kind.__subclasses__()
     cleared = 0
     for matcher in gc.get_objects():
-        if isinstance(matcher, _matcher.PatternMatcher):
+        if type(matcher) in kinds:
             held = any(getattr(matcher, name, None) is not None for name in ("_current_node", "_graph"))
             for name, empty in (("_match", _basics.MatchResult), ("_current_node", None), ("_graph", None)):
                 if hasattr(matcher, name):

@@ -115,13 +115,13 @@ def test_nothing_of_the_export_stays_reachable_when_verify_starts(deep_tied, tmp
 
     def graphs() -> int:
         gc.collect()
-        return sum(isinstance(o, ir.Graph) for o in gc.get_objects())
+        return sum(type(o) is ir.Graph for o in gc.get_objects())
 
     before, alive = graphs(), {}
 
     def count_then_verify(*args, **kwargs):
         alive["graphs"] = graphs() - before
-        alive["streams"] = sum(isinstance(o, calibrate.CalibrationStream) for o in gc.get_objects())
+        alive["streams"] = sum(type(o) is calibrate.CalibrationStream for o in gc.get_objects())
         return real_verify(*args, **kwargs)
 
     real_verify = verify.verify_package
