@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,9 +118,13 @@ STAGE = re.compile(r"^\[(\d+)/\d+\] (.*)$")
 
 def run_measured(command: list[str]) -> dict:
     """Wall time, peak RSS and, from llama-export's progress lines, each stage's seconds, the process's peak RSS
-    when the stage ended and what it still held then (/proc's VmHWM and VmRSS, sampled as the lines arrive)."""
+    when the stage ended and what it still held then (/proc's VmHWM and VmRSS, sampled as the lines arrive).
+    The peak is the largest of the process's own (with its children's, one at a time: the kernel's maximum) and of
+    the whole process tree's total, sampled every 0.05 s (an export may build in a child while it waits)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree = TreeSampler(process.pid)
+    tree.start()
     stages, current, tail = [], None, []
     for line in process.stdout:
         now = time.perf_counter() - start
@@ -133,12 +138,45 @@ def run_measured(command: list[str]) -> dict:
                 stages.append(current)
             current = {"stage": match.group(2), "start": now} if match else None
     _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+    tree.stop()
     seconds = time.perf_counter() - start
     if current is not None:
         current["seconds"] = seconds - current["start"]
         stages.append(current)
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stages": stages,
-            "returncode": os.waitstatus_to_exitcode(status), "tail": tail}
+    return {"seconds": seconds, "peak_rss_mb": max(usage.ru_maxrss / 1024, tree.peak_mb), "stages": stages,
+            "peak_tree_mb": tree.peak_mb, "returncode": os.waitstatus_to_exitcode(status), "tail": tail}
+
+
+class TreeSampler(threading.Thread):
+    """The largest total VmRSS of a process and its descendants, sampled every 0.05 s."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_mb, self.done = pid, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            self.peak_mb = max(self.peak_mb, sum(_status_mb(p, "VmRSS") or 0.0 for p in self._tree()))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+    def _tree(self) -> list[int]:
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        tree, grew = {self.pid}, True
+        while grew:
+            grew = False
+            for pid, parent in parents.items():
+                if parent in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        return sorted(tree)
 
 
 def _status_mb(pid: int, key: str) -> float | None:

@@ -238,7 +238,7 @@ def cmd_verify(args) -> int:
     if precision not in TOLERANCES:
         raise UserError(f"no tolerance defined for precision '{precision}'")
     checkpoint = open_checkpoint(source)
-    check_same_shape(PackageLayout(args.package), checkpoint)
+    check_same_shape(PackageLayout(args.package), checkpoint)  # before anything is printed or run
     print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
     result = verify_package(args.package, checkpoint, precision, new_tokens=args.tokens,
                             log=lambda m: print(m, file=sys.stderr))

@@ -1,4 +1,5 @@
-"""The export: open the source, trace, run the target's passes, write the package, verify, rename into place."""
+"""The export: resolve the source and the output, build the package in a staging folder (exporter/build.py),
+convert it or add the target's engine material, verify it, and rename it into place."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter import __version__, export_memory
-from exporter.calibrate import fully_prequantized, order_by_layer
 from exporter.errors import UserError
 from exporter.progress import Progress
 from exporter.signals import raise_if_terminated
-from exporter.sources import Checkpoint, open_checkpoint
-from passes import forget_rewriter_matches, format_report, run_passes
-from targets import TargetError, get_target
-from targets.plan import GIB, ModelShape, plan_memory, refusal
-from targets.mobile import ORT_MODEL_FILE, check_size, convert_to_ort, size_breakdown
-from targets.tensorrt_ops import parser_problems
+from exporter.sources import Checkpoint, check_source_path
+from targets import get_target
 from targets import package as pkg
+from targets.mobile import convert_to_ort
+from targets.plan import GIB
 
 
 @dataclass
@@ -48,9 +46,10 @@ def resolve_model(model: str | None, log) -> Path:
     return default_model_path(log=log)
 
 
-def default_output(checkpoint: Checkpoint, target: str, precision: str) -> Path:
-    stem = checkpoint.name.split(".")[0].lower()
-    return Path(f"{stem}-{target}-{precision}")
+def default_output(source: Path, target: str, precision: str) -> Path:
+    """NAME-TARGET-PRECISION beside the current folder, NAME from the folder's name or the GGUF file's."""
+    name = source.name if source.is_dir() else source.stem
+    return Path(f"{name.split('.')[0].lower()}-{target}-{precision}")
 
 
 def export(options: ExportOptions) -> Path:
@@ -67,104 +66,36 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
     progress = Progress(5 if options.verify else 4, quiet=options.quiet)
     if options.output is not None:
         pkg.check_output(options.output, options.force)
-
-    progress.begin("Opening the model")
-    checkpoint = open_checkpoint(resolve_model(options.model, progress.log))
-    output = options.output or default_output(checkpoint, target.name, precision)
+    source = resolve_model(options.model, progress.log)
+    check_source_path(source)
+    output = options.output or default_output(source, target.name, precision)
     pkg.check_output(output, options.force)
     claims.enter_context(pkg.output_lock(output))
-    config = checkpoint.config
-    progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
-                 f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")
-    block_size = options.block_size or default_block_size(target, checkpoint)
-    context = options.context or min(config.max_position_embeddings, pkg.DEFAULT_MAX_LENGTH)
-    if context > config.max_position_embeddings:
-        raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
-    shape = ModelShape.from_config(config, checkpoint.name)
-    if target.memory_gb is not None:
-        plan = plan_memory(target, shape, precision, context, block_size=block_size)
-        if not plan.fits:
-            raise UserError(refusal(plan))
-        progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
-                     f"(context {context}; `llama-export plan` for the budget)")
-    if target.package_format == "ort":
-        check_size(target, shape, precision, block_size, lm_head_bits(options, block_size),
-                   float_embedding=not options.quantize_embedding,
-                   fine_layers=len(edge_layers(config.num_hidden_layers)), fine_block=EDGE_LAYER_BLOCK)
 
-    check_export_memory(options, config, precision, checkpoint, block_size, target, progress.log)
-
-    from exporter.trace import trace_to_onnx
-
-    progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
-    model = trace_to_onnx(checkpoint)
-    progress.end(f"{sum(1 for _ in model.graph)} nodes")
-
-    quant, hints = None, None
-    if precision == "int4":
-        quant, hints = quantization_plan(options, block_size, checkpoint, progress.log,
-                                         tensorrt=target.uses_tensorrt, cpu=target.name == "cpu")
-
-    progress.begin(f"Running the '{target.name}' passes ({precision})")
-    reports = run_passes(model, target.pipeline(precision, config, quant, hints), log=progress.log)
-    if target.tensorrt is not None:
-        problems = parser_problems(model, target.tensorrt)
-        if problems:
-            raise TargetError(f"the graph holds ops TensorRT {target.tensorrt.version}'s ONNX parser cannot take: "
-                              f"{', '.join(problems)}; nothing was written")
-    progress.end()
-    if options.report:
-        print(format_report(reports))
-
-    if hints is not None and hints.hessians:
-        order_by_layer(model, config)
     with pkg.staged_package(output, options.force) as staging:
-        progress.begin("Writing the package (weights streamed one tensor at a time)")
-        pkg.save_model(model, staging, progress=progress.counter("weights"))
-        io = pkg.io_dims(model)
-        model_file = ORT_MODEL_FILE if target.package_format == "ort" else pkg.MODEL_FILE
-        pkg.write_json(staging / "genai_config.json",
-                       pkg.genai_config(model, config, context, model_file, threads=target.genai_threads))
-        weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
-        del model
-        tokenizer_files = checkpoint.write_tokenizer(staging)
-        if not tokenizer_files:
-            progress.log("      note: the source has no tokenizer; `run` will need token ids")
-        progress.end(f"{_size_mb(staging):.0f} MB")
+        if builds_elsewhere(source):
+            from exporter.build_process import build_elsewhere as build
+        else:
+            from exporter.build import build
+        built = build(options, source, staging, progress)
+        if built.report is not None:
+            print(built.report)
 
-        quant = hints = None  # the calibration stream and its last layer's state
-        forget_rewriter_matches()
-        export_memory.hand_back_freed_memory()
         ort_format = None
         if target.package_format == "ort":
             progress.log("      converting to the ORT format (ONNX Runtime Mobile)")
-            ort_format = convert_to_ort(staging, weight_bytes, log=progress.log)
+            ort_format = convert_to_ort(staging, built.weight_bytes, log=progress.log)
 
         tensorrt = None
         if target.uses_tensorrt:
-            tensorrt = tensorrt_material(staging, target, io, context, config.vocab_size, progress)
+            tensorrt = tensorrt_material(staging, target, built.io, built.context, built.vocab_size, progress)
             export_memory.hand_back_freed_memory()
 
         parity = {"skipped": True}
         if options.verify:
-            from exporter.verify import verify_package
-
-            progress.begin("Verifying against transformers (PyTorch, fp32)")
-            parity = verify_package(staging, checkpoint, precision, new_tokens=options.verify_tokens,
-                                    log=progress.log)
-            progress.end("passed" if parity["passed"] else "FAILED")
-            if parity["non_finite"]:
-                raise UserError(f"{parity['non_finite']}; nothing was written")
-            if not parity["passed"]:
-                raise UserError(
-                    f"the package does not match the PyTorch reference (max |logit diff| "
-                    f"{parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']}/"
-                    f"{parity['greedy_tokens_compared']}, top-1 {parity['top1_agreement']:.3f}); nothing was written "
-                    "(--no-verify writes it anyway)" + (
-                        "; a smaller --block-size keeps more of the model" if precision == "int4" and block_size > 32
-                        else "")
-                )
-        manifest = build_manifest(checkpoint, target.name, precision, staging, io, reports, parity)
+            parity = verify(staging, source, precision, options, built.block_size, progress)
+        manifest = {**built.manifest, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())
+                                                if p.is_file()}, "parity": parity}
         if tensorrt is not None:
             manifest["tensorrt"] = tensorrt
         if ort_format is not None:
@@ -175,9 +106,48 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
     return output
 
 
+# Sources this large are built in a process of their own (exporter/build.py): the memory the build used is then
+# free before the package runs. Below it one process is quicker (no second start of PyTorch) and holds little.
+SEPARATE_BUILD_BYTES = 1 << 30
+
+
+def builds_elsewhere(source: Path) -> bool:
+    try:
+        files = [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source]
+        return sum(p.stat().st_size for p in files) >= SEPARATE_BUILD_BYTES
+    except OSError:
+        return False  # the build reports what cannot be read
+
+
+def verify(staging: Path, source: Path, precision: str, options: ExportOptions, block_size: int, progress) -> dict:
+    """The package runs its prompts before PyTorch is loaded here (a separate build leaves this process without
+    it), then transformers' reference runs over the same tokens."""
+    from exporter.sources import open_checkpoint
+    from exporter.verify import compare_with_reference, package_runs
+
+    progress.begin("Verifying against transformers (PyTorch, fp32)")
+    runs = package_runs(staging, new_tokens=options.verify_tokens)
+    export_memory.hand_back_freed_memory()
+    parity = compare_with_reference(runs, open_checkpoint(source), precision, log=progress.log)
+    progress.end("passed" if parity["passed"] else "FAILED")
+    if parity["non_finite"]:
+        raise UserError(f"{parity['non_finite']}; nothing was written")
+    if not parity["passed"]:
+        raise UserError(
+            f"the package does not match the PyTorch reference (max |logit diff| "
+            f"{parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']}/"
+            f"{parity['greedy_tokens_compared']}, top-1 {parity['top1_agreement']:.3f}); nothing was written "
+            "(--no-verify writes it anyway)" + (
+                "; a smaller --block-size keeps more of the model" if precision == "int4" and block_size > 32
+                else "")
+        )
+    return parity
+
+
 def check_export_memory(options: ExportOptions, config, precision: str, checkpoint: Checkpoint, block_size: int,
                         target, log) -> None:
     """Print what the export will need at its peak and refuse, before the long steps, when it is not free."""
+    from exporter.calibrate import fully_prequantized
     from passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
@@ -228,6 +198,8 @@ def default_block_size(target, checkpoint: Checkpoint) -> int:
     """The target's, except on TensorRT targets for a GGUF whose matrices are all 4-bit blocks (Q4_0/Q4_1): those
     are carried over exactly at their block size (32). Requantizing them to block 128 compounds two roundings:
     measured on the default model, verify's top-1 agreement fell to 0.80 with GPTQ at block 128."""
+    from exporter.calibrate import fully_prequantized
+
     if target.uses_tensorrt and fully_prequantized(checkpoint, 32, bits=(4,), layers_only=True):
         return 32
     return target.default_block_size
@@ -279,7 +251,7 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     matrix must be quantized here (TensorRT carries 4-bit blocks only, and keeps embedding and lm_head float).
     `cpu`: the cpu target's layouts: below block 128 the lm_head split into frequent rows at 8 bits and the rest
     at 4; at 128 and above the fast layout (see FAST_LAYOUT_BLOCK)."""
-    from exporter.calibrate import CalibrationStream, SourceHints, default_calibration_text
+    from exporter.calibrate import CalibrationStream, SourceHints, default_calibration_text, fully_prequantized
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
@@ -306,8 +278,8 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     return quant, SourceHints(checkpoint, hessians)
 
 
-def build_manifest(checkpoint: Checkpoint, target: str, precision: str, folder: Path, io: dict, reports,
-                   parity: dict) -> dict:
+def build_manifest(checkpoint, target: str, precision: str, io: dict, reports) -> dict:
+    """The manifest but for its files and parity, added once the package is complete."""
     config = checkpoint.config
     return {
         "tool": pkg.TOOL,
@@ -334,10 +306,4 @@ def build_manifest(checkpoint: Checkpoint, target: str, precision: str, folder: 
         },
         "io": io,
         "passes": [r.as_dict() for r in reports],
-        "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()},
-        "parity": parity,
     }
-
-
-def _size_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6

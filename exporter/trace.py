@@ -10,11 +10,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
-import pickle
-import subprocess
-import sys
-import traceback
 import warnings
 
 import numpy as np
@@ -120,52 +115,24 @@ def trace_to_onnx(checkpoint: Checkpoint) -> ir.Model:
 
 
 def _trace_in_child(config, parameter_names: set[str]) -> ir.Model:
-    """A plain interpreter, not multiprocessing (its spawn would run the caller's main script again in the child);
-    the request and the graph travel through pipes, so no temporary file can fill a disk."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    command = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-               "from exporter.trace import trace_child; trace_child()"]  # Ctrl-C is the parent's to handle
-    child = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        reply, _ = child.communicate(pickle.dumps((config, sorted(parameter_names))))
-    except BaseException:  # Ctrl-C or SIGTERM here: the child goes too
-        child.kill()
-        child.wait()
-        raise
-    if not reply:
-        raise RuntimeError(f"tracing failed: its process ended with exit code {child.returncode}")
-    kind, payload = pickle.loads(reply)  # written by trace_child below, never by a user
-    if kind == "user-error":
-        raise UserError(payload)
-    if kind == "internal-error":
-        raise RuntimeError(payload)
-    return ir.serde.deserialize_model(onnx.load_model_from_string(payload))
+    from exporter.child_process import call_in_child
+
+    graph = call_in_child("exporter.trace", "trace_child", (config, sorted(parameter_names)), "tracing")
+    return ir.serde.deserialize_model(onnx.load_model_from_string(graph))
 
 
-def trace_child() -> None:
-    """The child's side: the request read from stdin, traced, and the graph written to stdout, its parameters as
-    references to no file (bound by the parent); a failure's message is sent instead, never a traceback printed."""
-    reply = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # whatever a library prints goes to stderr, not into the reply
-    try:
-        config, parameter_names = pickle.load(sys.stdin.buffer)
-        parameter_names = set(parameter_names)
-        inputs, outputs = io_names(config.num_hidden_layers)
-        exported = _export(FlatCacheLM(build_skeleton(config)).eval(), _example_inputs(config), inputs, outputs,
-                           _dynamic_shapes(config.num_hidden_layers))
-        for value in exported.graph.initializers.values():
-            if value.name.removeprefix("model.") in parameter_names:
-                tensor = value.const_value
-                value.const_value = ir.ExternalTensor(UNBOUND, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
-                                                      name=value.name)
-        result = ("graph", ir.serde.serialize_model(exported).SerializeToString())
-    except UserError as exc:
-        result = ("user-error", str(exc))
-    except BaseException as exc:
-        summary = traceback.format_exception_only(exc)[-1].strip().replace("\n", " ")
-        result = ("internal-error", f"tracing failed in its process: {summary}\n" + traceback.format_exc())
-    with contextlib.suppress(BrokenPipeError), reply:  # a parent that is gone wants no reply
-        reply.write(pickle.dumps(result))
+def trace_child(config, parameter_names: list[str]) -> bytes:
+    """The child's side: the graph, serialized, its parameters as references to no file (bound by the parent)."""
+    parameter_names = set(parameter_names)
+    inputs, outputs = io_names(config.num_hidden_layers)
+    exported = _export(FlatCacheLM(build_skeleton(config)).eval(), _example_inputs(config), inputs, outputs,
+                       _dynamic_shapes(config.num_hidden_layers))
+    for value in exported.graph.initializers.values():
+        if value.name.removeprefix("model.") in parameter_names:
+            tensor = value.const_value
+            value.const_value = ir.ExternalTensor(UNBOUND, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                                  name=value.name)
+    return ir.serde.serialize_model(exported).SerializeToString()
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes) -> ir.Model:

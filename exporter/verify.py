@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from exporter.sources import Checkpoint
 
@@ -56,6 +55,7 @@ class StreamedReference:
         """Logits [tokens, vocab] of each sequence, every position."""
         import time
 
+        import torch
         from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
         from exporter.calibrate import embed, load_layer
@@ -98,6 +98,7 @@ def reference_model(checkpoint: Checkpoint):
     """transformers' LlamaForCausalLM with the checkpoint's weights, fp32, eager attention."""
     import copy
 
+    import torch
     from transformers import LlamaForCausalLM
 
     config = copy.deepcopy(checkpoint.config)
@@ -126,12 +127,20 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
                    reference=None) -> dict:
     """The package runs every prompt first and is closed; then the reference (by default the StreamedReference;
     any callable from token sequences to their logits) runs over the same tokens, so the two never share memory."""
+    from runtimes.onnx_package import PackageLayout
+
+    check_same_shape(PackageLayout(folder), checkpoint)
+    runs = package_runs(folder, new_tokens)
+    return compare_with_reference(runs, checkpoint, precision, log=log, reference=reference)
+
+
+def package_runs(folder, new_tokens: int = 32) -> list[tuple[list[int], list[int], np.ndarray]]:
+    """(prompt, greedy tokens, logits of every position) of each built-in prompt, run by the package: ONNX Runtime
+    only, nothing of PyTorch. The session is closed and its memory handed back on return."""
     from exporter.export_memory import hand_back_freed_memory
     from runtimes import Decoder, OnnxPackage
 
     package = OnnxPackage(folder)
-    check_same_shape(package, checkpoint)
-    tolerance = TOLERANCES[precision]
     runs = []
     for prompt in _prompt_ids(folder):
         decoder = Decoder(package)
@@ -145,6 +154,13 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
         del decoder
     del package
     hand_back_freed_memory()
+    return runs
+
+
+def compare_with_reference(runs, checkpoint: Checkpoint, precision: str, log=None, reference=None) -> dict:
+    """The reference's logits over each run's tokens, compared with the package's under the precision's
+    tolerance."""
+    tolerance = TOLERANCES[precision]
     reference = reference if reference is not None else StreamedReference(checkpoint)
     references = reference([prompt + tokens[:-1] for prompt, tokens, _ in runs], log=log)
     max_diff, compared, matched, agree, positions = 0.0, 0, 0, 0, 0

@@ -188,7 +188,8 @@ def test_a_failure_in_the_tracing_process_comes_back_as_one_line(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", "from exporter.trace import trace_child; trace_child()"],
+    done = subprocess.run([sys.executable, "-c", "from exporter.child_process import serve; "
+                           "from exporter.trace import trace_child; serve(trace_child, 'tracing')"],
                           input=b"not a pickle", capture_output=True, timeout=120,
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert done.returncode == 0 and done.stderr == b""

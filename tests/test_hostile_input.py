@@ -239,7 +239,7 @@ def wait_for(pattern: str, folder: Path, process: subprocess.Popen, seconds: flo
 def test_sigterm_mid_write_cleans_up_and_says_so(tmp_path, tiny_folder):
     out = tmp_path / "pkg"
     process = start_export(tiny_folder, out)
-    wait_for(".pkg.partial-*", tmp_path, process)
+    wait_for(".pkg.partial-*/model.onnx*", tmp_path, process)  # the staging folder exists from the start
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143 and "terminated (SIGTERM)" in stderr.strip().splitlines()[-1], stderr

@@ -6,15 +6,21 @@ GPTQ of each group on its own, and an export that would not fit in memory is ref
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import VARIANTS, make_hf_model
+from conftest import REPO, VARIANTS, make_hf_model
 from exporter.cli import main
 
 
@@ -119,16 +125,92 @@ def test_nothing_of_the_export_stays_reachable_when_verify_starts(deep_tied, tmp
 
     before, alive = graphs(), {}
 
-    def count_then_verify(*args, **kwargs):
+    def count_then_run(*args, **kwargs):
         alive["graphs"] = graphs() - before
         alive["streams"] = sum(type(o) is calibrate.CalibrationStream for o in gc.get_objects())
-        return real_verify(*args, **kwargs)
+        return real_runs(*args, **kwargs)
 
-    real_verify = verify.verify_package
-    monkeypatch.setattr(verify, "verify_package", count_then_verify)
+    real_runs = verify.package_runs
+    monkeypatch.setattr(verify, "package_runs", count_then_run)
     # a random tiny model's INT4 may miss verify's agreement gate (exit 1): what is asserted is what was alive
     assert main(["--model", str(deep_tied), "--precision", "int4", "-q", "-o", str(tmp_path / "p")]) in (0, 1)
     assert alive == {"graphs": 0, "streams": 0}
+
+
+# A source over pipeline.SEPARATE_BUILD_BYTES is built in a process of its own; the threshold is lowered so a tiny
+# model takes that path. Run as its own program: the test process has PyTorch loaded already.
+SEPARATE_BUILD = """
+import json, sys
+import exporter.pipeline as pipeline
+from exporter import verify
+from exporter.cli import main
+pipeline.SEPARATE_BUILD_BYTES = 0
+seen = {}
+real_runs = verify.package_runs
+def runs_noting_modules(*args, **kwargs):
+    seen["pytorch loaded when the package ran"] = "torch" in sys.modules
+    return real_runs(*args, **kwargs)
+verify.package_runs = runs_noting_modules
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, **seen}))
+"""
+
+
+def separate_build(*args: str) -> tuple[dict, str]:
+    result = subprocess.run([sys.executable, "-c", SEPARATE_BUILD, *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=600)
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
+
+
+def test_a_separately_built_package_is_the_same_and_runs_in_verify_before_pytorch_is_loaded(deep_tied, tmp_path):
+    assert main(["--model", str(deep_tied), "-q", "--no-verify", "-o", str(tmp_path / "here")]) == 0
+    seen, stderr = separate_build("--model", str(deep_tied), "-o", str(tmp_path / "apart"))
+    assert seen == {"code": 0, "pytorch loaded when the package ran": False}, stderr
+    assert _data_hash(tmp_path / "here") == _data_hash(tmp_path / "apart")
+    assert json.loads((tmp_path / "apart" / "manifest.json").read_text())["parity"]["passed"]
+    assert "[1/5] Opening the model" in stderr and "[5/5] Verifying" in stderr
+
+
+def test_a_separate_builds_error_comes_back_as_one_line_and_leaves_nothing(deep_tied, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(deep_tied, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 9}))
+    out = tmp_path / "out"
+    out.mkdir()
+    seen, stderr = separate_build("--model", str(source), "-o", str(out / "pkg"))
+    assert seen == {"code": 1}
+    errors = [line for line in stderr.splitlines() if line.startswith("llama-export: error:")]
+    assert len(errors) == 1 and "9 decoder layers" in errors[0] and "Traceback" not in stderr, stderr
+    assert list(out.iterdir()) == []
+
+
+def test_sigterm_during_a_separate_build_ends_the_build_process_and_leaves_nothing(deep_tied, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", SEPARATE_BUILD, "--model", str(deep_tied), "-o",
+                                str(out / "pkg")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stderr:
+        if line.startswith("[2/5] Tracing"):
+            break
+    builders = _children(process.pid)
+    assert builders, "no build process"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert json.loads(stdout.splitlines()[-1]) == {"code": 143}, stderr
+    assert "terminated (SIGTERM)" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    assert list(out.iterdir()) == []
+    assert not [pid for pid in builders if os.path.exists(f"/proc/{pid}")], "the build process outlived the export"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.split("/")[2]))
+    return found
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

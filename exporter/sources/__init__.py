@@ -9,12 +9,19 @@ from exporter.sources.base import Checkpoint, check_llama_config
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a Hugging Face model folder or a llama.cpp GGUF file, reading headers only."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"model path not found: {path}")
+    check_source_path(path)
     try:
         return _open(path)
     except OSError as exc:  # unreadable files, special files, I/O errors
         raise UserError(f"{exc.filename or path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def check_source_path(path: Path) -> None:
+    """What can be told of a source without reading it."""
+    if not path.exists():
+        raise UserError(f"model path not found: {path}")
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
+        raise UserError(f"not a model: {path} (expected a Hugging Face folder with config.json, or a .gguf file)")
 
 
 def _open(path: Path) -> Checkpoint:
@@ -22,11 +29,9 @@ def _open(path: Path) -> Checkpoint:
         from exporter.sources.hf import open_hf_folder
 
         return open_hf_folder(path)
-    if path.suffix.lower() == ".gguf":
-        from exporter.sources.gguf_file import open_gguf
+    from exporter.sources.gguf_file import open_gguf
 
-        return open_gguf(path)
-    raise UserError(f"not a model: {path} (expected a Hugging Face folder with config.json, or a .gguf file)")
+    return open_gguf(path)
 
 
-__all__ = ["Checkpoint", "check_llama_config", "open_checkpoint"]
+__all__ = ["Checkpoint", "check_llama_config", "check_source_path", "open_checkpoint"]

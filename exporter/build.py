@@ -1,0 +1,91 @@
+"""The build half of an export: open the source, check that it fits, trace, run the target's passes and write the
+package's graph, weights and tokenizer into the staging folder (pipeline.export does the rest). For large sources
+it runs in a process of its own (exporter/build_process.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter import export_memory
+from exporter.calibrate import order_by_layer
+from exporter.build_process import Built
+from exporter.errors import UserError
+from exporter.pipeline import (EDGE_LAYER_BLOCK, ExportOptions, build_manifest, check_export_memory,
+                               default_block_size, edge_layers, lm_head_bits, quantization_plan)
+from exporter.progress import Progress
+from exporter.sources import open_checkpoint
+from passes import forget_rewriter_matches, format_report, run_passes
+from targets import TargetError, get_target
+from targets import package as pkg
+from targets.mobile import ORT_MODEL_FILE, check_size, size_breakdown
+from targets.plan import GIB, ModelShape, plan_memory, refusal
+from targets.tensorrt_ops import parser_problems
+
+
+def build(options: ExportOptions, source: Path, staging: Path, progress: Progress) -> Built:
+    target = get_target(options.target)
+    precision = options.precision or target.default_precision
+
+    progress.begin("Opening the model")
+    checkpoint = open_checkpoint(source)
+    config = checkpoint.config
+    progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
+                 f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")
+    block_size = options.block_size or default_block_size(target, checkpoint)
+    context = options.context or min(config.max_position_embeddings, pkg.DEFAULT_MAX_LENGTH)
+    if context > config.max_position_embeddings:
+        raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
+    shape = ModelShape.from_config(config, checkpoint.name)
+    if target.memory_gb is not None:
+        plan = plan_memory(target, shape, precision, context, block_size=block_size)
+        if not plan.fits:
+            raise UserError(refusal(plan))
+        progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
+                     f"(context {context}; `llama-export plan` for the budget)")
+    if target.package_format == "ort":
+        check_size(target, shape, precision, block_size, lm_head_bits(options, block_size),
+                   float_embedding=not options.quantize_embedding,
+                   fine_layers=len(edge_layers(config.num_hidden_layers)), fine_block=EDGE_LAYER_BLOCK)
+
+    check_export_memory(options, config, precision, checkpoint, block_size, target, progress.log)
+
+    from exporter.trace import trace_to_onnx
+
+    progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
+    model = trace_to_onnx(checkpoint)
+    progress.end(f"{sum(1 for _ in model.graph)} nodes")
+
+    quant, hints = None, None
+    if precision == "int4":
+        quant, hints = quantization_plan(options, block_size, checkpoint, progress.log,
+                                         tensorrt=target.uses_tensorrt, cpu=target.name == "cpu")
+
+    progress.begin(f"Running the '{target.name}' passes ({precision})")
+    reports = run_passes(model, target.pipeline(precision, config, quant, hints), log=progress.log)
+    if target.tensorrt is not None:
+        problems = parser_problems(model, target.tensorrt)
+        if problems:
+            raise TargetError(f"the graph holds ops TensorRT {target.tensorrt.version}'s ONNX parser cannot take: "
+                              f"{', '.join(problems)}; nothing was written")
+    progress.end()
+
+    if hints is not None and hints.hessians:
+        order_by_layer(model, config)
+    progress.begin("Writing the package (weights streamed one tensor at a time)")
+    pkg.save_model(model, staging, progress=progress.counter("weights"))
+    io = pkg.io_dims(model)
+    model_file = ORT_MODEL_FILE if target.package_format == "ort" else pkg.MODEL_FILE
+    pkg.write_json(staging / "genai_config.json",
+                   pkg.genai_config(model, config, context, model_file, threads=target.genai_threads))
+    weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
+    del model
+    if not checkpoint.write_tokenizer(staging):
+        progress.log("      note: the source has no tokenizer; `run` will need token ids")
+    progress.end(f"{sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) / 1e6:.0f} MB")
+
+    quant = hints = None  # the calibration stream and its last layer's state
+    forget_rewriter_matches()
+    export_memory.hand_back_freed_memory()
+    return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
+                 weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
+                 manifest=build_manifest(checkpoint, target.name, precision, io, reports))
