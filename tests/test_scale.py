@@ -395,6 +395,30 @@ def test_weight_file_pages_are_handed_back_after_the_session_is_created(tmp_path
     np.testing.assert_array_equal(released.run(None, {"a": a})[0], expected)
 
 
+@pytest.mark.parametrize("op, weight_type, paged", [("MatMul", "float32", False), ("MatMul", "float16", True),
+                                                     ("Gather", "float32", True)])
+def test_weights_are_paged_out_while_loading_only_where_packing_reads_each_page_once(tmp_path, monkeypatch, op,
+                                                                                    weight_type, paged):
+    """ONNX Runtime packs a float32 MatMul weight in column panels, reading each page once per panel: paged out
+    between panels, it was read from disk again and again."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from runtimes import onnx_package
+
+    weight = numpy_helper.from_array(np.ones((64, 64), weight_type), "w")
+    node = helper.make_node(op, ["w", "ids"] if op == "Gather" else ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx", save_as_external_data=True, size_threshold=0,
+              location="model.onnx.data")
+    model = onnx_package._graph(tmp_path / "model.onnx")
+    monkeypatch.setattr(onnx_package, "PAGE_OUT_FROM_BYTES", 64 * 64 * 2)
+    assert onnx_package._pages_out(model) is paged
+    monkeypatch.setattr(onnx_package, "PAGE_OUT_FROM_BYTES", 64 * 64 * 4 + 1)  # smaller packages never
+    assert onnx_package._pages_out(model) is False
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs two CPUs to fault pages in on one and page them out from the other")
 def test_pages_read_on_another_cpu_are_paged_out(tmp_path):
