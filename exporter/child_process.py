@@ -19,14 +19,15 @@ from exporter.signals import raise_if_terminated
 
 def call_in_child(module: str, function: str, request: tuple, what: str):
     """`module.function(*request)` in a child, its return value back. The child has a session of its own, so a
-    Ctrl-C reaches this process alone, which then ends the child's whole process group (its own children too);
-    a SIGTERM to this process is acted on within a second. The child's user errors are raised here as
-    UserError with the same message; `what` names the step in other failures."""
+    Ctrl-C reaches this process alone, which then ends the child; a child also ends when its parent does, however
+    (so a tracing process inside a build process goes with it); a SIGTERM to this process is acted on within a
+    second. The child's user errors are raised here as UserError with the same message, its OSErrors as OSError
+    (the staging folder names a full disk); `what` names the step in other failures."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     command = [sys.executable, "-c", f"from exporter.child_process import serve; from {module} import {function}; "
                f"serve({function}, {what!r})"]
     child = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=_end_with_parent)
     try:
         reply = _reply(child, pickle.dumps(request))
     except BaseException:  # Ctrl-C, or SIGTERM seen while waiting
@@ -43,9 +44,20 @@ def call_in_child(module: str, function: str, request: tuple, what: str):
     kind, payload = pickle.loads(reply)  # written by serve below, never by a user
     if kind == "user-error":
         raise UserError(payload)
+    if kind == "os-error":
+        raise OSError(*payload)
     if kind == "internal-error":
         raise RuntimeError(payload)
     return payload
+
+
+def _end_with_parent() -> None:
+    """In the child before it starts: the kernel sends it SIGKILL when its parent ends (Linux; elsewhere the
+    parent's own handling of Ctrl-C and SIGTERM remains)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _reply(child: subprocess.Popen, request: bytes) -> bytes:
@@ -72,6 +84,8 @@ def serve(function, what: str) -> None:
         result = ("done", function(*pickle.load(sys.stdin.buffer)))
     except (UserError, TargetError, PackageError) as exc:
         result = ("user-error", one_line(exc))
+    except OSError as exc:
+        result = ("os-error", (exc.errno, exc.strerror or str(exc), exc.filename))
     except BaseException as exc:
         summary = traceback.format_exception_only(exc)[-1].strip().replace("\n", " ")
         result = ("internal-error", f"{what} failed in its process: {summary}\n" + traceback.format_exc())

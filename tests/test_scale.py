@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -193,24 +194,37 @@ def test_sigterm_during_a_separate_build_ends_the_build_process_and_leaves_nothi
     for line in process.stderr:
         if line.startswith("[2/5] Tracing"):
             break
-    builders = _children(process.pid)
-    assert builders, "no build process"
+    deadline = time.monotonic() + 60
+    while len(builders := _descendants(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(builders) == 2, "no build process with its tracing process"
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert json.loads(stdout.splitlines()[-1]) == {"code": 143}, stderr
     assert "terminated (SIGTERM)" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
     assert list(out.iterdir()) == []
-    assert not [pid for pid in builders if os.path.exists(f"/proc/{pid}")], "the build process outlived the export"
+    time.sleep(0.2)  # the kernel's SIGKILL to the tracing process once its parent is gone
+    alive = [pid for pid in builders if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
+    assert not alive, "the build or its tracing process outlived the export"
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _descendants(pid: int) -> list[int]:
+    parents = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            fields = open(stat).read().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(stat.split("/")[2]))
+            parents[int(stat.split("/")[2])] = int(open(stat).read().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
     return found
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    return ""
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
