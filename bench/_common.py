@@ -47,6 +47,10 @@ def with_session_options(package: Path, options_from: Path, folder: Path) -> Pat
     return folder
 
 
+# Every measured export traces, as a first export does, rather than take a graph traced by an earlier run.
+UNCACHED = {"LLAMA_EXPORT_TRACE_CACHE": "off"}
+
+
 def run_measured(command: list[str], env: dict | None = None) -> dict:
     """Wall time and peak resident memory of a child process (run alone, so RUSAGE_CHILDREN is its own)."""
     start = time.perf_counter()
@@ -55,7 +59,7 @@ def run_measured(command: list[str], env: dict | None = None) -> dict:
          "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
          "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
          "sys.exit(r.returncode)", *command],
-        capture_output=True, text=True, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, env={**os.environ, **UNCACHED, **(env or {})},
     )
     seconds = time.perf_counter() - start
     peak = next((int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), 0)

@@ -5,9 +5,10 @@ memory of each export (and of each llama-export stage, from its progress lines),
     python bench/scale.py --work DIR [--shapes 1b,8b] [--runs cpu-int4,cpu-int4-rtn,builder-int4]
 
 Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 8b-2 (its width with 2 layers), 70b-2 and 70b-4
-(Llama-3-70B width with 2 and 4 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn (--quant rtn --no-verify), jetson-int4
-(--target jetson-orin, default verify), android-int4 (--target android-arm64), verify and verify-rtn (llama-export
-verify of the cpu-int4 or cpu-int4-rtn package), builder-int4 (onnxruntime-genai's builder, -p int4 -e cpu).
+(Llama-3-70B width with 2 and 4 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn
+(--quant rtn --no-verify), jetson-int4 (--target jetson-orin, default verify), android-int4 (--target android-arm64),
+verify and verify-rtn (llama-export verify of the cpu-int4 or cpu-int4-rtn package), builder-int4
+(onnxruntime-genai's builder, -p int4 -e cpu).
 Checkpoints are written once into DIR and reused. Not a test: the figures depend on the machine."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import UNCACHED  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -117,12 +120,13 @@ STAGE = re.compile(r"^\[(\d+)/\d+\] (.*)$")
 
 
 def run_measured(command: list[str]) -> dict:
-    """Wall time, peak RSS and, from llama-export's progress lines, each stage's seconds, the process's peak RSS
-    when the stage ended and what it still held then (/proc's VmHWM and VmRSS, sampled as the lines arrive).
-    The peak is the largest of the process's own (with its children's, one at a time: the kernel's maximum) and of
-    the whole process tree's total, sampled every 0.05 s (an export may build in a child while it waits)."""
+    """Wall time, peak RSS and, from llama-export's progress lines, each stage's seconds, the process tree's peak
+    total during the stage and what the tree still held when it ended (an export may build in a child while it
+    waits, so the tree is sampled, every 0.05 s). The overall peak is the largest of that sampled total and the
+    kernel's per-process maximum (the process's own, or its largest child's), which no sampling can miss."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **UNCACHED})
     tree = TreeSampler(process.pid)
     tree.start()
     stages, current, tail = [], None, []
@@ -133,8 +137,7 @@ def run_measured(command: list[str]) -> dict:
         if match or line.startswith("Package written"):
             if current is not None:
                 current["seconds"] = now - current["start"]
-                current["peak_rss_mb"] = _status_mb(process.pid, "VmHWM")
-                current["rss_mb"] = _status_mb(process.pid, "VmRSS")
+                current["peak_rss_mb"], current["rss_mb"] = tree.stage_peak_mb(), tree.total_mb()
                 stages.append(current)
             current = {"stage": match.group(2), "start": now} if match else None
     _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
@@ -142,21 +145,32 @@ def run_measured(command: list[str]) -> dict:
     seconds = time.perf_counter() - start
     if current is not None:
         current["seconds"] = seconds - current["start"]
+        current["peak_rss_mb"] = tree.stage_peak_mb()
         stages.append(current)
     return {"seconds": seconds, "peak_rss_mb": max(usage.ru_maxrss / 1024, tree.peak_mb), "stages": stages,
             "peak_tree_mb": tree.peak_mb, "returncode": os.waitstatus_to_exitcode(status), "tail": tail}
 
 
 class TreeSampler(threading.Thread):
-    """The largest total VmRSS of a process and its descendants, sampled every 0.05 s."""
+    """The largest total VmRSS of a process and its descendants, sampled every 0.05 s: overall and since the last
+    stage_peak_mb() call."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.peak_mb, self.done = pid, 0.0, threading.Event()
+        self.pid, self.peak_mb, self.since_mark_mb, self.done = pid, 0.0, 0.0, threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.05):
-            self.peak_mb = max(self.peak_mb, sum(_status_mb(p, "VmRSS") or 0.0 for p in self._tree()))
+            total = self.total_mb()
+            self.peak_mb = max(self.peak_mb, total)
+            self.since_mark_mb = max(self.since_mark_mb, total)
+
+    def total_mb(self) -> float:
+        return sum(_status_mb(p, "VmRSS") or 0.0 for p in self._tree())
+
+    def stage_peak_mb(self) -> float:
+        peak, self.since_mark_mb = max(self.since_mark_mb, self.total_mb()), 0.0
+        return peak
 
     def stop(self) -> None:
         self.done.set()
@@ -233,8 +247,8 @@ def main() -> None:
             for stage in row["stages"]:
                 peak = f"{stage['peak_rss_mb']:.0f} MB" if stage.get("peak_rss_mb") else "-"
                 held = f"{stage['rss_mb']:.0f} MB" if stage.get("rss_mb") else "-"
-                print(f"         {stage['seconds']:>8.1f} s  peak so far {peak:>9}  held {held:>9}  {stage['stage']}",
-                      flush=True)
+                print(f"         {stage['seconds']:>8.1f} s  peak {peak:>9}  held at the end {held:>9}  "
+                      f"{stage['stage']}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
         if not args.keep:

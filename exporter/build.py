@@ -49,11 +49,12 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
 
     check_export_memory(options, config, precision, checkpoint, block_size, target, progress.log)
 
-    from exporter.trace import trace_to_onnx
+    from exporter.trace import FROM_CACHE, trace_to_onnx
 
     progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
     model = trace_to_onnx(checkpoint)
-    progress.end(f"{sum(1 for _ in model.graph)} nodes")
+    progress.end(f"{sum(1 for _ in model.graph)} nodes" + (", traced earlier (from the cache)"
+                                                            if model.meta.get(FROM_CACHE) else ""))
 
     quant, hints = None, None
     if precision == "int4":

@@ -24,6 +24,7 @@ from passes.streamed import RowStreamedTensor
 from passes.quantize import SOURCE_NAMES
 
 OPSET = 23
+FROM_CACHE = "traced-earlier"  # model.meta key: the graph came from exporter/trace_cache
 UNBOUND = "unbound-weights"  # where the traced graph's parameters point until they are bound to the checkpoint
 # Example sizes for tracing; each dynamic dimension gets a value above 1 so none is specialized away.
 _BATCH, _SEQ, _PAST = 2, 3, 4
@@ -115,9 +116,17 @@ def trace_to_onnx(checkpoint: Checkpoint) -> ir.Model:
 
 
 def _trace_in_child(config, parameter_names: set[str]) -> ir.Model:
+    from exporter import trace_cache
     from exporter.child_process import call_in_child
 
+    key = trace_cache.trace_key(config, sorted(parameter_names))
+    graph = trace_cache.load(key)
+    if graph is not None:
+        model = ir.serde.deserialize_model(onnx.load_model_from_string(graph))
+        model.meta[FROM_CACHE] = True
+        return model
     graph = call_in_child("exporter.trace", "trace_child", (config, sorted(parameter_names)), "tracing")
+    trace_cache.store(key, graph)
     return ir.serde.deserialize_model(onnx.load_model_from_string(graph))
 
 

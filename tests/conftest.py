@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Traced graphs are shared by this session's exports (in-process and child processes alike), never the user's cache.
+os.environ["LLAMA_EXPORT_TRACE_CACHE"] = tempfile.mkdtemp(prefix="llama-export-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LLAMA_EXPORT_TRACE_CACHE"], ignore_errors=True)
 REPO = Path(__file__).resolve().parents[1]
 
 

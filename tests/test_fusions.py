@@ -3,6 +3,7 @@ passes do not recognise left alone, and no weight read while the passes run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,8 @@ def test_tracing_leaves_no_graph_behind_in_the_exporting_process(tmp_path):
                       "print(sum(type(o) is torch.fx.Node for o in gc.get_objects()),"
                       " sum(node.op_type == 'MatMul' for node in model.graph))\n")
     done = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, timeout=300,
-                          cwd=str(Path(__file__).resolve().parents[1]))
+                          cwd=str(Path(__file__).resolve().parents[1]),
+                          env={**os.environ, "LLAMA_EXPORT_TRACE_CACHE": "off"})  # so that it traces
     assert done.returncode == 0, done.stderr
     ran, counts = done.stdout.splitlines()
     assert ran == "script ran"
@@ -196,3 +198,41 @@ def test_a_failure_in_the_tracing_process_comes_back_as_one_line(tmp_path):
     kind, text = pickle.loads(done.stdout)
     assert kind == "internal-error"
     assert text.splitlines()[0] == "tracing failed in its process: _pickle.UnpicklingError: invalid load key, 'n'."
+
+
+def test_a_graph_traced_earlier_is_reused_and_writes_the_same_package(tmp_path, monkeypatch):
+    """Exporting the same architecture again takes the graph from the trace cache (no tracing process), writes the
+    same bytes; a damaged entry is traced anew; a config that changes the graph has a key of its own."""
+    from exporter import child_process, trace_cache
+    from exporter.cli import main
+
+    monkeypatch.setenv(trace_cache.CACHE_ENV, str(tmp_path / "traces"))
+    folder = make_hf_model(tmp_path / "model", "llama3-gqa", num_hidden_layers=3)
+
+    def export(name: str) -> bytes:
+        assert main(["--model", str(folder), "-q", "--no-verify", "-o", str(tmp_path / name)]) == 0
+        return (tmp_path / name / "model.onnx").read_bytes() + (tmp_path / name / "model.onnx.data").read_bytes()
+
+    traced = export("traced")
+    [entry] = (tmp_path / "traces").iterdir()
+    real_call = child_process.call_in_child
+
+    def no_tracing(*args):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(child_process, "call_in_child", no_tracing)
+    assert export("cached") == traced
+    damaged = bytearray(entry.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    entry.write_bytes(bytes(damaged))
+    monkeypatch.setattr(child_process, "call_in_child", real_call)
+    assert export("retraced") == traced
+    assert trace_cache.load(entry.stem) is not None  # stored again whole
+
+    config = open_checkpoint(folder).config
+    names = ["model.embed_tokens.weight"]
+    key = trace_cache.trace_key(config, names)
+    config.rope_parameters = {**config.rope_parameters, "rope_theta": 10000.0}
+    assert trace_cache.trace_key(config, names) != key
+    monkeypatch.setenv(trace_cache.CACHE_ENV, "off")
+    assert trace_cache.cache_folder() is None and trace_cache.load(entry.stem) is None
