@@ -65,14 +65,22 @@ class SourceHints:
         return name in self.hessians
 
 
-def fully_prequantized(checkpoint: Checkpoint, block_size: int, bits: tuple[int, ...] = (4, 8),
+def fully_prequantized(checkpoint: Checkpoint, block_size: int | None, bits: tuple[int, ...] = (4, 8),
                        layers_only: bool = False) -> bool:
     """Every matrix (with `layers_only`, every decoder-layer matrix: the embedding and lm_head stay float) already
-    in blocks of this size and one of these bit widths (a GGUF of Q4_0/Q4_1/Q8_0): the quantizer carries them
-    over and has nothing to calibrate."""
+    in blocks of this size (None: of any size) and one of these bit widths (a GGUF of Q4_0/Q4_1/Q8_0, or K-quants):
+    the quantizer carries them over and has nothing to calibrate."""
     matrices = [i for n, i in checkpoint.weights.items()
                 if len(i.shape) == 2 and (not layers_only or n.startswith("model.layers."))]
-    return bool(matrices) and all(i.quantized_bits in bits for i in matrices) and block_size == 32
+    return bool(matrices) and all(i.quantized_bits in bits and block_size in (None, i.quantized_block_size)
+                                  for i in matrices)
+
+
+def float_tensor(values: np.ndarray) -> torch.Tensor:
+    """A loaded weight as a float32 tensor (copied where the source hands out a read-only view of its file, as a
+    GGUF's float32 tensors are: torch warns on those)."""
+    values = np.asarray(values, np.float32)
+    return torch.from_numpy(values if values.flags.writeable else values.copy())
 
 
 def load_layer(checkpoint: Checkpoint, index: int, config=None):
@@ -86,7 +94,7 @@ def load_layer(checkpoint: Checkpoint, index: int, config=None):
     prefix = f"model.layers.{index}."
     with torch.no_grad():
         for name, parameter in layer.named_parameters():
-            parameter.copy_(torch.from_numpy(np.asarray(checkpoint.weight(prefix + name).load(), np.float32)))
+            parameter.copy_(float_tensor(checkpoint.weight(prefix + name).load()))
     return layer.eval()
 
 
@@ -192,7 +200,7 @@ class CalibrationStream:
             else:
                 config = self.config
                 norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-                norm.weight.copy_(torch.from_numpy(self.checkpoint.weight("model.norm.weight").load()))
+                norm.weight.copy_(float_tensor(self.checkpoint.weight("model.norm.weight").load()))
                 head = _second_moment(norm(self.hidden))
                 self.current = {"lm_head.weight": head}
                 if config.tie_word_embeddings:

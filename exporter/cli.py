@@ -51,8 +51,8 @@ def export_parser() -> Parser:
                             "target's (cpu 32, TensorRT targets 128)")
     quant.add_argument("--quant", choices=("gptq", "clip", "rtn"), default=None, metavar="METHOD",
                        help="gptq (default: error compensation calibrated on a built-in text), clip (per-block range "
-                            "search), rtn (plain round-to-nearest). GGUF Q4_0/Q4_1/Q8_0 blocks of the same size are "
-                            "carried over as they are")
+                            "search), rtn (plain round-to-nearest). A GGUF's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, "
+                            "Q4_K/Q5_K/Q6_K) are carried over as they are unless --block-size asks for another size")
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,

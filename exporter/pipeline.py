@@ -151,8 +151,8 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
     from passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
-    carried = fully_prequantized(checkpoint, block_size, bits=(4,) if target.uses_tensorrt else (4, 8),
-                                 layers_only=target.uses_tensorrt)
+    carried = fully_prequantized(checkpoint, carried_block_size(options, block_size),
+                                 bits=(4,) if target.uses_tensorrt else (4, 8), layers_only=target.uses_tensorrt)
     calibrated = precision == "int4" and method != "rtn" and not carried
     # Tables that stay float are written in row chunks (passes/streamed.py) where the source reads rows alone.
     tables = [checkpoint.weights.get(name) for name in ("model.embed_tokens.weight", "lm_head.weight")]
@@ -192,6 +192,12 @@ def tensorrt_material(folder: Path, target, io: dict, context: int, vocab_size: 
         info["engine_not_built"] = f"{missing}: build it on the device with build_engine.sh or build_engine.py"
         progress.log(f"      engine not built here ({missing}); the package carries the build scripts")
     return info
+
+
+def carried_block_size(options: ExportOptions, block_size: int) -> int | None:
+    """The block size a source's own blocks must have to be carried over: any (None) unless --block-size asks for
+    one (a GGUF K-quant file's 16- and 32-blocks are kept as they are)."""
+    return None if options.block_size is None else block_size
 
 
 def default_block_size(target, checkpoint: Checkpoint) -> int:
@@ -265,12 +271,14 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
                              lm_head_frequent_rows=FREQUENT_LM_HEAD_ROWS if split else 0,
                              quantize_embedding=options.quantize_embedding,
                              sensitive_weights=frozenset() if fast else edge_layer_weights(checkpoint),
-                             sensitive_block_size=EDGE_LAYER_BLOCK)
+                             sensitive_block_size=EDGE_LAYER_BLOCK,
+                             carry_any_source_blocks=options.block_size is None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hessians = None
-    carried = fully_prequantized(checkpoint, block_size, bits=(4,), layers_only=True) if tensorrt else \
-        fully_prequantized(checkpoint, block_size)
+    carried_blocks = carried_block_size(options, block_size)
+    carried = fully_prequantized(checkpoint, carried_blocks, bits=(4,), layers_only=True) if tensorrt else \
+        fully_prequantized(checkpoint, carried_blocks)
     if method != "rtn" and not carried:
         log(f"      calibrating on the built-in text ({method}), one decoder layer at a time as the package is "
             "written")

@@ -58,7 +58,7 @@ class StreamedReference:
         import torch
         from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-        from exporter.calibrate import embed, load_layer
+        from exporter.calibrate import embed, float_tensor, load_layer
         from exporter.progress import format_seconds
 
         config, checkpoint = self.config, self.checkpoint
@@ -83,7 +83,7 @@ class StreamedReference:
                     log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({format_seconds(elapsed)} so "
                         f"far, about {format_seconds(left)} left)")
             norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            norm.weight.copy_(torch.from_numpy(np.asarray(checkpoint.weight("model.norm.weight").load(), np.float32)))
+            norm.weight.copy_(float_tensor(checkpoint.weight("model.norm.weight").load()))
             normed = [norm(h)[0] for h in hidden]
         head = checkpoint.weight("lm_head.weight")
         logits = [np.empty((len(ids), head.shape[0]), np.float32) for ids in sequences]

@@ -62,6 +62,9 @@ class QuantOptions:
     # layers' blocks are larger: the caller names the matrices whose error costs the most (see the pipeline).
     sensitive_weights: frozenset[str] = frozenset()
     sensitive_block_size: int = 32
+    # The source's own blocks (a GGUF's) are carried over when they are in `block_size`-blocks; with this, in
+    # blocks of any size (no block size was asked for: a K-quant file's 16- and 32-blocks are kept as they are).
+    carry_any_source_blocks: bool = False
 
     def head_block_size(self, bits: int) -> int | None:
         """The lm_head's own block size at this bit width (None: the layers')."""
@@ -197,8 +200,11 @@ class QuantizeWeights(GraphPass):
             bits = self.options.lm_head_bits if lm_head else self.options.bits
             if bits is None:
                 continue
+            mixed = self._mixed_source_parts(list(weight.meta.get(SOURCE_NAMES, [])), bits, (n, k))
             if lm_head and self._splits(weight, bits, n, k):
                 layouts[id(weight)], new = self._split_lm_head(graph, node, weight, k, n)
+            elif mixed is not None:
+                new = self._matmulnbits_by_parts(graph, node, weight, mixed, k)
             else:
                 once, layout = self._plan(weight, bits, lm_head)
                 layouts[id(weight)] = layout
@@ -275,25 +281,49 @@ class QuantizeWeights(GraphPass):
         return (not lm_head and bool(names) and all(n in wanted for n in names)
                 and self.options.form == "matmulnbits")
 
-    def _source_layout(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
-        """The layout of the source's own blocks (nothing read), when every stacked part has them in the requested
-        block size and they can be carried over."""
-        if not names or self.hints is None:
+    def _carried_part(self, name: str, bits: int) -> BlockQuantized | None:
+        """The layout of one checkpoint tensor's own blocks (nothing read), when they can be carried over."""
+        part = self.hints.prequantized_layout(name) if self.hints is not None else None
+        if part is None or part.bits < bits:
             return None
-        parts = [self.hints.prequantized_layout(name) for name in names]
-        if any(p is None or p.block_size != self.options.block_size for p in parts):
+        if part.block_size != self.options.block_size and not self.options.carry_any_source_blocks:
             return None
-        if self.options.form == "dequantizelinear" and any(p.zero_points is not None or p.bits != 4 for p in parts):
+        if self.options.form == "dequantizelinear" and (part.zero_points is not None or part.bits != 4):
             return None  # TensorRT takes symmetric INT4 blocks (Q4_0; Q4_1 with its minimum term): requantize
-        if len({p.bits for p in parts}) != 1 or (parts[0].bits != bits and parts[0].bits < bits):
+        return part
+
+    def _carried_parts(self, names: list[str], bits: int, shape) -> list[BlockQuantized] | None:
+        """Each stacked part's own blocks, when every one of them can be carried over and they stack to `shape`."""
+        parts = [self._carried_part(name, bits) for name in names]
+        if not names or any(p is None for p in parts):
             return None
-        minimums = {p.minimums is not None for p in parts}
-        rows, columns = sum(p.shape[0] for p in parts), parts[0].columns
-        if len(minimums) != 1 or (rows, columns) != tuple(shape) or any(p.columns != columns for p in parts):
+        columns = parts[0].columns
+        if (sum(p.shape[0] for p in parts), columns) != tuple(shape) or any(p.columns != columns for p in parts):
+            return None
+        return parts
+
+    @staticmethod
+    def _kind(part: BlockQuantized) -> tuple:
+        return part.bits, part.block_size, part.minimums is not None
+
+    def _source_layout(self, names: list[str], bits: int, shape) -> BlockQuantized | None:
+        """The layout of the source's own blocks (nothing read), when every stacked part has them, all alike, and
+        they can be carried over."""
+        parts = self._carried_parts(names, bits, shape)
+        if parts is None or len({self._kind(p) for p in parts}) != 1:
             return None
         zero_kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
         zero_dtype = zero_kinds.pop() if len(zero_kinds) == 1 else np.float32  # mixed: spelled out as floats
-        return layout_template(rows, columns, parts[0].bits, parts[0].block_size, zero_dtype, minimums.pop())
+        first = parts[0]
+        return layout_template(shape[0], shape[1], first.bits, first.block_size, zero_dtype, first.minimums is not None)
+
+    def _mixed_source_parts(self, names: list[str], bits: int, shape) -> list[BlockQuantized] | None:
+        """Stacked parts (packed q/k/v, gate/up) whose own blocks are carried over but differ in kind (a Q4_K_M
+        file's Q4_K query and Q6_K value): each gets its own MatMulNBits."""
+        if len(names) < 2 or self.options.form != "matmulnbits":
+            return None
+        parts = self._carried_parts(names, bits, shape)
+        return parts if parts is not None and len({self._kind(p) for p in parts}) > 1 else None
 
     def _source_blocks(self, names: list[str]) -> BlockQuantized:
         """The source's own blocks, read now, of a weight whose _source_layout said they are carried over."""
@@ -326,6 +356,18 @@ class QuantizeWeights(GraphPass):
         graph.insert_before(node, concat)
         concat.outputs[0].shape, concat.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
         return SplitLayout(rows, *layouts), concat.outputs[0]
+
+    def _matmulnbits_by_parts(self, graph, node, weight, parts: list[BlockQuantized], k) -> ir.Value:
+        """A Concat of one MatMulNBits per stacked part, each with the source's own blocks."""
+        outputs = []
+        for index, (name, layout) in enumerate(zip(weight.meta[SOURCE_NAMES], parts)):
+            once = _Once(lambda name=name: self.hints.prequantized(name))
+            outputs.append(self._matmulnbits(graph, node, weight, once, layout, k, layout.shape[0],
+                                             f"{weight.name}.part{index}"))
+        concat = ir.node("Concat", outputs, attributes={"axis": -1})
+        graph.insert_before(node, concat)
+        concat.outputs[0].shape, concat.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        return concat.outputs[0]
 
     # -- graph forms ---------------------------------------------------------------------------------------------
     def _matmulnbits(self, graph, node, weight, once, layout: BlockQuantized, k, n, base: str | None = None
@@ -425,16 +467,20 @@ class QuantizeWeights(GraphPass):
             if isinstance(layout, SplitLayout):
                 looked_up = self._split_lookup(graph, node, layout)
             else:
+                minimums = None
                 if layout is not None and self._shareable(layout):
                     data, scales, zero_points = self._shared_table(graph, source.name)
                 else:
                     own = self._own_table(graph, source, transposed=transpose is not None)
                     if own is None:
                         continue
-                    data, scales, zero_points, layout = own
+                    data, scales, zero_points, minimums, layout = own
                 gather = _gather_block_quantized(data, node.inputs[1], scales, zero_points, layout)
                 graph.insert_before(node, gather)
-                looked_up = self._unpadded(graph, node, gather.outputs[0], layout, source.name)
+                looked_up = gather.outputs[0]
+                if minimums is not None:
+                    looked_up = self._add_looked_up_minimums(graph, node, looked_up, minimums, layout)
+                looked_up = self._unpadded(graph, node, looked_up, layout, source.name)
             looked_up.shape, looked_up.type = node.outputs[0].shape, node.outputs[0].type
             replace_value(node.outputs[0], looked_up)
             graph.remove(node, safe=True)
@@ -509,30 +555,55 @@ class QuantizeWeights(GraphPass):
         return reshape.outputs[0], scales, graph.initializers.get(base + ".zero_points")
 
     def _own_table(self, graph: ir.Graph, weight: ir.Value, transposed: bool):
-        """The table quantized on its own: symmetric round-to-nearest at the lm_head's bit width (a lookup has no
-        activations to calibrate against), blocks along H that divide it."""
+        """The table quantized on its own: the source's own blocks where it has them (GGUF; a minimum term, as
+        Q4_K's, is looked up beside the blocks), else symmetric round-to-nearest at the lm_head's bit width (a lookup
+        has no activations to calibrate against), blocks along H that divide it."""
         tensor = weight.const_value
         v, h = reversed(tensor.shape) if transposed else tensor.shape
         bits = self.options.lm_head_bits
         block = min(self.options.block_size, self.options.head_block_size(bits) or self.options.block_size)
         block = dividing_block(block, h)
-        if h % block:
-            return None  # no block size divides the rows: the table stays as it is
-        compute = lambda: _by_row_chunks(  # noqa: E731
-            weight, None, lambda w: quantize_rtn(w, bits, block, symmetric=True), transposed=transposed)
         names = list(weight.meta.get(SOURCE_NAMES, []))
-        source = None
-        if self.hints is not None and len(names) == 1:
-            source = self.hints.prequantized_layout(names[0])
-        if source is not None and source.zero_points is None and source.minimums is None and h % source.block_size == 0:
-            bits, block = source.bits, source.block_size  # the source's own symmetric blocks (GGUF Q8_0/Q4_0)
-            compute = lambda: self.hints.prequantized(names[0])  # noqa: E731
-        once = _Once(compute)
-        layout = layout_template(v, h, bits, block)
+        source = self.hints.prequantized_layout(names[0]) if self.hints is not None and len(names) == 1 else None
+        if source is not None and source.zero_points is None and h % source.block_size == 0:
+            # the source's own blocks (GGUF Q8_0/Q4_0 symmetric, Q4_1/Q4_K with minimums)
+            once, layout = _Once(lambda: self.hints.prequantized(names[0])), source
+        elif h % block:
+            return None  # no block size divides the rows: the table stays as it is
+        else:
+            once = _Once(lambda: _by_row_chunks(
+                weight, None, lambda w: quantize_rtn(w, bits, block, symmetric=True), transposed=transposed))
+            layout = layout_template(v, h, bits, block)
         blocks = layout.scales.shape[1]
         base = weight.name + ".gather"
-        data = _initializer(graph, base + ".qdata", _lazy(once, BlockQuantized.gather_data, ir.DataType.UINT8,
-                                                         [v, blocks * block * bits // 8], base + ".qdata"))
+        data = _initializer(graph, base + ".qdata", _lazy(
+            once, BlockQuantized.gather_data, ir.DataType.UINT8, [v, blocks * layout.block_size * layout.bits // 8],
+            base + ".qdata"))
         scales = _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
                                                             [v, blocks], base + ".scales"))
-        return data, scales, None, layout
+        zero_points = minimums = None
+        if layout.minimums is not None:  # zero points 0: the lookup gives scale * q, the minimum is added after
+            zero_points = self._zero_points(graph, once, layout, base)
+            minimums = _initializer(graph, base + ".minimums", _lazy(once, lambda q: q.minimums, ir.DataType.FLOAT,
+                                                                    [v, blocks], base + ".minimums"))
+        return data, scales, zero_points, minimums, layout
+
+    @staticmethod
+    def _add_looked_up_minimums(graph: ir.Graph, node: ir.Node, rows: ir.Value, minimums: ir.Value,
+                                layout: BlockQuantized) -> ir.Value:
+        """rows [..., H] + each block's minimum, looked up by the same ids [..., blocks] and spread over its block:
+        w = scale * q + minimum, in the order llama.cpp computes it."""
+        blocks, base = layout.scales.shape[1], minimums.name
+
+        def constant(name, value):
+            return _int64_constant(graph, f"{base}.{name}", value)
+
+        looked_up = ir.node("Gather", [minimums, node.inputs[1]], attributes={"axis": 0})
+        spread = ir.node("Unsqueeze", [looked_up.outputs[0], constant("last_axis", [-1])])
+        by_block = ir.node("Reshape", [rows, constant("block_shape", [0, 0, blocks, layout.block_size])])
+        added = ir.node("Add", [by_block.outputs[0], spread.outputs[0]])
+        flat = ir.node("Reshape", [added.outputs[0], constant("row_shape", [0, 0, blocks * layout.block_size])])
+        graph.insert_before(node, [looked_up, spread, by_block, added, flat])
+        for step in (looked_up, spread, by_block, added, flat):
+            step.outputs[0].type = rows.type
+        return flat.outputs[0]

@@ -137,15 +137,32 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+# The float16 fields of llama.cpp's K-quant blocks (byte offset, typical value): d (and dmin) sized so that the
+# weights come out with about a tiny model's spread.
+K_QUANT_FIELDS = {"Q4_K": ((0, 2e-4), (2, 1e-3)), "Q5_K": ((0, 1e-4), (2, 1e-3)), "Q6_K": ((208, 3e-5),)}
+K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+
+def random_blocks(rows: int, columns: int, kind: str, rng) -> np.ndarray:
+    """Raw K-quant blocks [rows, bytes]: random codes, scales and minimums, finite positive d and dmin."""
+    raw = rng.integers(0, 256, (rows * columns // 256, K_QUANT_BYTES[kind]), dtype=np.uint8)
+    for offset, typical in K_QUANT_FIELDS[kind]:
+        values = (typical * rng.uniform(0.5, 1.5, (len(raw), 1))).astype(np.float16)
+        raw[:, offset:offset + 2] = values.view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matrix_type: str = "Q8_0",
                     embedding_type: str = "Q8_0", types: dict[str, str] | None = None,
-                    arrays: dict[str, list] | None = None) -> dict[str, np.ndarray]:
+                    arrays: dict[str, list] | None = None, **overrides) -> dict[str, np.ndarray]:
     """A GGUF as llama.cpp's converter writes it (quantized matrices, permuted Q/K); returns the HF tensors.
-    `types` overrides the format of single tensors, by GGUF name; `arrays` adds metadata arrays."""
+    `types` overrides the format of single tensors, by GGUF name (gguf's Python package cannot write K-quants:
+    those tensors get random blocks, see random_blocks); `arrays` adds metadata arrays; `overrides` change
+    the config."""
     import gguf
     from transformers import LlamaForCausalLM
 
-    config = tiny_config(variant)
+    config = tiny_config(variant, **overrides)
     torch.manual_seed(seed)
     state = {k: v.numpy() for k, v in LlamaForCausalLM(config).state_dict().items()}
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -178,7 +195,10 @@ def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matr
         if tensor.ndim == 2:
             default = embedding_type if gguf_name == "token_embd.weight" else matrix_type
             kind = gguf.GGMLQuantizationType[(types or {}).get(gguf_name, default)]
-            data = gguf.quants.quantize(tensor, kind)
+            if kind.name in K_QUANT_FIELDS:
+                data = random_blocks(*tensor.shape, kind.name, np.random.default_rng(seed + len(state)))
+            else:
+                data = gguf.quants.quantize(tensor, kind)
             writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, tensor.astype(np.float32))

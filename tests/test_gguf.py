@@ -37,3 +37,27 @@ def test_tiny_gguf_exports_and_verifies(tmp_path):
     parity = json.loads((output / "manifest.json").read_text())["parity"]
     assert parity["passed"] and parity["greedy_tokens_matched"] == parity["greedy_tokens_compared"] == 96
     assert not (output / "tokenizer.json").exists()  # the GGUF carries no tokenizer
+
+
+def test_every_carried_block_format_decodes_to_ggufs_dequantized_values():
+    """Random blocks of each format llama-export carries (every bit pattern of codes, scales and minimums; finite
+    float16 fields) decode into codes, scales and minimums that dequantize to gguf's own values bit for bit."""
+    from exporter.sources.gguf_blocks import FORMATS, decode_rows
+    from passes.quantization import BlockQuantized
+
+    rng = np.random.default_rng(0)
+    float16_fields = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+                      "Q5_K": [0, 2], "Q6_K": [208]}
+    assert set(float16_fields) == set(FORMATS)
+    for kind, fmt in FORMATS.items():
+        rows, blocks = 3, 8
+        raw = rng.integers(0, 256, (rows * blocks, fmt.block_bytes), dtype=np.uint8)
+        for offset in float16_fields[kind]:
+            raw[:, offset:offset + 2] = rng.normal(0, 0.01, (len(raw), 1)).astype(np.float16).view(np.uint8)
+        data = raw.reshape(rows, -1)
+        expected = gguf.dequantize(data, gguf.GGMLQuantizationType[kind]).reshape(rows, -1).astype(np.float32)
+        codes, scales, minimums = decode_rows(data, rows, kind)
+        assert codes.dtype == np.uint8 and codes.max() < (1 << fmt.bits), kind
+        assert scales.shape == (rows, blocks * fmt.weights // fmt.sub_block), kind
+        got = BlockQuantized(codes, scales, None, fmt.bits, fmt.sub_block, minimums=minimums).dequantize()
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), kind

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from conftest import VARIANTS, write_tiny_gguf
 from exporter.cli import main
+from exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits
 from passes.quantization import (BlockQuantized, pack_codes, quantize_clip, quantize_gptq, quantize_rtn,
                                  unpack_codes)
 
@@ -141,19 +142,20 @@ def test_gguf_block_layouts_are_known_without_reading_the_blocks(tmp_path, monke
     assert reads and set(reads.values()) == {1}, reads  # every carried tensor read once, when written
 
 
-def test_gguf_stacked_parts_of_two_formats_are_requantized(tmp_path):
-    """q and v in Q4_0 but k in Q4_1 cannot share one packed MatMulNBits's blocks: that layer's qkv is quantized
-    here from the dequantized weights while every other matrix keeps the file's blocks."""
+def test_gguf_stacked_parts_of_two_formats_are_carried_each_in_its_own(tmp_path):
+    """q and v in Q4_0 but k in Q4_1 cannot share one packed MatMulNBits's blocks: that layer's qkv becomes one
+    MatMulNBits per part (each the file's blocks) joined by a Concat; every weight is the file's."""
     path = tmp_path / "mixed.gguf"
     write_tiny_gguf(path, "llama2-gqa", matrix_type="Q4_0", types={"blk.0.attn_k.weight": "Q4_1"})
     out = tmp_path / "pkg"
     assert main(["--model", str(path), "--precision", "int4", "-o", str(out), "-q", "--no-verify"]) == 0
     model = ir.load(out / "model.onnx")
-    requantized = {}  # carried Q4_0 blocks need no zero points; quantizing here (asymmetric) writes them
-    for node in (n for n in model.graph if n.op_type == "MatMulNBits"):
-        requantized[node.inputs[1].name] = len(node.inputs) > 3 and node.inputs[3] is not None
-    assert requantized.pop("model.layers.0.self_attn.qkv_proj.weight.qweight")
-    assert len(requantized) == 4 * 2 and not any(requantized.values())
+    names = [n.inputs[1].name for n in model.graph if n.op_type == "MatMulNBits"]
+    assert [n for n in names if "layers.0.self_attn" in n and "o_proj" not in n] == [
+        f"model.layers.0.self_attn.qkv_proj.weight.part{i}.qweight" for i in range(3)]
+    concat = next(n for n in model.graph if n.op_type == "Concat" and n.inputs[0].producer().op_type == "MatMulNBits")
+    assert len(concat.inputs) == 3
+    _assert_carried_exactly(model, _gguf_values(path), 4 * 2 + 1 + 2)  # the lm_head too
     ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
@@ -171,28 +173,84 @@ def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     assert quantize["sites"] > 0
 
     expected = _gguf_values(path)
-
     matmuls = [n for n in model.graph if n.op_type == "MatMulNBits"]
     plain = [n for n in model.graph if n.op_type == "MatMul"]
     assert matmuls and len(plain) == (4 * 2 + 1 if kind == "Q4_1" else 0)  # Q4_1: a minimum term per matrix
-    for node in matmuls:
-        b, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
-        zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        bits = node.attributes.get_int("bits")
-        name = node.inputs[1].name.removesuffix(".qweight")
-        minimums = model.graph.initializers.get(name + ".minimums")
-        if minimums is not None:  # Q4_1: w = d*q + m, the m term added after MatMulNBits
-            assert kind == "Q4_1" and not zp.any()
-            q = BlockQuantized(unpack_codes(b.reshape(b.shape[0], -1), bits), scales, None, bits,
-                               node.attributes.get_int("block_size"), minimums=minimums.const_value.numpy().T)
-        else:
-            q = BlockQuantized(unpack_codes(b.reshape(b.shape[0], -1), bits), scales,
-                               None if zp is None else unpack_codes(zp, bits)[:, :scales.shape[1]], bits,
-                               node.attributes.get_int("block_size"))
-        reference = np.concatenate([expected[p] for p in _stacked_parts(name, expected)])
-        assert np.array_equal(q.dequantize(), reference), name
+    _assert_carried_exactly(model, expected, len(matmuls))
     gathers = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1 and gathers[0].attributes.get_int("bits") == 8
+
+
+# Mixes as llama.cpp's Q4_K_M writes them (value and down projections in Q6_K; Q5_0 where a row is not whole
+# 256-blocks), with Q5_K and Q5_1 added: every format that decodes into MatMulNBits blocks, per layer.
+K_QUANT_MIXES = ({"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K", "ffn_gate": "Q4_K",
+                  "ffn_up": "Q5_1", "ffn_down": "Q6_K"},
+                 {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q5_1", "ffn_gate": "Q4_K",
+                  "ffn_up": "Q4_K", "ffn_down": "Q4_K"})
+
+
+def test_k_quant_blocks_are_carried_over_exactly(tmp_path):
+    """K-quants (Q4_K as 4-bit 32-blocks with minimums, Q5_K as 8-bit 32-blocks with minimums, Q6_K as 8-bit
+    16-blocks) and Q5_0/Q5_1 are carried by default; a packed projection whose parts differ in format (Q4_K query
+    and key, Q6_K value) becomes one MatMulNBits per part; a Q4_K embedding table is looked up with its minimums.
+    Every weight dequantizes to gguf's values bit for bit, and the package passes the default verify."""
+    path = tmp_path / "tiny-k.gguf"
+    types = {f"blk.{i}.{part}.weight": kind for i, mix in enumerate(K_QUANT_MIXES) for part, kind in mix.items()}
+    write_tiny_gguf(path, "llama2-gqa", types={**types, "output.weight": "Q6_K", "token_embd.weight": "Q4_K"},
+                    hidden_size=256, intermediate_size=512)
+    out = tmp_path / "pkg"
+    assert main(["--model", str(path), "--precision", "int4", "-o", str(out), "-q"]) == 0
+    model = ir.load(out / "model.onnx")
+    matmuls = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    # layer 0: query, key, value, output, gate, up, down (both packed projections split); layer 1: qkv, output,
+    # gate/up, down; the lm_head
+    assert len(matmuls) == 7 + 4 + 1
+    assert {(n.attributes.get_int("bits"), n.attributes.get_int("block_size")) for n in matmuls} == {
+        (4, 32), (8, 32), (8, 16)}
+    expected = _gguf_values(path)
+    _assert_carried_exactly(model, expected, len(matmuls))
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    assert gather.attributes.get_int("bits") == 4
+    ids = np.array([[0, 5, 319], [7, 7, 1]], np.int64)
+    table = _run_lookup(out / "model.onnx", ids, tmp_path)
+    assert same_bits(table, expected["model.embed_tokens.weight"][ids])
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["passed"], parity
+
+
+def _run_lookup(path, ids: np.ndarray, tmp_path) -> np.ndarray:
+    """The package's embedding rows for `ids`, as ONNX Runtime computes them: the graph from the ids to the end of
+    the lookup's minimum term (the Reshape that reads `*.gather.minimums.row_shape`)."""
+    model = ir.load(path)
+    lookup = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    last = next(n for n in model.graph if any(i is not None and i.name.endswith(".gather.minimums.row_shape")
+                                             for i in n.inputs))
+    needed, todo = set(), [last]
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(i.producer() for i in node.inputs if i is not None and i.producer() is not None)
+    model.graph.outputs.clear()
+    model.graph.outputs.append(last.outputs[0])
+    model.graph.remove([n for n in model.graph if n not in needed])
+    ids_input = lookup.inputs[1]
+    model.graph.inputs.clear()
+    model.graph.inputs.append(ids_input)
+    ir.save(model, tmp_path / "lookup.onnx", external_data="lookup.onnx.data")
+    session = ort.InferenceSession(str(tmp_path / "lookup.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {ids_input.name: ids})[0]
+
+
+def _assert_carried_exactly(model: ir.Model, expected: dict[str, np.ndarray], count: int) -> None:
+    """Every MatMulNBits weight of the package (with its minimum term, where it has one) dequantizes to the GGUF's
+    values bit for bit."""
+    checked = 0
+    for name, blocks in matmulnbits_weights(model):
+        reference = np.concatenate([expected[p] for p in checkpoint_names(name)])
+        assert same_bits(blocks.dequantize(), reference), name
+        checked += 1
+    assert checked == count
 
 
 def _gguf_values(path) -> dict[str, np.ndarray]:
@@ -234,7 +292,7 @@ def test_gguf_blocks_are_carried_into_tensorrt_dequantize_linear(tmp_path, kind)
         codes = node.inputs[0].const_value.numpy().astype(np.float32).T  # [N, K]
         scales = np.repeat(node.inputs[1].const_value.numpy().astype(np.float32).T, 32, axis=1)
         name = node.inputs[0].name.removesuffix(".qweight")
-        reference = np.concatenate([expected[p] for p in _stacked_parts(name, expected)])
+        reference = np.concatenate([expected[p] for p in checkpoint_names(name)])
         offsets = model.graph.initializers.get(name + ".minimums")
         if kind == "Q4_0":
             assert offsets is None
@@ -243,18 +301,6 @@ def test_gguf_blocks_are_carried_into_tensorrt_dequantize_linear(tmp_path, kind)
             block_offsets = np.repeat(offsets.const_value.numpy().astype(np.float32).T, 32, axis=1)
             exact = reference - codes * scales  # d*q + m - d*(q - 8): constant per block
             assert np.allclose(block_offsets, exact, rtol=2.0 ** -10, atol=0), name  # fp16 storage of m + 8d
-
-
-def _stacked_parts(name: str, expected: dict) -> list[str]:
-    if name.endswith("self_attn.packed_proj.weight"):
-        return [name.replace("packed_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-    if name.endswith("mlp.packed_proj.weight"):
-        return [name.replace("packed_proj", p) for p in ("gate_proj", "up_proj")]
-    if "qkv_proj" in name:
-        return [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
-    if "gate_up_proj" in name:
-        return [name.replace("gate_up_proj", p) for p in ("gate_proj", "up_proj")]
-    return [name]
 
 
 # A random-weight tiny model has nearly flat logits: its top-2 margins are often smaller than INT4 rounding moves

@@ -12,6 +12,8 @@ import numpy as np
 from exporter.errors import UserError
 from exporter.sources.base import (Checkpoint, WeightInfo, check_llama_config, check_sizes,
                                    check_weights_match_config, require_finite, require_supported)
+from exporter.sources.gguf_blocks import FORMATS as BLOCK_FORMATS
+from exporter.sources.gguf_blocks import decode_rows
 
 # GGUF tensor name -> Hugging Face parameter name (per-layer names take the block index).
 _GLOBAL_NAMES = {
@@ -133,40 +135,26 @@ def _rows_loader(tensor, path: Path):
     return load_rows
 
 
-# llama.cpp block formats carried over without requantizing: (bytes per block of 32, has a minimum, bits)
-_BLOCK_FORMATS = {"Q4_0": (18, False, 4), "Q4_1": (20, True, 4), "Q8_0": (34, False, 8)}
-
-
 def _quantized_loader(tensor, n_heads: int | None, path: Path):
-    """The tensor's own blocks as codes/scales (None for other formats): Q4_0 is d*(q-8), Q8_0 is d*q with q
-    signed (stored here as q+128 around the midpoint 128), Q4_1 is d*q+m (kept as scale and minimum)."""
+    """The tensor's own blocks as codes, scales and minimums (exporter/sources/gguf_blocks.py; None for formats
+    that are not carried over)."""
     kind = tensor.tensor_type.name
-    if kind not in _BLOCK_FORMATS:
+    if kind not in BLOCK_FORMATS:
         return None
-    block_bytes, has_min, bits = _BLOCK_FORMATS[kind]
+    fmt = BLOCK_FORMATS[kind]
 
     def load():
         from passes.quantization import BlockQuantized
 
         rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
-        raw = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1, block_bytes)
-        scales = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        body = raw[..., 4:] if has_min else raw[..., 2:]
-        if bits == 8:
-            codes = (body.view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-            zero_points = None
-        else:  # 16 bytes: element j in the low nibble of byte j, element j+16 in the high nibble
-            codes = np.concatenate([body & 0x0F, body >> 4], axis=-1)
-            zero_points = None
-        minimums = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else None
+        codes, scales, minimums = decode_rows(tensor.data, rows, kind)
         require_finite(scales, tensor.name, path)
         if minimums is not None:
             require_finite(minimums, tensor.name, path)
-        codes = codes.reshape(rows, -1)
         if n_heads:
             codes, scales = unpermute_rows(codes, n_heads), unpermute_rows(scales, n_heads)
             minimums = None if minimums is None else unpermute_rows(minimums, n_heads)
-        return BlockQuantized(codes, scales, zero_points, bits, 32, minimums=minimums)
+        return BlockQuantized(codes, scales, None, fmt.bits, fmt.sub_block, minimums=minimums)
 
     return load
 
@@ -204,11 +192,12 @@ def open_gguf(path: Path) -> Checkpoint:
         elif name.endswith("k_proj.weight"):
             n_heads = config.num_key_value_heads
         shape = tuple(reversed([int(d) for d in tensor.shape]))
-        block_format = _BLOCK_FORMATS.get(tensor.tensor_type.name)
+        fmt = BLOCK_FORMATS.get(tensor.tensor_type.name)
         weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads, path),
                                    load_quantized=_quantized_loader(tensor, n_heads, path),
-                                   quantized_bits=block_format[2] if block_format else None,
-                                   quantized_minimums=bool(block_format and block_format[1]),
+                                   quantized_bits=fmt.bits if fmt else None,
+                                   quantized_block_size=fmt.sub_block if fmt else 32,
+                                   quantized_minimums=bool(fmt and fmt.minimums),
                                    load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor, path))
 
     def write_tokenizer(dest: Path) -> list[str]:
