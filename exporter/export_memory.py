@@ -35,7 +35,25 @@ class ExportMemory:
         return BASE_BYTES + max(self.layer, self.table, self.verify)
 
 
-def estimate(config, precision: str, calibrated: bool, verify: bool, float_tables: bool) -> ExportMemory:
+INT4_BYTES = 0.6  # a weight quantized here: 4-bit codes, a scale and zero point per block, packed by the session
+
+
+def carried_bytes_per_weight(checkpoint) -> float | None:
+    """The mean bytes a weight of a source's own blocks takes in the package (a GGUF's Q5_0/Q6_K/Q8_0 codes are
+    8-bit, and each block has a float32 scale, and a minimum where it has one), or None where none are carried."""
+    weights = total = 0.0
+    for info in checkpoint.weights.values():
+        if info.quantized_bits is None or len(info.shape) != 2:
+            continue
+        count = info.shape[0] * info.shape[1]
+        per_block = 4 * (2 if info.quantized_minimums else 1)
+        weights += count
+        total += count * (info.quantized_bits / 8 + per_block / info.quantized_block_size)
+    return total / weights if weights else None
+
+
+def estimate(config, precision: str, calibrated: bool, verify: bool, float_tables: bool,
+             int4_bytes: float = INT4_BYTES) -> ExportMemory:
     hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -47,7 +65,7 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
         statistics = 4 * (2 * hidden * hidden + (heads * head_dim) ** 2 + inter * inter)
         layer += 4 * layer_weights + statistics
     table = TABLE_COPIES * 4 * config.vocab_size * hidden if float_tables else 0
-    weight_bytes = {"fp32": 4, "fp16": 2, "int4": 0.6}.get(precision, 4)
+    weight_bytes = {"fp32": 4, "fp16": 2, "int4": int4_bytes}.get(precision, 4)
     package = weight_bytes * (config.num_hidden_layers * layer_weights
                               + config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2))
     return ExportMemory(layer=int(layer), table=int(table), verify=int(ORT_PACKAGE_FACTOR * package) if verify else 0)

@@ -158,7 +158,8 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
     tables = [checkpoint.weights.get(name) for name in ("model.embed_tokens.weight", "lm_head.weight")]
     read_whole = any(table is not None and table.load_rows is None for table in tables)
     float_tables = read_whole and (precision != "int4" or target.uses_tensorrt or not options.quantize_embedding)
-    need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables).peak
+    int4_bytes = max(export_memory.INT4_BYTES, export_memory.carried_bytes_per_weight(checkpoint) or 0)
+    need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables, int4_bytes).peak
     free = export_memory.available_bytes()
     log(f"      export memory: about {need / GIB:.1f} GiB at the peak"
         + (f" ({free / GIB:.1f} GiB free)" if free is not None else ""))

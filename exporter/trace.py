@@ -119,14 +119,15 @@ def _trace_in_child(config, parameter_names: set[str]) -> ir.Model:
     from exporter import trace_cache
     from exporter.child_process import call_in_child
 
-    key = trace_cache.trace_key(config, sorted(parameter_names))
-    graph = trace_cache.load(key)
+    key = trace_cache.trace_key_or_none(config, sorted(parameter_names))
+    graph = trace_cache.load(key) if key else None
     if graph is not None:
         model = ir.serde.deserialize_model(onnx.load_model_from_string(graph))
         model.meta[FROM_CACHE] = True
         return model
     graph = call_in_child("exporter.trace", "trace_child", (config, sorted(parameter_names)), "tracing")
-    trace_cache.store(key, graph)
+    if key:
+        trace_cache.store(key, graph)
     return ir.serde.deserialize_model(onnx.load_model_from_string(graph))
 
 

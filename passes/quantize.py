@@ -390,7 +390,9 @@ class QuantizeWeights(GraphPass):
         new.outputs[0].shape, new.outputs[0].type = None if part else node.outputs[0].shape, node.outputs[0].type
         if layout.minimums is None:
             return new.outputs[0]
-        return self._add_minimums(graph, node, new.outputs[0], once, layout, base)
+        total = self._add_minimums(graph, node, new.outputs[0], once, layout, base)
+        total.shape = new.outputs[0].shape  # a part's N is its own
+        return total
 
     def _add_minimums(self, graph, node, product: ir.Value, once, layout: BlockQuantized, base: str,
                       offsets=lambda q: q.minimums.T.copy()) -> ir.Value:

@@ -228,6 +228,11 @@ def test_a_graph_traced_earlier_is_reused_and_writes_the_same_package(tmp_path, 
     monkeypatch.setattr(child_process, "call_in_child", real_call)
     assert export("retraced") == traced
     assert trace_cache.load(entry.stem) is not None  # stored again whole
+    users_file = tmp_path / "traces" / "model.onnx"  # LLAMA_EXPORT_TRACE_CACHE may name a folder of the user's
+    users_file.write_bytes(b"not an entry")
+    monkeypatch.setattr(trace_cache, "KEEP", 0)
+    trace_cache.store("0" * 64, b"graph")
+    assert [p.name for p in (tmp_path / "traces").iterdir()] == ["model.onnx"]  # only entries are pruned
 
     config = open_checkpoint(folder).config
     names = ["model.embed_tokens.weight"]

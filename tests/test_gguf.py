@@ -7,7 +7,7 @@ import json
 import gguf
 import numpy as np
 
-from conftest import tiny_config, write_tiny_gguf
+from conftest import make_hf_model, tiny_config, write_tiny_gguf
 from exporter.pipeline import ExportOptions, export
 from exporter.sources import open_checkpoint
 
@@ -61,3 +61,16 @@ def test_every_carried_block_format_decodes_to_ggufs_dequantized_values():
         assert scales.shape == (rows, blocks * fmt.weights // fmt.sub_block), kind
         got = BlockQuantized(codes, scales, None, fmt.bits, fmt.sub_block, minimums=minimums).dequantize()
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), kind
+
+
+def test_export_memory_counts_a_gguf_by_its_own_blocks(tmp_path):
+    """The memory estimate takes the package's weights at the size the file's blocks keep in it: Q8_0 as 8-bit
+    codes and a float32 scale per 32, Q4_1 as 4-bit codes with a scale and a minimum per 32."""
+    from exporter.export_memory import carried_bytes_per_weight
+
+    for kind, expected in (("Q8_0", 1 + 4 / 32), ("Q4_1", 0.5 + 8 / 32)):
+        path = tmp_path / f"{kind}.gguf"
+        write_tiny_gguf(path, matrix_type=kind, embedding_type=kind)
+        assert carried_bytes_per_weight(open_checkpoint(path)) == expected, kind
+    folder = make_hf_model(tmp_path / "hf", "llama2-gqa")  # float weights: nothing carried
+    assert carried_bytes_per_weight(open_checkpoint(folder)) is None
