@@ -69,6 +69,7 @@ def export_parser() -> Parser:
                         help="skip the parity check against PyTorch")
     parser.add_argument("--verify-tokens", type=_positive, default=32, metavar="N",
                         help="greedy tokens per prompt checked by verify (default: 32)")
+    _quality_gates(parser)
     parser.add_argument("--report", action="store_true", help="print a per-pass table (sites, nodes before/after)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the package path")
     return parser
@@ -96,7 +97,35 @@ def verify_parser() -> Parser:
                         help="source model for the reference (default: the source recorded in manifest.json)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON")
     parser.add_argument("--tokens", type=_positive, default=32, metavar="N", help="greedy tokens per prompt (default: 32)")
+    _quality_gates(parser)
     return parser
+
+
+def _quality_gates(parser) -> None:
+    group = parser.add_argument_group(
+        "verify's quality gates (opt-in; verify always requires exactness: the package computes what PyTorch "
+        "computes with the package's own weights)")
+    group.add_argument("--min-top1", type=_fraction, default=None, metavar="F",
+                       help="fail when the top-1 agreement with the fp32 source is below F (e.g. 0.85)")
+    group.add_argument("--max-kl", type=_non_negative, default=None, metavar="X",
+                       help="fail when the mean KL divergence per position from the fp32 source is above X nats")
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0: {text}")
+    return value
 
 
 def eval_parser() -> Parser:
@@ -147,6 +176,7 @@ def _positive(text: str) -> int:
 def cmd_export(args) -> int:
     from exporter.errors import UserError
     from exporter.pipeline import ExportOptions, export
+    from exporter.verify import Gates
 
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
                  "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
@@ -161,7 +191,8 @@ def cmd_export(args) -> int:
                                   report=args.report, quiet=args.quiet, block_size=args.block_size,
                                   context=args.context,
                                   quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
-                                  quantize_embedding=not args.keep_embedding))
+                                  quantize_embedding=not args.keep_embedding,
+                                  gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl)))
     if args.quiet:
         print(output)
     return 0
@@ -222,7 +253,7 @@ def open_for_run(folder: Path, threads: int | None):
 def cmd_verify(args) -> int:
     from exporter.errors import UserError
     from exporter.sources import open_checkpoint
-    from exporter.verify import TOLERANCES, check_same_shape, verify_package
+    from exporter.verify import TOLERANCES, Gates, check_same_shape, verify_package
     from runtimes.onnx_package import PackageLayout
     from targets.package import MANIFEST, is_package
 
@@ -241,16 +272,43 @@ def cmd_verify(args) -> int:
     check_same_shape(PackageLayout(args.package), checkpoint)  # before anything is printed or run
     print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
     result = verify_package(args.package, checkpoint, precision, new_tokens=args.tokens,
-                            log=lambda m: print(m, file=sys.stderr))
+                            log=lambda m: print(m, file=sys.stderr), gates=Gates(args.min_top1, args.max_kl))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if result["non_finite"]:
         print(f"FAILED: {result['non_finite']}")
         return 1
-    print(f"{'PASSED' if result['passed'] else 'FAILED'}: max |logit diff| {result['max_abs_logit_diff']:.2e}, "
-          f"greedy tokens {result['greedy_tokens_matched']}/{result['greedy_tokens_compared']}, "
-          f"top-1 agreement {result['top1_agreement']:.4f}")
+    print(summary(result))
     return 0 if result["passed"] else 1
+
+
+def summary(result: dict) -> str:
+    """verify's result in two or three lines: exactness, the kernels' arithmetic where it differs, quality."""
+    from exporter.pipeline import failure
+
+    exactness, quality = result["exactness"], result["quality"]
+    if exactness["checked"]:
+        lines = [f"exactness against PyTorch with {exactness['reference']}, {exactness.get('activations', 'float32')} "
+                 "activations: "
+                 f"max |logit diff| {exactness['max_abs_logit_diff']:.2e}, greedy tokens "
+                 f"{exactness['greedy_tokens_matched']}/{exactness['greedy_tokens_compared']}, top-1 "
+                 f"{exactness['top1_agreement']:.4f}" + (
+                     f", weights within {exactness['weights']['largest_row_distance']:.2f} of the source's per row"
+                     if exactness.get("weights") else "")]
+    else:
+        lines = [f"exactness: not checked ({exactness['reason']})"]
+    arithmetic = result.get("arithmetic")
+    if arithmetic:
+        lines.append(f"as shipped, {arithmetic['activations']} activations: max |logit diff| "
+                     f"{arithmetic['max_abs_logit_diff']:.2e}, top-1 {arithmetic['top1_agreement']:.4f}, mean KL "
+                     f"{arithmetic['mean_kl']:.5f}")
+    perplexity = quality["perplexity"]
+    lines.append(f"quality against the fp32 source: top-1 agreement {quality['top1_agreement']:.4f}, KL divergence "
+                 f"mean {quality['mean_kl']:.5f} max {quality['max_kl']:.4f}" + (
+                     f", perplexity {perplexity['package']:.3f} vs {perplexity['reference']:.3f} over "
+                     f"{perplexity['tokens']} held-out tokens" if perplexity else ""))
+    verdict = "PASSED" if result["passed"] else f"FAILED: {failure(result)}"
+    return "\n".join(lines + [verdict])
 
 
 def cmd_eval(args) -> int:

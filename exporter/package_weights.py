@@ -1,9 +1,13 @@
-"""The weights a package's MatMulNBits nodes hold, dequantized from their own blocks and named by the checkpoint
-tensors they came from: what a check that the package carries a source's values exactly compares."""
+"""The weights a package computes with, read back from its own bytes: its quantized matrices dequantized from their
+blocks, its norm weights (which input scaling changed), its embedding as its lookup returns it. They are named by
+the checkpoint tensors they came from, so the PyTorch reference can run the package's very weights (verify's
+exactness check) and a test can compare them with a source's values."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -15,6 +19,10 @@ _STACKED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
             "self_attn.packed_proj": ("q_proj", "k_proj", "v_proj"),
             "mlp.gate_up_proj": ("gate_proj", "up_proj"),
             "mlp.packed_proj": ("gate_proj", "up_proj")}
+# A lm_head split by rows (passes/quantize.py): its parts' name suffixes, first rows first.
+_ROW_PARTS = (".frequent", ".rest")
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+EMBEDDING = "model.embed_tokens.weight"
 
 
 def checkpoint_names(weight: str) -> list[str]:
@@ -30,26 +38,250 @@ def checkpoint_names(weight: str) -> list[str]:
     return [weight]
 
 
+def matmulnbits_blocks(model: ir.Model, node: ir.Node) -> BlockQuantized:
+    """A MatMulNBits node's weight as blocks; a minimum term added after the node (w = d*q + m, its initializer
+    NAME.minimums) is folded back in, so `.dequantize()` gives the weight [N, K] as the package computes it."""
+    b, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+    has_zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
+    zero_points = node.inputs[3].const_value.numpy() if has_zero_points else None
+    bits, block, k = (node.attributes.get_int(a) for a in ("bits", "block_size", "K"))
+    codes = unpack_codes(b.reshape(b.shape[0], -1), bits)
+    columns = 0 if k == codes.shape[1] else k
+    minimums = model.graph.initializers.get(_base(node.inputs[1]) + ".minimums")
+    if minimums is not None:
+        if zero_points is not None and zero_points.any():
+            raise ValueError(f"{_base(node.inputs[1])}: a minimum term beside nonzero zero points")
+        return BlockQuantized(codes, scales, None, bits, block, columns, minimums=minimums.const_value.numpy().T)
+    unpacked = None if zero_points is None else unpack_codes(zero_points, bits)[:, :scales.shape[1]]
+    return BlockQuantized(codes, scales, unpacked, bits, block, columns)
+
+
 def matmulnbits_weights(model: ir.Model) -> Iterator[tuple[str, BlockQuantized]]:
-    """(weight name, its blocks) for every MatMulNBits; a minimum term added after the node (w = d*q + m) is
-    folded back into the blocks, so `.dequantize()` gives the weight [N, K] as the package computes it."""
+    """(weight name, its blocks) for every MatMulNBits, read one node at a time."""
     for node in model.graph:
-        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            yield _base(node.inputs[1]), matmulnbits_blocks(model, node)
+
+
+def _dequantizelinear_weight(model: ir.Model, node: ir.Node) -> np.ndarray:
+    """A blockwise DequantizeLinear of a [K, N] weight (the TensorRT targets' INT4 form) as [N, K] float32, with
+    the minimum term added after its MatMul folded back in (w = d*q + m + midpoint*d, see passes/quantize.py)."""
+    codes = np.asarray(node.inputs[0].const_value.numpy(), np.float32)
+    scales = np.asarray(node.inputs[1].const_value.numpy(), np.float32)
+    block = node.attributes.get_int("block_size")
+    k = codes.shape[0]
+    weight = codes * np.repeat(scales, block, axis=0)[:k]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        weight -= np.asarray(node.inputs[2].const_value.numpy(), np.float32).repeat(block, axis=0)[:k] * \
+            np.repeat(scales, block, axis=0)[:k]
+    minimums = model.graph.initializers.get(_base(node.inputs[0]) + ".minimums")
+    if minimums is not None:
+        weight += np.repeat(np.asarray(minimums.const_value.numpy(), np.float32), block, axis=0)[:k]
+    return np.ascontiguousarray(weight.T)
+
+
+def _base(value: ir.Value) -> str:
+    return value.name.removesuffix(".qweight")
+
+
+def quantized_matrices(model: ir.Model) -> dict[str, Callable[[], np.ndarray]]:
+    """Package weight name -> a loader of its dequantized [N, K] float32 values, for every quantized matrix
+    (MatMulNBits, or DequantizeLinear feeding a MatMul). Nothing is read until a loader is called."""
+    loaders = {}
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            loaders[_base(node.inputs[1])] = lambda node=node: matmulnbits_blocks(model, node).dequantize()
+        elif (node.op_type == "DequantizeLinear" and node.inputs[0].is_initializer()
+              and any(use.node.op_type == "MatMul" for use in node.outputs[0].uses())):
+            loaders[_base(node.inputs[0])] = lambda node=node: _dequantizelinear_weight(model, node)
+    return loaders
+
+
+def checkpoint_matrices(model: ir.Model, row_counts: Callable[[str], int]) -> dict[str, Callable[[], np.ndarray]]:
+    """Checkpoint tensor name -> a loader of the package's dequantized values of it: packed projections cut back
+    into their parts by the checkpoint's row counts, a lm_head's row parts put back together, a matrix read
+    through a tied embedding's name called the lm_head. The last packed weight loaded is kept, so loading its
+    parts one after the other dequantizes it once."""
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    matrices = quantized_matrices(model)
+    last: list = [None, None]  # (loader, its value)
+
+    def cached(load):
+        if last[0] is not load:
+            last[:] = [None, None]  # the previous value freed before the next is read
+            last[:] = [load, load()]
+        return last[1]
+
+    for name, load in matrices.items():
+        if name.endswith(_ROW_PARTS[1]):
             continue
-        b, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
-        has_zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
-        zero_points = node.inputs[3].const_value.numpy() if has_zero_points else None
-        bits, block = node.attributes.get_int("bits"), node.attributes.get_int("block_size")
-        codes = unpack_codes(b.reshape(b.shape[0], -1), bits)
-        name = node.inputs[1].name.removesuffix(".qweight")
-        minimums = model.graph.initializers.get(name + ".minimums")
-        if minimums is not None:
-            if zero_points is not None and zero_points.any():
-                raise ValueError(f"{name}: a minimum term beside nonzero zero points")
-            yield name, BlockQuantized(codes, scales, None, bits, block, minimums=minimums.const_value.numpy().T)
-        else:
-            unpacked = None if zero_points is None else unpack_codes(zero_points, bits)[:, :scales.shape[1]]
-            yield name, BlockQuantized(codes, scales, unpacked, bits, block)
+        if name.endswith(_ROW_PARTS[0]):
+            name = name.removesuffix(_ROW_PARTS[0])
+            load = (lambda first, rest: lambda: np.concatenate([first(), rest()]))(
+                load, matrices[name + _ROW_PARTS[1]])
+        if name == EMBEDDING:  # a MatMul over the embedding's table: the tied lm_head
+            name = "lm_head.weight"
+        parts = checkpoint_names(name)
+        if len(parts) == 1:
+            loaders[parts[0]] = load
+            continue
+        starts = np.cumsum([0] + [row_counts(p) for p in parts])
+        for part, start, stop in zip(parts, starts[:-1], starts[1:]):
+            loaders[part] = (lambda load, start, stop: lambda: cached(load)[start:stop])(load, start, stop)
+    return loaders
+
+
+def norm_weights(model: ir.Model, names) -> dict[str, Callable[[], np.ndarray]]:
+    """Loaders of the package's own values of the named 1-D float initializers (norm weights, which input scaling
+    divides by the scale its matrices were multiplied by)."""
+    held = {}
+    for name in names:
+        value = model.graph.initializers.get(name)
+        if value is not None and value.const_value is not None and len(value.shape) == 1 and value.dtype in _FLOATS:
+            held[name] = lambda value=value: np.asarray(value.const_value.numpy(), np.float32)
+    return held
+
+
+def _embedding_output(graph: ir.Graph) -> ir.Value | None:
+    """The hidden state the lookup of the token ids hands the first layer: the first float value computed from
+    input_ids that two nodes read (the first norm and the first residual add), whatever the lookup's form (a
+    Gather, GatherBlockQuantized with its minimums and padding cut, a split table's Where, input scaling's Mul)."""
+    from_ids = {v for v in graph.inputs if v.name == "input_ids"}
+    for node in graph:
+        if not any(v in from_ids for v in node.inputs if v is not None):
+            continue
+        for value in node.outputs:
+            from_ids.add(value)
+            if value.dtype in _FLOATS and len(value.uses()) >= 2:
+                return value
+    return None
+
+
+class PackageEmbedding:
+    """The rows the package's embedding lookup returns (dequantized, minimums added, input scaling undone, as the
+    graph computes them), by running the part of the graph between the token ids and the first norm with ONNX
+    Runtime on the ids asked for. That part is saved on its own to a temporary folder: only the table's data is
+    copied, never the layers'."""
+
+    def __init__(self, model_path: Path):
+        import onnxruntime as ort
+
+        model = ir.load(model_path)
+        output = _embedding_output(model.graph)
+        if output is None:
+            raise ValueError(f"{model_path}: no embedding lookup of the token ids found")
+        needed, stack = set(), [output.producer()]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in needed:
+                needed.add(node)
+                stack.extend(v.producer() for v in node.inputs if v is not None)
+        graph = model.graph
+        for node in reversed(list(graph)):
+            if node not in needed:
+                graph.remove(node)
+        graph.outputs.clear()
+        graph.outputs.append(output)
+        used = {v for node in needed for v in node.inputs if v is not None}
+        ids = [v for v in graph.inputs if v in used]
+        if len(ids) != 1:
+            raise ValueError(f"{model_path}: the embedding depends on {len(ids)} graph inputs, not the token ids")
+        graph.inputs.clear()
+        graph.inputs.append(ids[0])
+        for name in [n for n, v in graph.initializers.items() if v not in used]:
+            graph.initializers.pop(name)
+        self._folder = tempfile.TemporaryDirectory(prefix="llama-export-embedding-")
+        path = Path(self._folder.name) / "embedding.onnx"
+        ir.save(model, path, external_data="embedding.onnx.data")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._input = ids[0].name
+        self._dtype = np.int32 if ids[0].dtype == ir.DataType.INT32 else np.int64
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        ids = np.arange(start, stop, dtype=self._dtype)[None, :]
+        return np.asarray(self._session.run(None, {self._input: ids})[0][0], np.float32)
+
+
+def _norm_feeding(name: str) -> str | None:
+    """The norm weight a matrix's input is multiplied by (input scaling moves a per-column scale between the two);
+    None for matrices whose input is no norm's output."""
+    layer, _, rest = name.rpartition(".self_attn.")
+    if layer and rest in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+        return f"{layer}.input_layernorm.weight"
+    layer, _, rest = name.rpartition(".mlp.")
+    if layer and rest in ("gate_proj.weight", "up_proj.weight"):
+        return f"{layer}.post_attention_layernorm.weight"
+    return "model.norm.weight" if name == "lm_head.weight" else None
+
+
+class RowCheck:
+    """How far each quantized matrix read back from a package is from the source's: the largest relative distance
+    of one row, |package row - source row| / |source row|, each matrix taken times the norm weight that feeds it."""
+
+    def __init__(self, package, source):
+        self.package, self.source = package, source
+        self.worst: dict[str, tuple[float, int]] = {}  # tensor -> (largest relative row distance, its row)
+
+    def note(self, name: str, ours: np.ndarray, start: int = 0) -> None:
+        theirs = np.asarray(self.source.weight(name).rows(start, start + len(ours)), np.float32)
+        ours = np.asarray(ours, np.float32)
+        norm = _norm_feeding(name)
+        if norm is not None:
+            ours = ours * self.package.weight(norm).load()
+            theirs = theirs * np.asarray(self.source.weight(norm).load(), np.float32)
+        distance = np.linalg.norm(ours - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-30)
+        distance[~np.isfinite(distance)] = np.inf
+        row = int(np.argmax(distance))
+        if distance.size and distance[row] >= self.worst.get(name, (-1.0, 0))[0]:
+            self.worst[name] = (float(distance[row]), start + row)
+
+    def largest(self) -> tuple[str, float, int] | None:
+        """(tensor, distance, row) of the row furthest from the source's."""
+        if not self.worst:
+            return None
+        name = max(self.worst, key=lambda n: self.worst[n][0])
+        return name, *self.worst[name]
+
+
+def package_checkpoint(folder: Path, source, check: bool = False):
+    """The source checkpoint (exporter.sources.Checkpoint) with the package's own values in place of its
+    quantized matrices, norm weights and embedding: transformers' model loaded from it computes what the package
+    computes, up to the kernels' arithmetic. Tensors the package keeps in float (a TensorRT target's fp16 lm_head)
+    stay the source's. With `check`, each quantized tensor is compared with the source's as it is loaded; the
+    result is the checkpoint's `row_check` (a RowCheck)."""
+    import dataclasses
+
+    from exporter.sources.base import WeightInfo
+
+    model = ir.load(Path(folder) / "model.onnx")
+    weights = dict(source.weights)
+    if source.config.tie_word_embeddings and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = source.weight(EMBEDDING)
+    package = dataclasses.replace(source, name=f"{source.name} with the weights of {folder}", weights=weights)
+    rows = RowCheck(package, source) if check else None
+    for name, load in norm_weights(model, source.weights).items():
+        weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
+    for name, load in checkpoint_matrices(model, lambda name: source.weight(name).shape[0]).items():
+        if rows is not None:
+            load = (lambda name, load: lambda: _noted(rows, name, load()))(name, load)
+        weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
+    embedding = PackageEmbedding(Path(folder) / "model.onnx")
+    shape = source.weight(EMBEDDING).shape
+
+    def embedding_rows(start: int, stop: int) -> np.ndarray:
+        values = embedding.rows(start, stop)
+        return values if rows is None else _noted(rows, EMBEDDING, values, start)
+
+    weights[EMBEDDING] = WeightInfo(shape=shape, load=lambda: embedding_rows(0, shape[0]), load_rows=embedding_rows)
+    package.row_check = rows
+    return package
+
+
+def _noted(rows: RowCheck, name: str, values: np.ndarray, start: int = 0) -> np.ndarray:
+    rows.note(name, values, start)
+    return values
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

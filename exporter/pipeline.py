@@ -13,6 +13,7 @@ from exporter.errors import UserError
 from exporter.progress import Progress
 from exporter.signals import raise_if_terminated
 from exporter.sources import Checkpoint, check_source_path
+from exporter.verify import Gates
 from targets import get_target
 from targets import package as pkg
 from targets.mobile import convert_to_ort
@@ -36,6 +37,7 @@ class ExportOptions:
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
+    gates: Gates = Gates()  # verify's opt-in quality gates
 
 
 def resolve_model(model: str | None, log) -> Path:
@@ -93,7 +95,7 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
 
         parity = {"skipped": True}
         if options.verify:
-            parity = verify(staging, source, precision, options, built.block_size, progress)
+            parity = verify(staging, source, precision, options, progress)
         manifest = {**built.manifest, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())
                                                 if p.is_file()}, "parity": parity}
         if tensorrt is not None:
@@ -119,29 +121,41 @@ def builds_elsewhere(source: Path) -> bool:
         return False  # the build reports what cannot be read
 
 
-def verify(staging: Path, source: Path, precision: str, options: ExportOptions, block_size: int, progress) -> dict:
-    """The package runs its prompts before PyTorch is loaded here (a separate build leaves this process without
-    it), then transformers' reference runs over the same tokens."""
+def verify(staging: Path, source: Path, precision: str, options: ExportOptions, progress) -> dict:
+    """The package runs its sequences before PyTorch is loaded here (a separate build leaves this process without
+    it), then transformers' references run over the same tokens."""
     from exporter.sources import open_checkpoint
-    from exporter.verify import compare_with_reference, package_runs
+    from exporter.verify import verify_package
 
     progress.begin("Verifying against transformers (PyTorch, fp32)")
-    runs = package_runs(staging, new_tokens=options.verify_tokens)
-    export_memory.hand_back_freed_memory()
-    parity = compare_with_reference(runs, open_checkpoint(source), precision, log=progress.log)
+    parity = verify_package(staging, open_checkpoint(source), precision, new_tokens=options.verify_tokens,
+                            log=progress.log, gates=options.gates)
     progress.end("passed" if parity["passed"] else "FAILED")
     if parity["non_finite"]:
         raise UserError(f"{parity['non_finite']}; nothing was written")
     if not parity["passed"]:
-        raise UserError(
-            f"the package does not match the PyTorch reference (max |logit diff| "
-            f"{parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']}/"
-            f"{parity['greedy_tokens_compared']}, top-1 {parity['top1_agreement']:.3f}); nothing was written "
-            "(--no-verify writes it anyway)" + (
-                "; a smaller --block-size keeps more of the model" if precision == "int4" and block_size > 32
-                else "")
-        )
+        raise UserError(f"{failure(parity)}; nothing was written (--no-verify writes it anyway)")
     return parity
+
+
+def failure(parity: dict) -> str:
+    """What of verify's result failed, in one line."""
+    exactness, failed = parity["exactness"], parity["quality"]["gates"]["failed"]
+    if not exactness["passed"]:
+        weights = exactness.get("weights")
+        if weights and not weights["passed"] and weights["furthest_row"]:
+            row = weights["furthest_row"]
+            return (f"the package's weight '{row['tensor']}' is not a quantization of the source's (row {row['row']} "
+                    f"is {weights['largest_row_distance']:.2f} of its size away from it; at most "
+                    f"{weights['row_bound']} is)")
+        if not exactness["checked"]:
+            return (f"the package does not match the PyTorch reference (top-1 {parity['top1_agreement']:.3f} "
+                    f"with the fp32 source)")
+        return (f"the package does not compute what PyTorch computes with {exactness['reference']} (max |logit "
+                f"diff| {exactness['max_abs_logit_diff']:.2e}, greedy {exactness['greedy_tokens_matched']}/"
+                f"{exactness['greedy_tokens_compared']}, top-1 {exactness['top1_agreement']:.3f})")
+    return ("the package's quality is below what was asked: " + "; ".join(failed) +
+            " (a smaller --block-size or --quant method keeps more of the model)")
 
 
 def check_export_memory(options: ExportOptions, config, precision: str, checkpoint: Checkpoint, block_size: int,

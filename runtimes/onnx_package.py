@@ -21,10 +21,11 @@ class PackageError(Exception):
     """The folder is not a package this runtime can run; reported as one line."""
 
 
-def open_session(model_path: Path, threads: int | None = None):
+def open_session(model_path: Path, threads: int | None = None, fp32_activations: bool = False):
     """An ONNX Runtime CPU session on a package's graph, its weight file's pages handed back as they are packed
     where that is safe (see `_pages_out`); a large fp16 lm_head is computed outside the session
-    (runtimes/streamed_head.py)."""
+    (runtimes/streamed_head.py). `fp32_activations` runs every MatMulNBits at accuracy_level 0 (float32 inputs
+    instead of int8), the arithmetic verify's exactness check holds the graph to."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -32,18 +33,34 @@ def open_session(model_path: Path, threads: int | None = None):
     options.log_severity_level = 3
     model = _graph(model_path)
     head = None if model is None else split_head(model, model_path.parent)
-    if head is not None:
-        head.threads = options.intra_op_num_threads
+    edited = fp32_activations and _with_fp32_activations(model, model_path)
+    if head is not None or edited:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(model_path.parent))
+    if head is not None:
+        head.threads = options.intra_op_num_threads
     loading = paged_out_while_loading(model_path.parent) if _pages_out(model) else contextlib.nullcontext()
     try:
         with loading:
-            session = ort.InferenceSession(model.SerializeToString() if head is not None else str(model_path),
+            session = ort.InferenceSession(model.SerializeToString() if head is not None or edited else str(model_path),
                                            options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise PackageError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
     return StreamedHeadSession(session, head) if head is not None else session
+
+
+def _with_fp32_activations(model, model_path: Path) -> bool:
+    """Set every MatMulNBits of the loaded graph to accuracy_level 0; whether any was changed."""
+    if model is None:
+        raise PackageError(f"{model_path}: the graph cannot be read apart from its weights to run it with float32 "
+                           "activations")
+    changed = False
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level" and attribute.i != 0:
+                    attribute.i, changed = 0, True
+    return changed
 
 
 def _graph(model_path: Path):
@@ -123,13 +140,14 @@ class PackageLayout:
 
 
 class OnnxPackage(PackageLayout):
-    def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, model_file: str | None = None,
+                 fp32_activations: bool = False):
         super().__init__(folder)
         decoder = self.decoder_config
         model_path = self.folder / (model_file or decoder["filename"])
         if not model_path.is_file():
             raise PackageError(f"{self.folder}: model file {model_path.name} is missing")
-        self.session = open_session(model_path, threads)
+        self.session = open_session(model_path, threads, fp32_activations)
         self.input_names = {i.name for i in self.session.get_inputs()}
         past_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0][0])
         self.kv_dtype = np.float16 if "float16" in past_type else np.float32
