@@ -18,11 +18,36 @@ from exporter.progress import format_seconds
 from exporter.sources import Checkpoint
 
 WINDOW = 256
+WINDOWS_AT_ONCE = 4  # calibration windows run through a layer together
 
 
 def default_calibration_text() -> str:
     """Original English prose written for this project (narrative, dialogue, how-to, science), public domain."""
     return resources.files("exporter").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def calibration_text(checkpoint: Checkpoint) -> str:
+    """The built-in calibration set: the English prose above and the calibration texts of every kind
+    (exporter/texts.py), dialogue in the source's own chat format."""
+    from exporter import texts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.write_tokenizer(Path(tmp))
+        render = texts.chat_renderer(Path(tmp))
+        parts = [default_calibration_text()] + [texts.read("calibration", kind, render) for kind in texts.KINDS]
+    return "\n\n".join(parts)
+
+
+def read_calibration_text(path: Path) -> str:
+    """A user's calibration text (--calibration-text), refused in one line when it cannot serve."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--calibration-text {path}: cannot be read as UTF-8 text ({exc})") from None
+    if len(text.split()) < 64:
+        raise UserError(f"--calibration-text {path}: too little text to calibrate on (at least a few hundred words, "
+                        "ideally thousands)")
+    return text
 
 
 def tokenize(checkpoint: Checkpoint, text: str) -> list[int]:
@@ -215,23 +240,40 @@ class CalibrationStream:
                      f"so far{left})")
 
     def _run_layer(self, index: int):
+        """The layer's output over every window and X^T X / tokens of each linear input, run WINDOWS_AT_ONCE
+        windows at a time so the activations held do not grow with the text."""
         layer = load_layer(self.checkpoint, index, self.config)
         prefix = f"model.layers.{index}."
+        owner: dict[str, str] = {}  # weight -> the first weight reading the same input (q/k/v, gate/up share one)
+        sums: dict[str, torch.Tensor] = {}
         seen: dict[int, tuple] = {}
-        statistics: dict[str, np.ndarray] = {}
 
         def hook(module, inputs, output, name):
             key = id(inputs[0])
-            if key not in seen:  # q/k/v (and gate/up) read one tensor: one matrix for all three
-                seen[key] = (inputs[0], _second_moment(inputs[0]))  # holding the tensor keeps its id unique
-            statistics[prefix + name + ".weight"] = seen[key][1]
+            if key not in seen:  # holding the tensor keeps its id unique while the batch runs
+                seen[key] = (inputs[0], name)
+                product = _moment_sum(inputs[0])
+                sums[name] = sums[name] + product if name in sums else product
+            owner[prefix + name + ".weight"] = prefix + seen[key][1] + ".weight"
 
         for n, m in layer.named_modules():
             if isinstance(m, torch.nn.Linear):
                 m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
-        out = layer(self.hidden, attention_mask=None, position_ids=self.positions,
-                    position_embeddings=self.position_embeddings)
-        return (out[0] if isinstance(out, tuple) else out), statistics
+        outputs = []
+        for start in range(0, len(self.hidden), WINDOWS_AT_ONCE):
+            seen.clear()
+            out = layer(self.hidden[start:start + WINDOWS_AT_ONCE], attention_mask=None,
+                        position_ids=self.positions, position_embeddings=self.position_embeddings)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        seen.clear()
+        tokens = self.hidden.shape[0] * self.hidden.shape[1]
+        means = {prefix + name + ".weight": (total / tokens).numpy() for name, total in sums.items()}
+        return torch.cat(outputs), {name: means[first] for name, first in owner.items()}
+
+
+def _moment_sum(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).float()
+    return flat.T @ flat
 
 
 def _second_moment(x: torch.Tensor) -> np.ndarray:

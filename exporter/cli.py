@@ -53,6 +53,9 @@ def export_parser() -> Parser:
                        help="gptq (default: error compensation calibrated on a built-in text), clip (per-block range "
                             "search), rtn (plain round-to-nearest). A GGUF's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, "
                             "Q4_K/Q5_K/Q6_K) are carried over as they are unless --block-size asks for another size")
+    quant.add_argument("--calibration-text", type=Path, default=None, metavar="FILE",
+                       help="UTF-8 text to calibrate gptq/clip on instead of the built-in texts (prose, chat, code, "
+                            "numbers, other languages)")
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
@@ -179,6 +182,7 @@ def cmd_export(args) -> int:
     from exporter.verify import Gates
 
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
+                 "--calibration-text": args.calibration_text,
                  "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
     given = [flag for flag, value in int4_only.items() if value]
     from targets import get_target
@@ -191,6 +195,7 @@ def cmd_export(args) -> int:
                                   report=args.report, quiet=args.quiet, block_size=args.block_size,
                                   context=args.context,
                                   quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
+                                  calibration_text=args.calibration_text,
                                   quantize_embedding=not args.keep_embedding,
                                   gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl)))
     if args.quiet:

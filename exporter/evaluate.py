@@ -32,6 +32,43 @@ def _perplexity(ids: list[int], window: int, logits_of, what: str, log=None) -> 
             "model": what}
 
 
+def windows_of(ids: list[int], window: int) -> list[list[int]]:
+    """Non-overlapping windows of at least 2 tokens."""
+    return [c for c in (ids[i:i + window] for i in range(0, len(ids), window)) if len(c) >= 2]
+
+
+def package_window_logits(folder: Path, windows: list[list[int]]) -> list[np.ndarray]:
+    """The package's logits [len, vocab] over each window, each prefilled alone (ONNX Runtime)."""
+    from runtimes import OnnxPackage
+    from runtimes.generate import Decoder
+
+    package = OnnxPackage(folder)
+    return [Decoder(package).prefill(w).astype(np.float32) for w in windows]
+
+
+def scores(windows: list[list[int]], logits: list[np.ndarray], reference: list[np.ndarray] | None = None) -> dict:
+    """Perplexity of `logits` over the windows (each predicts its tokens from the ones before it) and, against
+    `reference` logits of the same windows, the reference's perplexity, the mean and max KL divergence per
+    position (KL(reference || logits), nats) and the top-1 agreement."""
+    from exporter.verify import kl_divergence, log_softmax
+
+    total, reference_total, count, kls, agree = 0.0, 0.0, 0, [], 0
+    for ids, ours, theirs in zip(windows, logits, reference or [None] * len(windows)):
+        targets, rows = np.asarray(ids[1:]), np.arange(len(ids) - 1)
+        total -= float(log_softmax(ours[:-1])[rows, targets].sum())
+        count += len(targets)
+        if theirs is not None:
+            reference_total -= float(log_softmax(theirs[:-1])[rows, targets].sum())
+            kls.append(kl_divergence(theirs, ours))
+            agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+    result = {"perplexity": math.exp(total / count), "tokens": count, "windows": len(windows)}
+    if reference is not None:
+        kl = np.concatenate(kls)
+        result.update(reference_perplexity=math.exp(reference_total / count), mean_kl=float(kl.mean()),
+                      max_kl=float(kl.max()), top1_agreement=agree / len(kl))
+    return result
+
+
 def is_package_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model.onnx").is_file()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class ExportOptions:
     block_size: int | None = None  # None: the target's default
     context: int | None = None  # None: the model's, capped at 4096
     quant_method: str | None = None  # None: the default (gptq)
+    calibration_text: Path | None = None  # None: the built-in set (exporter/data/texts/calibration)
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
@@ -83,10 +85,11 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
         if built.report is not None:
             print(built.report)
 
-        ort_format = None
+        ort_format, graph = None, staging
         if target.package_format == "ort":
             progress.log("      converting to the ORT format (ONNX Runtime Mobile)")
-            ort_format = convert_to_ort(staging, built.weight_bytes, log=progress.log)
+            graph = staging / ONNX_GRAPH_FOR_VERIFY if options.verify else None
+            ort_format = convert_to_ort(staging, built.weight_bytes, log=progress.log, keep_graph_in=graph)
 
         tensorrt = None
         if target.uses_tensorrt:
@@ -95,7 +98,9 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
 
         parity = {"skipped": True}
         if options.verify:
-            parity = verify(staging, source, precision, options, progress)
+            parity = verify(staging, graph, source, precision, options, progress)
+            if graph != staging:
+                shutil.rmtree(graph)
         manifest = {**built.manifest, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())
                                                 if p.is_file()}, "parity": parity}
         if tensorrt is not None:
@@ -121,15 +126,21 @@ def builds_elsewhere(source: Path) -> bool:
         return False  # the build reports what cannot be read
 
 
-def verify(staging: Path, source: Path, precision: str, options: ExportOptions, progress) -> dict:
+# An ORT-format package's ONNX files, kept in the staging folder until verify has read its weights back from them.
+ONNX_GRAPH_FOR_VERIFY = "onnx-graph"
+
+
+def verify(staging: Path, graph: Path, source: Path, precision: str, options: ExportOptions, progress) -> dict:
     """The package runs its sequences before PyTorch is loaded here (a separate build leaves this process without
-    it), then transformers' references run over the same tokens."""
+    it), then transformers' references run over the same tokens. `graph`: the folder with the package's
+    model.onnx (the staging folder, or where an ORT-format package's ONNX files were kept)."""
     from exporter.sources import open_checkpoint
-    from exporter.verify import verify_package
+    from exporter.verify import compare_with_reference, runs_for_verify
 
     progress.begin("Verifying against transformers (PyTorch, fp32)")
-    parity = verify_package(staging, open_checkpoint(source), precision, new_tokens=options.verify_tokens,
-                            log=progress.log, gates=options.gates)
+    runs, exact_runs = runs_for_verify(staging, precision, options.verify_tokens, graph=graph)
+    parity = compare_with_reference(runs, open_checkpoint(source), precision, log=progress.log, folder=graph,
+                                    exact_runs=exact_runs, gates=options.gates)
     progress.end("passed" if parity["passed"] else "FAILED")
     if parity["non_finite"]:
         raise UserError(f"{parity['non_finite']}; nothing was written")
@@ -272,7 +283,8 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     matrix must be quantized here (TensorRT carries 4-bit blocks only, and keeps embedding and lm_head float).
     `cpu`: the cpu target's layouts: below block 128 the lm_head split into frequent rows at 8 bits and the rest
     at 4; at 128 and above the fast layout (see FAST_LAYOUT_BLOCK)."""
-    from exporter.calibrate import CalibrationStream, SourceHints, default_calibration_text, fully_prequantized
+    from exporter.calibrate import (CalibrationStream, SourceHints, calibration_text, fully_prequantized,
+                                    read_calibration_text)
     from passes.quantize import DEFAULT_METHOD, QuantOptions
 
     method = options.quant_method or DEFAULT_METHOD
@@ -295,9 +307,11 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     carried = fully_prequantized(checkpoint, carried_blocks, bits=(4,), layers_only=True) if tensorrt else \
         fully_prequantized(checkpoint, carried_blocks)
     if method != "rtn" and not carried:
-        log(f"      calibrating on the built-in text ({method}), one decoder layer at a time as the package is "
-            "written")
-        hessians = CalibrationStream(checkpoint, default_calibration_text(), log=log)
+        text = read_calibration_text(options.calibration_text) if options.calibration_text else \
+            calibration_text(checkpoint)
+        log(f"      calibrating on {options.calibration_text or 'the built-in texts'} ({method}), one decoder layer "
+            "at a time as the package is written")
+        hessians = CalibrationStream(checkpoint, text, log=log)
     return quant, SourceHints(checkpoint, hessians)
 
 

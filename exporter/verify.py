@@ -164,16 +164,27 @@ def verify_package(folder, checkpoint: Checkpoint, precision: str, new_tokens: i
     then with float32 activations for exactness); then the references (by default StreamedReference; `reference`,
     any callable from token sequences to their logits, replaces the source's) run over the same tokens, so the
     package and PyTorch never share memory."""
-    from exporter.export_memory import hand_back_freed_memory
     from runtimes.onnx_package import PackageLayout
 
     check_same_shape(PackageLayout(folder), checkpoint)
-    runs = package_runs(folder, new_tokens)
-    exact_runs = package_runs(folder, new_tokens, fp32_activations=True) if (
-        precision == "int4" and int8_activations(folder)) else None
-    hand_back_freed_memory()
+    runs, exact_runs = runs_for_verify(folder, precision, new_tokens)
     return compare_with_reference(runs, checkpoint, precision, log=log, reference=reference, folder=folder,
                                   exact_runs=exact_runs, gates=gates)
+
+
+def runs_for_verify(folder, precision: str, new_tokens: int = 32, graph=None):
+    """(the package's runs as shipped, its float32-activation runs or None): what compare_with_reference takes.
+    `graph`: a folder holding the package's model.onnx where the package ships another format. Nothing of
+    PyTorch is loaded; the sessions' memory is handed back."""
+    from exporter.export_memory import hand_back_freed_memory
+
+    graph = Path(graph or folder)
+    runs = package_runs(folder, new_tokens)
+    model_file = None if graph == Path(folder) else str((graph / "model.onnx").relative_to(folder))
+    exact_runs = package_runs(folder, new_tokens, fp32_activations=True, model_file=model_file) if (
+        precision == "int4" and int8_activations(graph)) else None
+    hand_back_freed_memory()
+    return runs, exact_runs
 
 
 def int8_activations(folder) -> bool:
@@ -188,7 +199,7 @@ def int8_activations(folder) -> bool:
                for node in graph.node)
 
 
-def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False
+def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False, model_file: str | None = None
                  ) -> list[tuple[list[int], list[int], np.ndarray]]:
     """(prompt, greedy tokens, logits of every position) of each built-in prompt, then (window, [], logits) of
     each held-out text window, run by the package: ONNX Runtime only, nothing of PyTorch. The session is closed and
@@ -196,7 +207,7 @@ def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False
     from exporter.export_memory import hand_back_freed_memory
     from runtimes import Decoder, OnnxPackage
 
-    package = OnnxPackage(folder, fp32_activations=fp32_activations)
+    package = OnnxPackage(folder, model_file=model_file, fp32_activations=fp32_activations)
     prompts, windows = _sequences(folder)
     runs = []
     for prompt in prompts:
@@ -317,7 +328,7 @@ def _compare(runs, references, tolerance: Tolerance | None, log) -> dict:
             theirs, "the PyTorch reference's (the source weights hold NaN or Inf)", number)
         diff = float(np.max(np.abs(ours - theirs)))
         top1 = ours.argmax(-1) == theirs.argmax(-1)
-        kl = _kl_divergence(theirs, ours)
+        kl = kl_divergence(theirs, ours)
         kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
         max_diff, agree, positions = max(max_diff, diff), agree + int(top1.sum()), positions + len(top1)
         if not tokens:
@@ -354,15 +365,15 @@ def _compare(runs, references, tolerance: Tolerance | None, log) -> dict:
     }
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     peak = logits.max(-1, keepdims=True)
     return logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
 
 
-def _kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
+def kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
     """KL(reference || package) per position, in nats (what llama.cpp's --kl-divergence reports)."""
-    theirs_log, ours_log = _log_softmax(reference), _log_softmax(ours)
+    theirs_log, ours_log = log_softmax(reference), log_softmax(ours)
     return np.maximum((np.exp(theirs_log) * (theirs_log - ours_log)).sum(-1), 0.0)
 
 
@@ -376,8 +387,8 @@ def _perplexities(runs, references) -> dict | None:
     for (ids, _, ours), theirs in windows:
         targets = np.asarray(ids[1:])
         rows = np.arange(len(targets))
-        ours_total -= float(_log_softmax(ours[:-1])[rows, targets].sum())
-        theirs_total -= float(_log_softmax(theirs[:-1])[rows, targets].sum())
+        ours_total -= float(log_softmax(ours[:-1])[rows, targets].sum())
+        theirs_total -= float(log_softmax(theirs[:-1])[rows, targets].sum())
         count += len(targets)
     return {"package": math.exp(ours_total / count), "reference": math.exp(theirs_total / count), "tokens": count,
             "text": "exporter/data/heldout.txt"}

@@ -105,9 +105,10 @@ def size_breakdown(model: ir.Model) -> dict[str, int]:
     return {group: size for group, size in groups.items() if size}  # a tied lm_head has no bytes of its own
 
 
-def convert_to_ort(folder: Path, weight_bytes: dict[str, int], log=None) -> dict:
+def convert_to_ort(folder: Path, weight_bytes: dict[str, int], log=None, keep_graph_in: Path | None = None) -> dict:
     """model.onnx (+ data) in `folder` becomes model.ort and its operator list (the export writes genai_config.json
-    naming model.ort from the start).
+    naming model.ort from the start); the ONNX files are moved to `keep_graph_in` (verify reads the weights back
+    from them) or removed.
 
     ONNX Runtime's own graph optimizers are left off: the passes already wrote the fused graph the CPU kernels
     want, and constant folding would copy the tied table out of its shared Reshape (measured: +28 MB on the
@@ -137,7 +138,11 @@ def convert_to_ort(folder: Path, weight_bytes: dict[str, int], log=None) -> dict
     body = [line for line in lines if not line.startswith("#")]
     operators.write_text("\n".join([f"# Operators {ORT_MODEL_FILE} needs: build a minimal ONNX Runtime with "
                                     f"--minimal_build --include_ops_by_config {OPERATORS_FILE}", *body]) + "\n")
+    if keep_graph_in is not None:
+        keep_graph_in.mkdir()
     for name in (MODEL_FILE, DATA_FILE):
+        if keep_graph_in is not None and (folder / name).exists():
+            (folder / name).rename(keep_graph_in / name)
         (folder / name).unlink(missing_ok=True)
     weights = sum(weight_bytes.values())
     if log:

@@ -134,6 +134,8 @@ def test_default_jetson_orin_int4_package(tmp_path, default_gguf):
     out = tmp_path / "orin"
     manifest = _export(out, "--target", "jetson-orin", "--precision", "int4", "--model", str(default_gguf))
     assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] >= 0.85
+    exactness = manifest["parity"]["exactness"]  # the package's own weights, its fp16 arithmetic
+    assert exactness["checked"] and exactness["activations"] == "float16" and exactness["weights"]["passed"]
     model = ir.load(out / "model.onnx")
     assert parser_problems(model, TENSORRT_10_3) == []
     assert {n.domain for n in model.graph} == {""} and model.opset_imports[""] == 21
@@ -170,7 +172,10 @@ def test_default_android_int4_package(tmp_path, default_gguf, default_int4_packa
     out = tmp_path / "android"
     manifest = _export(out, "--target", "android-arm64", "--precision", "int4", "--model", str(default_gguf))
     assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] >= 0.85
+    exactness = manifest["parity"]["exactness"]  # checked on the ONNX files the .ort was made from, then removed
+    assert exactness["checked"] and exactness["max_abs_logit_diff"] <= 1e-3 and exactness["weights"]["passed"]
     assert not (out / "model.onnx").exists() and (out / "model.ort").stat().st_size < 130e6
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
     operators = (out / "required_operators.config").read_text()
     assert "GroupQueryAttention" in operators and "MatMulNBits" in operators
     assert manifest["ort_format"]["model_bytes"] == manifest["files"]["model.ort"]

@@ -1,0 +1,52 @@
+"""Quality of packages on the project's held-out texts, per kind (exporter/data/texts/heldout, never used for
+calibration) and on exporter/data/heldout.txt: perplexity next to the fp32 PyTorch source's, the mean and max KL
+divergence of the package's next-token distribution from the source's, top-1 agreement. The source's logits are
+computed once (transformers, one layer at a time) and every package is compared with them."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
+WINDOW = 256
+
+
+class HeldoutQuality:
+    def __init__(self, source: Path, window: int = WINDOW):
+        from exporter import texts
+        from exporter.calibrate import tokenize
+        from exporter.evaluate import windows_of
+        from exporter.sources import open_checkpoint
+        from exporter.verify import StreamedReference
+
+        checkpoint = open_checkpoint(source)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.write_tokenizer(Path(tmp))
+            render = texts.chat_renderer(Path(tmp))
+            named = {"heldout.txt": HELDOUT.read_text(encoding="utf-8")}
+            named.update({kind: texts.read("heldout", kind, render) for kind in texts.KINDS})
+        self.windows = {name: windows_of(tokenize(checkpoint, text), window) for name, text in named.items()}
+        reference = StreamedReference(checkpoint)
+        self.reference = {name: reference(w) for name, w in self.windows.items()}
+
+    def of(self, package: Path) -> dict[str, dict]:
+        """{text: scores} for a package (see exporter.evaluate.scores)."""
+        from exporter.evaluate import package_window_logits, scores
+
+        return {name: scores(w, package_window_logits(package, w), self.reference[name])
+                for name, w in self.windows.items()}
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    """Perplexity change over fp32 and mean KL per package and text, as a text table."""
+    names = list(next(iter(results.values())))
+    first = next(iter(results.values()))
+    lines = ["fp32 PyTorch perplexity: " + ", ".join(f"{n} {first[n]['reference_perplexity']:.2f}" for n in names),
+             f"{'package':<34}" + "".join(f"{n:>22}" for n in names),
+             f"{'':<34}" + "".join(f"{'ppl vs fp32, mean KL':>22}" for _ in names)]
+    for package, by_text in results.items():
+        cells = [f"{(s['perplexity'] / s['reference_perplexity'] - 1) * 100:+.1f}% {s['mean_kl']:.4f}"
+                 for s in (by_text[n] for n in names)]
+        lines.append(f"{package:<34}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""INT4 methods compared on text calibration never saw: the default model's Hugging Face folder exported with each
+variant (quantization method, block size, calibration text, lm_head width), each package scored on the held-out
+texts of every kind and on exporter/data/heldout.txt against the fp32 PyTorch source (perplexity change, mean KL
+divergence). Quality only; bench/int4.py measures speed.
+
+    python bench/int4_methods.py --work DIR [--variants NAME ...] [--list]
+
+Packages are kept in DIR and reused; --fresh rebuilds them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import default_model_as_hf_folder  # noqa: E402
+from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
+
+OLD_CALIBRATION = Path(__file__).resolve().parent.parent / "exporter" / "data" / "calibration.txt"
+
+# name -> llama-export options (the model, --precision int4 and the output are added)
+VARIANTS = {
+    "b32 gptq": ["--block-size", "32"],
+    "b32 gptq, English-only calibration": ["--block-size", "32", "--calibration-text", str(OLD_CALIBRATION)],
+    "b32 clip": ["--block-size", "32", "--quant", "clip"],
+    "b32 rtn": ["--block-size", "32", "--quant", "rtn"],
+    "b128 gptq": ["--block-size", "128"],
+    "b128 gptq, English-only calibration": ["--block-size", "128", "--calibration-text", str(OLD_CALIBRATION)],
+    "b128 gptq, 8-bit lm_head": ["--block-size", "128", "--lm-head-bits", "8"],
+    "b128 clip": ["--block-size", "128", "--quant", "clip"],
+    "b128 rtn": ["--block-size", "128", "--quant", "rtn"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="working folder, reused between runs")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--fresh", action="store_true", help="rebuild packages already in --work")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the scores as JSON")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    hf = default_model_as_hf_folder(args.work / "hf")
+    packages = {}
+    for name in args.variants:
+        out = args.work / ("pkg-" + "".join(c if c.isalnum() else "-" for c in name))
+        if args.fresh or not (out / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", "int4",
+                            *VARIANTS[name], "-q", "--force", "--no-verify", "-o", str(out)], check=True)
+        packages[name] = out
+    quality = HeldoutQuality(hf)
+    results = {}
+    for name, package in packages.items():
+        results[name] = quality.of(package)
+        print(f"scored {name}", file=sys.stderr)
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
