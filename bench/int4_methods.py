@@ -24,11 +24,13 @@ OLD_CALIBRATION = Path(__file__).resolve().parent.parent / "exporter" / "data" /
 # name -> llama-export options (the model, --precision int4 and the output are added)
 VARIANTS = {
     "b32 gptq": ["--block-size", "32"],
-    "b32 gptq, English-only calibration": ["--block-size", "32", "--calibration-text", str(OLD_CALIBRATION)],
+    "b32 gptq, English only": ["--block-size", "32", "--calibration-text", str(OLD_CALIBRATION)],
+    "b32 gptq, all 5782 tokens": ["--block-size", "32", "--calibration-tokens", "8192"],
     "b32 clip": ["--block-size", "32", "--quant", "clip"],
     "b32 rtn": ["--block-size", "32", "--quant", "rtn"],
     "b128 gptq": ["--block-size", "128"],
-    "b128 gptq, English-only calibration": ["--block-size", "128", "--calibration-text", str(OLD_CALIBRATION)],
+    "b128 gptq, English only": ["--block-size", "128", "--calibration-text", str(OLD_CALIBRATION)],
+    "b128 gptq, all 5782 tokens": ["--block-size", "128", "--calibration-tokens", "8192"],
     "b128 gptq, 8-bit lm_head": ["--block-size", "128", "--lm-head-bits", "8"],
     "b128 clip": ["--block-size", "128", "--quant", "clip"],
     "b128 rtn": ["--block-size", "128", "--quant", "rtn"],

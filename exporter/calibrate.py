@@ -19,6 +19,7 @@ from exporter.sources import Checkpoint
 
 WINDOW = 256
 WINDOWS_AT_ONCE = 4  # calibration windows run through a layer together
+CALIBRATION_TOKENS = 2048  # at most this many tokens of the calibration text are used, in whole windows
 
 
 def default_calibration_text() -> str:
@@ -174,8 +175,9 @@ class CalibrationStream:
     each layer is computed once; a request for an earlier layer starts over from the embedding. Each layer sees
     the float model's output of the one before."""
 
-    def __init__(self, checkpoint: Checkpoint, text: str, log=None):
+    def __init__(self, checkpoint: Checkpoint, text: str, log=None, tokens: int | None = None):
         self.checkpoint, self.text, self.log = checkpoint, text, log
+        self.tokens = tokens or CALIBRATION_TOKENS
         config = self.config = copy.deepcopy(checkpoint.config)
         config._attn_implementation = "sdpa"  # causal without an explicit mask
         self.num_layers = config.num_hidden_layers
@@ -209,6 +211,9 @@ class CalibrationStream:
         if usable < 16:
             raise UserError("the calibration text is too short (fewer than 16 tokens)")
         windows = np.array(ids[:usable]).reshape(-1, min(WINDOW, usable))
+        keep = max(1, self.tokens // windows.shape[1])
+        if len(windows) > keep:  # evenly spaced over the text, so every kind of text is represented
+            windows = windows[np.linspace(0, len(windows) - 1, keep).round().astype(int)]
         self.hidden = embed(self.checkpoint, windows)
         self.positions = torch.arange(windows.shape[1]).unsqueeze(0)
         self.position_embeddings = LlamaRotaryEmbedding(config)(self.hidden, self.positions)

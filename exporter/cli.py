@@ -56,6 +56,9 @@ def export_parser() -> Parser:
     quant.add_argument("--calibration-text", type=Path, default=None, metavar="FILE",
                        help="UTF-8 text to calibrate gptq/clip on instead of the built-in texts (prose, chat, code, "
                             "numbers, other languages)")
+    quant.add_argument("--calibration-tokens", type=_positive, default=None, metavar="N",
+                       help="tokens of the calibration text used, in 256-token windows spread over it (default: "
+                            "2048); more cost time in every layer")
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
@@ -182,7 +185,7 @@ def cmd_export(args) -> int:
     from exporter.verify import Gates
 
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
-                 "--calibration-text": args.calibration_text,
+                 "--calibration-text": args.calibration_text, "--calibration-tokens": args.calibration_tokens,
                  "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
     given = [flag for flag, value in int4_only.items() if value]
     from targets import get_target
@@ -196,6 +199,7 @@ def cmd_export(args) -> int:
                                   context=args.context,
                                   quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
                                   calibration_text=args.calibration_text,
+                                  calibration_tokens=args.calibration_tokens,
                                   quantize_embedding=not args.keep_embedding,
                                   gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl)))
     if args.quiet:

@@ -36,6 +36,7 @@ class ExportOptions:
     context: int | None = None  # None: the model's, capped at 4096
     quant_method: str | None = None  # None: the default (gptq)
     calibration_text: Path | None = None  # None: the built-in set (exporter/data/texts/calibration)
+    calibration_tokens: int | None = None  # None: exporter.calibrate.CALIBRATION_TOKENS
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
@@ -311,7 +312,7 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
             calibration_text(checkpoint)
         log(f"      calibrating on {options.calibration_text or 'the built-in texts'} ({method}), one decoder layer "
             "at a time as the package is written")
-        hessians = CalibrationStream(checkpoint, text, log=log)
+        hessians = CalibrationStream(checkpoint, text, log=log, tokens=options.calibration_tokens)
     return quant, SourceHints(checkpoint, hessians)
 
 
