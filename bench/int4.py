@@ -1,7 +1,8 @@
 """INT4 packages of the default model, llama-export against onnxruntime-genai's model builder, block 32 and 128:
 decode speed (run by onnxruntime-genai, each measurement in a fresh process, alternating, median), package
 size, and perplexity on the project's held-out text (exporter/data/heldout.txt, never used for calibration) next
-to the fp32 PyTorch one.
+to the fp32 PyTorch one; then perplexity and KL divergence on the held-out text of every kind
+(exporter/data/texts/heldout; bench/heldout_quality.py).
 
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import default_model_as_hf_folder, with_session_options  # noqa: E402
+from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
@@ -96,6 +98,11 @@ def main() -> None:
         print(f"  the graphs alone (the builder's run with llama-export's session options): decode "
               f"{statistics.median(rates[ours]) / statistics.median(rates[same]):.2f}x "
               f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[same]):.2f}x)")
+
+    quality = HeldoutQuality(work / "hf")
+    scored = {name: quality.of(path) for name, path in packages.items() if not name.endswith("our options")}
+    print("\nOn the held-out texts of every kind (256-token windows):")
+    print(table(scored))
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ class CalibrationStream:
                 config = self.config
                 norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
                 norm.weight.copy_(float_tensor(self.checkpoint.weight("model.norm.weight").load()))
-                head = _second_moment(norm(self.hidden))
+                total = sum(_moment_sum(norm(self.hidden[start:start + WINDOWS_AT_ONCE]))
+                            for start in range(0, len(self.hidden), WINDOWS_AT_ONCE))
+                head = (total / (self.hidden.shape[0] * self.hidden.shape[1])).numpy()
                 self.current = {"lm_head.weight": head}
                 if config.tie_word_embeddings:
                     self.current["model.embed_tokens.weight"] = head
@@ -281,6 +283,3 @@ def _moment_sum(x: torch.Tensor) -> torch.Tensor:
     return flat.T @ flat
 
 
-def _second_moment(x: torch.Tensor) -> np.ndarray:
-    flat = x.reshape(-1, x.shape[-1]).float()
-    return (flat.T @ flat / flat.shape[0]).numpy()

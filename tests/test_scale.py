@@ -30,29 +30,36 @@ def _data_hash(folder) -> str:
 
 
 def full_model_hessians(folder, text: str) -> dict[str, np.ndarray]:
-    """X^T X / tokens of every linear layer's input, from transformers' whole model with forward hooks."""
+    """X^T X / tokens of every linear layer's input, from transformers' whole model with forward hooks, over the
+    windows calibration uses (at most CALIBRATION_TOKENS, spread evenly), summed WINDOWS_AT_ONCE windows at a
+    time as the stream sums them (so the float sums round alike)."""
     from transformers import LlamaForCausalLM
 
-    from exporter.calibrate import WINDOW, tokenize
+    from exporter.calibrate import CALIBRATION_TOKENS, WINDOW, WINDOWS_AT_ONCE, tokenize
     from exporter.sources import open_checkpoint
 
     ids = tokenize(open_checkpoint(folder), text)
     usable = len(ids) // WINDOW * WINDOW or len(ids)
     windows = torch.tensor(ids[:usable]).reshape(-1, min(WINDOW, usable))
+    keep = CALIBRATION_TOKENS // windows.shape[1]
+    if len(windows) > keep:
+        windows = windows[np.linspace(0, len(windows) - 1, keep).round().astype(int)]
     model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
-    hessians = {}
+    sums = {}
 
     def hook(name):
         def record(module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            hessians[name] = (x.T @ x / x.shape[0]).numpy()
+            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
         return record
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(hook(name + ".weight"))
     with torch.no_grad():
-        model(windows)
+        for start in range(0, len(windows), WINDOWS_AT_ONCE):
+            model(windows[start:start + WINDOWS_AT_ONCE])
+    hessians = {name: (total / windows.numel()).numpy() for name, total in sums.items()}
     if model.config.tie_word_embeddings:
         hessians["model.embed_tokens.weight"] = hessians["lm_head.weight"]
     return hessians
@@ -85,8 +92,8 @@ def test_streamed_calibration_equals_the_whole_model_and_writes_the_same_package
     layers_seen = []
 
     class Recording(calibrate.CalibrationStream):  # the same statistics, handed over whole: the reference path
-        def __init__(self, checkpoint, text, log=None):
-            super().__init__(checkpoint, text, log)
+        def __init__(self, checkpoint, text, log=None, tokens=None):
+            super().__init__(checkpoint, text, log, tokens)
             self.whole = full_model_hessians(deep_tied, text)
 
         def get(self, name, default=None):
