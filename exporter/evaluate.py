@@ -50,7 +50,7 @@ def scores(windows: list[list[int]], logits: list[np.ndarray], reference: list[n
     """Perplexity of `logits` over the windows (each predicts its tokens from the ones before it) and, against
     `reference` logits of the same windows, the reference's perplexity, the mean and max KL divergence per
     position (KL(reference || logits), nats) and the top-1 agreement."""
-    from exporter.verify import kl_divergence, log_softmax
+    from exporter.verify import kl_divergence, log_softmax, safe_exp
 
     total, reference_total, count, kls, agree = 0.0, 0.0, 0, [], 0
     for ids, ours, theirs in zip(windows, logits, reference or [None] * len(windows)):
@@ -61,10 +61,10 @@ def scores(windows: list[list[int]], logits: list[np.ndarray], reference: list[n
             reference_total -= float(log_softmax(theirs[:-1])[rows, targets].sum())
             kls.append(kl_divergence(theirs, ours))
             agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-    result = {"perplexity": math.exp(total / count), "tokens": count, "windows": len(windows)}
+    result = {"perplexity": safe_exp(total / count), "tokens": count, "windows": len(windows)}
     if reference is not None:
         kl = np.concatenate(kls)
-        result.update(reference_perplexity=math.exp(reference_total / count), mean_kl=float(kl.mean()),
+        result.update(reference_perplexity=safe_exp(reference_total / count), mean_kl=float(kl.mean()),
                       max_kl=float(kl.max()), top1_agreement=agree / len(kl))
     return result
 

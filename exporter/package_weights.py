@@ -38,12 +38,13 @@ def checkpoint_names(weight: str) -> list[str]:
     return [weight]
 
 
-def matmulnbits_blocks(model: ir.Model, node: ir.Node) -> BlockQuantized:
-    """A MatMulNBits node's weight as blocks; a minimum term added after the node (w = d*q + m, its initializer
-    NAME.minimums) is folded back in, so `.dequantize()` gives the weight [N, K] as the package computes it."""
-    b, scales = node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy()
+def matmulnbits_blocks(model: ir.Model, node: ir.Node, rows: slice = slice(None)) -> BlockQuantized:
+    """A MatMulNBits node's weight (its output rows `rows`) as blocks; a minimum term added after the node
+    (w = d*q + m, its initializer NAME.minimums) is folded back in, so `.dequantize()` gives the weight [N, K] as
+    the package computes it. Only the rows asked for are unpacked (the file's pages are mapped, not read)."""
+    b, scales = node.inputs[1].const_value.numpy()[rows], node.inputs[2].const_value.numpy()[rows]
     has_zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
-    zero_points = node.inputs[3].const_value.numpy() if has_zero_points else None
+    zero_points = node.inputs[3].const_value.numpy()[rows] if has_zero_points else None
     bits, block, k = (node.attributes.get_int(a) for a in ("bits", "block_size", "K"))
     codes = unpack_codes(b.reshape(b.shape[0], -1), bits)
     columns = 0 if k == codes.shape[1] else k
@@ -51,7 +52,8 @@ def matmulnbits_blocks(model: ir.Model, node: ir.Node) -> BlockQuantized:
     if minimums is not None:
         if zero_points is not None and zero_points.any():
             raise ValueError(f"{_base(node.inputs[1])}: a minimum term beside nonzero zero points")
-        return BlockQuantized(codes, scales, None, bits, block, columns, minimums=minimums.const_value.numpy().T)
+        return BlockQuantized(codes, scales, None, bits, block, columns,
+                              minimums=minimums.const_value.numpy()[:, rows].T)
     unpacked = None if zero_points is None else unpack_codes(zero_points, bits)[:, :scales.shape[1]]
     return BlockQuantized(codes, scales, unpacked, bits, block, columns)
 
@@ -63,20 +65,21 @@ def matmulnbits_weights(model: ir.Model) -> Iterator[tuple[str, BlockQuantized]]
             yield _base(node.inputs[1]), matmulnbits_blocks(model, node)
 
 
-def _dequantizelinear_weight(model: ir.Model, node: ir.Node) -> np.ndarray:
-    """A blockwise DequantizeLinear of a [K, N] weight (the TensorRT targets' INT4 form) as [N, K] float32, with
-    the minimum term added after its MatMul folded back in (w = d*q + m + midpoint*d, see passes/quantize.py)."""
-    codes = np.asarray(node.inputs[0].const_value.numpy(), np.float32)
-    scales = np.asarray(node.inputs[1].const_value.numpy(), np.float32)
+def _dequantizelinear_rows(model: ir.Model, node: ir.Node, rows: slice) -> np.ndarray:
+    """Rows `rows` of a blockwise DequantizeLinear of a [K, N] weight (the TensorRT targets' INT4 form) as
+    [rows, K] float32, with the minimum term added after its MatMul folded back in (w = d*q + m + midpoint*d, see
+    passes/quantize.py)."""
+    codes = np.asarray(node.inputs[0].const_value.numpy()[:, rows], np.float32)
     block = node.attributes.get_int("block_size")
     k = codes.shape[0]
-    weight = codes * np.repeat(scales, block, axis=0)[:k]
+    scales = np.repeat(np.asarray(node.inputs[1].const_value.numpy()[:, rows], np.float32), block, axis=0)[:k]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        weight -= np.asarray(node.inputs[2].const_value.numpy(), np.float32).repeat(block, axis=0)[:k] * \
-            np.repeat(scales, block, axis=0)[:k]
+        zero = np.asarray(node.inputs[2].const_value.numpy()[:, rows], np.float32).repeat(block, axis=0)[:k]
+        codes = codes - zero
+    weight = codes * scales
     minimums = model.graph.initializers.get(_base(node.inputs[0]) + ".minimums")
     if minimums is not None:
-        weight += np.repeat(np.asarray(minimums.const_value.numpy(), np.float32), block, axis=0)[:k]
+        weight += np.repeat(np.asarray(minimums.const_value.numpy()[:, rows], np.float32), block, axis=0)[:k]
     return np.ascontiguousarray(weight.T)
 
 
@@ -84,51 +87,57 @@ def _base(value: ir.Value) -> str:
     return value.name.removesuffix(".qweight")
 
 
-def quantized_matrices(model: ir.Model) -> dict[str, Callable[[], np.ndarray]]:
-    """Package weight name -> a loader of its dequantized [N, K] float32 values, for every quantized matrix
-    (MatMulNBits, or DequantizeLinear feeding a MatMul). Nothing is read until a loader is called."""
-    loaders = {}
+RowReader = tuple[int, Callable[[int, int], np.ndarray]]  # (rows, rows [start, stop) as float32 [n, K])
+
+
+def quantized_matrices(model: ir.Model) -> dict[str, RowReader]:
+    """Package weight name -> its row count and a reader of its dequantized rows, for every quantized matrix
+    (MatMulNBits, or DequantizeLinear feeding a MatMul). Nothing is read until a reader is called."""
+    readers = {}
     for node in model.graph:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-            loaders[_base(node.inputs[1])] = lambda node=node: matmulnbits_blocks(model, node).dequantize()
+            readers[_base(node.inputs[1])] = (node.attributes.get_int("N"), lambda start, stop, node=node:
+                                              matmulnbits_blocks(model, node, slice(start, stop)).dequantize())
         elif (node.op_type == "DequantizeLinear" and node.inputs[0].is_initializer()
               and any(use.node.op_type == "MatMul" for use in node.outputs[0].uses())):
-            loaders[_base(node.inputs[0])] = lambda node=node: _dequantizelinear_weight(model, node)
-    return loaders
+            readers[_base(node.inputs[0])] = (node.inputs[0].shape[1], lambda start, stop, node=node:
+                                              _dequantizelinear_rows(model, node, slice(start, stop)))
+    return readers
 
 
-def checkpoint_matrices(model: ir.Model, row_counts: Callable[[str], int]) -> dict[str, Callable[[], np.ndarray]]:
-    """Checkpoint tensor name -> a loader of the package's dequantized values of it: packed projections cut back
+def _stacked_rows(parts: list[RowReader]) -> RowReader:
+    """Row parts one after the other, read as one matrix."""
+    starts = np.cumsum([0] + [n for n, _ in parts])
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        pieces = [read(max(start - first, 0), min(stop, last) - first)
+                  for (_, read), first, last in zip(parts, starts[:-1], starts[1:]) if start < last and stop > first]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    return int(starts[-1]), rows
+
+
+def checkpoint_matrices(model: ir.Model, row_counts: Callable[[str], int]) -> dict[str, RowReader]:
+    """Checkpoint tensor name -> a reader of the package's dequantized rows of it: packed projections cut back
     into their parts by the checkpoint's row counts, a lm_head's row parts put back together, a matrix read
-    through a tied embedding's name called the lm_head. The last packed weight loaded is kept, so loading its
-    parts one after the other dequantizes it once."""
-    loaders: dict[str, Callable[[], np.ndarray]] = {}
+    through a tied embedding's name called the lm_head."""
+    readers: dict[str, RowReader] = {}
     matrices = quantized_matrices(model)
-    last: list = [None, None]  # (loader, its value)
-
-    def cached(load):
-        if last[0] is not load:
-            last[:] = [None, None]  # the previous value freed before the next is read
-            last[:] = [load, load()]
-        return last[1]
-
-    for name, load in matrices.items():
+    for name, reader in matrices.items():
         if name.endswith(_ROW_PARTS[1]):
             continue
         if name.endswith(_ROW_PARTS[0]):
             name = name.removesuffix(_ROW_PARTS[0])
-            load = (lambda first, rest: lambda: np.concatenate([first(), rest()]))(
-                load, matrices[name + _ROW_PARTS[1]])
+            reader = _stacked_rows([reader, matrices[name + _ROW_PARTS[1]]])
         if name == EMBEDDING:  # a MatMul over the embedding's table: the tied lm_head
             name = "lm_head.weight"
         parts = checkpoint_names(name)
-        if len(parts) == 1:
-            loaders[parts[0]] = load
-            continue
-        starts = np.cumsum([0] + [row_counts(p) for p in parts])
-        for part, start, stop in zip(parts, starts[:-1], starts[1:]):
-            loaders[part] = (lambda load, start, stop: lambda: cached(load)[start:stop])(load, start, stop)
-    return loaders
+        starts = np.cumsum([0] + [row_counts(p) for p in parts]) if len(parts) > 1 else [0, reader[0]]
+        for part, first, last in zip(parts, starts[:-1], starts[1:]):
+            read = reader[1]
+            readers[part] = (int(last - first), lambda start, stop, read=read, first=int(first):
+                             read(first + start, first + stop))
+    return readers
 
 
 def norm_weights(model: ir.Model, names) -> dict[str, Callable[[], np.ndarray]]:
@@ -224,18 +233,21 @@ class RowCheck:
         self.package, self.source = package, source
         self.worst: dict[str, tuple[float, int]] = {}  # tensor -> (largest relative row distance, its row)
 
-    def note(self, name: str, ours: np.ndarray, start: int = 0) -> None:
-        theirs = np.asarray(self.source.weight(name).rows(start, start + len(ours)), np.float32)
-        ours = np.asarray(ours, np.float32)
+    def note(self, name: str, ours: np.ndarray, start: int = 0, chunk: int = 4096) -> None:
+        """Rows `start`... of tensor `name` as the package holds them, compared `chunk` rows at a time."""
         norm = _norm_feeding(name)
-        if norm is not None:
-            ours = ours * self.package.weight(norm).load()
-            theirs = theirs * np.asarray(self.source.weight(norm).load(), np.float32)
-        distance = np.linalg.norm(ours - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-30)
-        distance[~np.isfinite(distance)] = np.inf
-        row = int(np.argmax(distance))
-        if distance.size and distance[row] >= self.worst.get(name, (-1.0, 0))[0]:
-            self.worst[name] = (float(distance[row]), start + row)
+        scale_ours = None if norm is None else self.package.weight(norm).load()
+        scale_theirs = None if norm is None else np.asarray(self.source.weight(norm).load(), np.float32)
+        for first in range(0, len(ours), chunk):
+            block = np.asarray(ours[first:first + chunk], np.float32)
+            theirs = np.asarray(self.source.weight(name).rows(start + first, start + first + len(block)), np.float32)
+            if norm is not None:
+                block, theirs = block * scale_ours, theirs * scale_theirs
+            distance = np.linalg.norm(block - theirs, axis=1) / np.maximum(np.linalg.norm(theirs, axis=1), 1e-30)
+            distance[~np.isfinite(distance)] = np.inf
+            row = int(np.argmax(distance))
+            if distance.size and distance[row] >= self.worst.get(name, (-1.0, 0))[0]:
+                self.worst[name] = (float(distance[row]), start + first + row)
 
     def largest(self) -> tuple[str, float, int] | None:
         """(tensor, distance, row) of the row furthest from the source's."""
@@ -263,10 +275,11 @@ def package_checkpoint(folder: Path, source, check: bool = False):
     rows = RowCheck(package, source) if check else None
     for name, load in norm_weights(model, source.weights).items():
         weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
-    for name, load in checkpoint_matrices(model, lambda name: source.weight(name).shape[0]).items():
+    for name, (_, read) in checkpoint_matrices(model, lambda name: source.weight(name).shape[0]).items():
+        shape = source.weight(name).shape
         if rows is not None:
-            load = (lambda name, load: lambda: _noted(rows, name, load()))(name, load)
-        weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
+            read = (lambda name, read: lambda start, stop: _noted(rows, name, read(start, stop), start))(name, read)
+        weights[name] = WeightInfo(shape=shape, load=lambda read=read, n=shape[0]: read(0, n), load_rows=read)
     embedding = PackageEmbedding(Path(folder) / "model.onnx")
     shape = source.weight(EMBEDDING).shape
 

@@ -390,8 +390,13 @@ def _perplexities(runs, references) -> dict | None:
         ours_total -= float(log_softmax(ours[:-1])[rows, targets].sum())
         theirs_total -= float(log_softmax(theirs[:-1])[rows, targets].sum())
         count += len(targets)
-    return {"package": math.exp(ours_total / count), "reference": math.exp(theirs_total / count), "tokens": count,
+    return {"package": safe_exp(ours_total / count), "reference": safe_exp(theirs_total / count), "tokens": count,
             "text": "exporter/data/heldout.txt"}
+
+
+def safe_exp(x: float) -> float:
+    """exp, infinite past float range (a model far from the text: random weights)."""
+    return math.exp(x) if x < 709 else float("inf")
 
 
 def _gates(quality: dict, gates: Gates) -> dict:
