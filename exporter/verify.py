@@ -16,6 +16,7 @@ argmax at that position."""
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -181,7 +182,7 @@ def runs_for_verify(folder, precision: str, new_tokens: int = 32, graph=None):
     graph = Path(graph or folder)
     runs = package_runs(folder, new_tokens)
     model_file = None if graph == Path(folder) else str((graph / "model.onnx").relative_to(folder))
-    exact_runs = package_runs(folder, new_tokens, fp32_activations=True, model_file=model_file) if (
+    exact_runs = package_runs(folder, new_tokens, fp32_activations=True, model_file=model_file, text=False) if (
         precision == "int4" and int8_activations(graph)) else None
     hand_back_freed_memory()
     return runs, exact_runs
@@ -199,8 +200,8 @@ def int8_activations(folder) -> bool:
                for node in graph.node)
 
 
-def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False, model_file: str | None = None
-                 ) -> list[tuple[list[int], list[int], np.ndarray]]:
+def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False, model_file: str | None = None,
+                 text: bool = True) -> list[tuple[list[int], list[int], np.ndarray]]:
     """(prompt, greedy tokens, logits of every position) of each built-in prompt, then (window, [], logits) of
     each held-out text window, run by the package: ONNX Runtime only, nothing of PyTorch. The session is closed and
     its memory handed back on return."""
@@ -220,11 +221,30 @@ def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False, m
                 step_logits.append(decoder.decode(tokens[-1])[None, :])
         runs.append((prompt, tokens, np.concatenate(step_logits).astype(np.float32)))
         del decoder
-    for window in windows:
-        runs.append((window, [], Decoder(package).prefill(window).astype(np.float32)))
+    for window in windows if text else []:
+        runs.append((window, [], SpilledLogits(Decoder(package).prefill(window))))
     del package
     hand_back_freed_memory()
     return runs
+
+
+class SpilledLogits:
+    """Logits kept in a temporary file until they are compared: the held-out windows' logits (vocabulary x
+    tokens, 250 MB at a 128k vocabulary) then take no memory beside the package's session. np.asarray() reads
+    them back."""
+
+    def __init__(self, logits: np.ndarray):
+        self._file = tempfile.TemporaryFile()
+        np.save(self._file, np.asarray(logits, np.float32))
+        self.shape = logits.shape
+
+    def __array__(self, dtype=None, copy=None):
+        self._file.seek(0)
+        values = np.load(self._file)
+        return values if dtype is None else values.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
 
 def _reference_ids(run) -> list[int]:
@@ -324,6 +344,7 @@ def _compare(runs, references, tolerance: Tolerance | None, log) -> dict:
     kl_sum, kl_max = 0.0, 0.0
     per_prompt, non_finite = [], None
     for number, ((prompt, tokens, ours), theirs) in enumerate(zip(runs, references), 1):
+        ours = np.asarray(ours)
         non_finite = non_finite or _first_non_finite(ours, "the package's", number) or _first_non_finite(
             theirs, "the PyTorch reference's (the source weights hold NaN or Inf)", number)
         diff = float(np.max(np.abs(ours - theirs)))
@@ -385,6 +406,7 @@ def _perplexities(runs, references) -> dict | None:
         return None
     ours_total, theirs_total, count = 0.0, 0.0, 0
     for (ids, _, ours), theirs in windows:
+        ours = np.asarray(ours)
         targets = np.asarray(ids[1:])
         rows = np.arange(len(targets))
         ours_total -= float(log_softmax(ours[:-1])[rows, targets].sum())
