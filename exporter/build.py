@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from exporter import export_memory
 from exporter.calibrate import order_by_layer
 from exporter.build_process import Built
@@ -14,7 +16,9 @@ from exporter.pipeline import (EDGE_LAYER_BLOCK, ExportOptions, build_manifest, 
                                default_block_size, edge_layers, lm_head_bits, quantization_plan)
 from exporter.progress import Progress
 from exporter.sources import open_checkpoint
+from exporter.sources.grid import GRID_BLOCK, mark_grid_weights
 from passes import forget_rewriter_matches, format_report, run_passes
+from passes.quantize import QuantizeWeights
 from targets import TargetError, get_target
 from targets import package as pkg
 from targets.mobile import ORT_MODEL_FILE, check_size, size_breakdown
@@ -31,6 +35,13 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     config = checkpoint.config
     progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
                  f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")
+    if options.requantize:
+        checkpoint.forget_source_blocks()
+    elif precision == "int4" and checkpoint.kind == "hf" and options.block_size in (None, GRID_BLOCK):
+        found, total = mark_grid_weights(checkpoint)
+        if found:
+            progress.log(f"      {found} of {total} matrices already lie on a 4-bit {GRID_BLOCK}-block grid (a "
+                         "quantized model's float copy): carried as they are")
     block_size = options.block_size or default_block_size(target, checkpoint)
     context = options.context or min(config.max_position_embeddings, pkg.DEFAULT_MAX_LENGTH)
     if context > config.max_position_embeddings:
@@ -62,7 +73,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
                                          tensorrt=target.uses_tensorrt, cpu=target.name == "cpu")
 
     progress.begin(f"Running the '{target.name}' passes ({precision})")
-    reports = run_passes(model, target.pipeline(precision, config, quant, hints), log=progress.log)
+    passes = target.pipeline(precision, config, quant, hints)
+    reports = run_passes(model, passes, log=progress.log)
     if target.tensorrt is not None:
         problems = parser_problems(model, target.tensorrt)
         if problems:
@@ -79,6 +91,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     pkg.write_json(staging / "genai_config.json",
                    pkg.genai_config(model, config, context, model_file, threads=target.genai_threads))
     weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
+    requantized = requantization_errors(passes, progress.log)
+    del passes
     del model
     if not checkpoint.write_tokenizer(staging):
         progress.log("      note: the source has no tokenizer; `run` will need token ids")
@@ -89,4 +103,20 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     export_memory.hand_back_freed_memory()
     return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
                  weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
-                 manifest=build_manifest(checkpoint, target.name, precision, io, reports))
+                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **requantized})
+
+
+def requantization_errors(passes, log) -> dict:
+    """The source's own blocks that the target could not carry and quantized again (a GGUF's Q5_K, Q6_K or Q8_0
+    blocks on a TensorRT target, which takes symmetric INT4 only): logged, and for the manifest."""
+    errors = {}
+    for graph_pass in passes:
+        if isinstance(graph_pass, QuantizeWeights):
+            errors.update(graph_pass.requantized.relative_rms())
+    if not errors:
+        return {}
+    worst = max(errors, key=errors.get)
+    log(f"      {len(errors)} matrices of the source's own blocks quantized again (this target cannot carry their "
+        f"format): relative RMS error {np.median(list(errors.values())):.2%} median, {errors[worst]:.2%} at most "
+        f"({worst})")
+    return {"requantized_source_blocks": {"relative_rms_error": errors}}

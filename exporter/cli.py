@@ -52,13 +52,17 @@ def export_parser() -> Parser:
     quant.add_argument("--quant", choices=("gptq", "clip", "rtn"), default=None, metavar="METHOD",
                        help="gptq (default: error compensation calibrated on a built-in text), clip (per-block range "
                             "search), rtn (plain round-to-nearest). A GGUF's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, "
-                            "Q4_K/Q5_K/Q6_K) are carried over as they are unless --block-size asks for another size")
+                            "Q4_K/Q5_K/Q6_K), and a float copy of a 4-bit model's 32-blocks, are carried over as they "
+                            "are unless --block-size asks for another size or --requantize is given")
     quant.add_argument("--calibration-text", type=Path, default=None, metavar="FILE",
                        help="UTF-8 text to calibrate gptq/clip on instead of the built-in texts (prose, chat, code, "
                             "numbers, other languages)")
     quant.add_argument("--calibration-tokens", type=_positive, default=None, metavar="N",
                        help="tokens of the calibration text used, in 256-token windows spread over it (default: "
                             "2048); more cost time in every layer")
+    quant.add_argument("--requantize", action="store_true",
+                       help="quantize every matrix with METHOD even where the source's own blocks could be carried "
+                            "over (a GGUF's, or a float copy of a 4-bit model's grid)")
     quant.add_argument("--symmetric", action="store_true",
                        help="no zero points (default: asymmetric, 4-bit zero points)")
     quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
@@ -186,7 +190,8 @@ def cmd_export(args) -> int:
 
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
                  "--calibration-text": args.calibration_text, "--calibration-tokens": args.calibration_tokens,
-                 "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding}
+                 "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding,
+                 "--requantize": args.requantize}
     given = [flag for flag, value in int4_only.items() if value]
     from targets import get_target
 
@@ -200,7 +205,7 @@ def cmd_export(args) -> int:
                                   quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
                                   calibration_text=args.calibration_text,
                                   calibration_tokens=args.calibration_tokens,
-                                  quantize_embedding=not args.keep_embedding,
+                                  quantize_embedding=not args.keep_embedding, requantize=args.requantize,
                                   gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl)))
     if args.quiet:
         print(output)

@@ -40,6 +40,7 @@ class ExportOptions:
     symmetric: bool = False
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
+    requantize: bool = False  # quantize every matrix here, even where the source's blocks could be carried
     gates: Gates = Gates()  # verify's opt-in quality gates
 
 

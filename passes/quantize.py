@@ -82,6 +82,22 @@ class QuantOptions:
 SPLIT_REST_BLOCK = 128
 
 
+class RequantizationErrors:
+    """Per tensor, the relative RMS difference between a source's own blocks (as floats) and the blocks they were
+    quantized into again, accumulated over the row chunks as the package is written."""
+
+    def __init__(self):
+        self._sums: dict[str, list[float]] = {}
+
+    def add(self, name: str, source: np.ndarray, quantized: np.ndarray) -> None:
+        sums = self._sums.setdefault(name, [0.0, 0.0])
+        sums[0] += float(np.square(quantized - source, dtype=np.float64).sum())
+        sums[1] += float(np.square(source, dtype=np.float64).sum())
+
+    def relative_rms(self) -> dict[str, float]:
+        return {name: (error / total) ** 0.5 if total > 0 else 0.0 for name, (error, total) in self._sums.items()}
+
+
 @dataclass(frozen=True)
 class SplitLayout:
     """A lm_head split by rows: its first `rows` and the rest, each (initializer base name, layout)."""
@@ -183,6 +199,7 @@ class QuantizeWeights(GraphPass):
     def __init__(self, options: QuantOptions, hints: WeightHints | None = None):
         self.options, self.hints = options, hints
         self._block_sums: dict = {}  # (activation, block) -> its per-block sums, shared by the Q4_1 terms
+        self.requantized = RequantizationErrors()
 
     def apply(self, model: ir.Model) -> int:
         graph, sites = model.graph, 0
@@ -249,6 +266,8 @@ class QuantizeWeights(GraphPass):
                 n = len(range(n)[rows])
 
             input_scale = weight.meta.get(INPUT_SCALE)
+            # the source's own blocks that this form cannot carry (TensorRT's symmetric INT4): the error is reported
+            from_blocks = self.hints is not None and any(self.hints.prequantized_layout(n) is not None for n in names)
 
             def compute():
                 hessian = self.hints.hessian(hessian_name) if self.hints and hessian_name else None
@@ -263,11 +282,15 @@ class QuantizeWeights(GraphPass):
 
                 def quantize(w):
                     if opts.method == "gptq" and hessian is not None:
-                        return quantize_gptq(w, hessian, bits, block, symmetric, integer)
-                    if opts.method in ("gptq", "clip"):
+                        q = quantize_gptq(w, hessian, bits, block, symmetric, integer)
+                    elif opts.method in ("gptq", "clip"):
                         importance = None if hessian is None else np.diag(hessian)
-                        return quantize_clip(w, importance, bits, block, symmetric, integer)
-                    return quantize_rtn(w, bits, block, symmetric, integer)
+                        q = quantize_clip(w, importance, bits, block, symmetric, integer)
+                    else:
+                        q = quantize_rtn(w, bits, block, symmetric, integer)
+                    if from_blocks:
+                        self.requantized.add(" + ".join(names), w, q.dequantize())
+                    return q
 
                 return _by_row_chunks(weight, rows, quantize)
 

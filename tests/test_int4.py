@@ -304,6 +304,29 @@ def test_gguf_blocks_are_carried_into_tensorrt_dequantize_linear(tmp_path, kind)
             assert np.allclose(block_offsets, exact, rtol=2.0 ** -10, atol=0), name  # fp16 storage of m + 8d
 
 
+def test_tensorrt_requantizes_blocks_it_cannot_carry_and_reports_the_error(tmp_path):
+    """Q8_0 matrices on a TensorRT target (symmetric INT4 only): quantized again, each matrix's relative RMS error
+    against the file's values in the manifest, and that error is what the package's blocks hold."""
+    path = tmp_path / "tiny-q8.gguf"
+    write_tiny_gguf(path, "llama2-gqa", matrix_type="Q8_0")
+    out = tmp_path / "pkg"
+    assert main(["--target", "jetson-orin", "--model", str(path), "--quant", "rtn", "-o", str(out), "-q",
+                 "--no-verify"]) == 0
+    errors = json.loads((out / "manifest.json").read_text())["requantized_source_blocks"]["relative_rms_error"]
+    assert len(errors) == 2 * 4  # packed q/k/v, o, packed gate/up, down per layer
+    assert all(0.01 < e < 0.3 for e in errors.values()), errors
+    model = ir.load(out / "model.onnx")
+    expected = _gguf_values(path)
+    node = next(n for n in model.graph if n.op_type == "DequantizeLinear"
+                and n.inputs[0].name.startswith("model.layers.1.mlp.down_proj"))
+    codes = node.inputs[0].const_value.numpy().astype(np.float32).T
+    scales = np.repeat(node.inputs[1].const_value.numpy().astype(np.float32).T, node.attributes.get_int("block_size"),
+                       axis=1)
+    reference = expected["model.layers.1.mlp.down_proj.weight"]
+    measured = np.sqrt(np.square(codes * scales - reference).sum() / np.square(reference).sum())
+    assert measured == pytest.approx(errors["model.layers.1.mlp.down_proj.weight"], rel=1e-3)
+
+
 # A random-weight tiny model has nearly flat logits: its top-2 margins are often smaller than INT4 rounding moves
 # them, so its top-1 agreement with fp32 sits far below a trained model's. Measured here: 0.56-0.78 across the
 # variants. A wrong layout (nibble order, scale or zero-point placement, transposed blocks) scores near chance
@@ -539,3 +562,67 @@ def test_cpu_block_128_is_the_fast_layout_and_finer_parts_stay_below_it(tmp_path
     assert [b for head, b in found[64] if head] == [32]
     assert 32 not in [b for _, b in found[128]]
     assert [b for head, b in found[128] if head] == [128]  # padded past hidden size 64, as the layers' blocks are
+
+
+def _q4_1_copy(values: np.ndarray) -> np.ndarray:
+    """values quantized to GGUF Q4_1 by gguf's own quantizer and dequantized again: a float copy on a 4-bit grid."""
+    from gguf.quants import GGMLQuantizationType, dequantize, quantize
+
+    kind = GGMLQuantizationType.Q4_1
+    return dequantize(quantize(np.asarray(values, np.float32), kind), kind).astype(np.float32)
+
+
+def test_a_grid_is_recognized_bit_for_bit_and_nothing_else_is():
+    from exporter.sources.grid import on_grid, recover_grid
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    grid = _q4_1_copy(w)
+    blocks = recover_grid(grid)
+    assert blocks is not None and blocks.minimums is not None and same_bits(blocks.dequantize(), grid)
+    assert recover_grid(w) is None
+    assert on_grid(lambda a, b: grid[a:b], grid.shape) and not on_grid(lambda a, b: w[a:b], w.shape)
+    assert not on_grid(lambda a, b: np.zeros((b - a, 96), np.float32), (48, 96))  # says nothing
+    assert not on_grid(lambda a, b: grid[a:b, :80], (48, 80))  # not whole 32-blocks
+    off = grid.copy()
+    off[3, 5] += 1e-3  # row 3 is not among the sampled ones
+    assert recover_grid(off) is None
+    nearest = recover_grid(off, strict=False)
+    assert same_bits(np.delete(nearest.dequantize(), 3, 0), np.delete(grid, 3, 0))
+    assert np.abs(nearest.dequantize()[3] - off[3]).max() <= nearest.scales[3].max() / 2 + 1e-7
+
+
+def test_a_float_copy_of_a_4_bit_model_keeps_its_grid(tmp_path):
+    """A Hugging Face folder whose matrices were dequantized from Q4_1 (as the default model's folder is): an INT4
+    export at block 32 carries their grid (the package's weights equal the folder's bit for bit, with minimum terms),
+    and passes verify; at block 128 the matrices are quantized again, in 128-blocks."""
+    from safetensors.numpy import load_file, save_file
+
+    from conftest import make_hf_model
+
+    folder = make_hf_model(tmp_path / "grid", "llama2-gqa")
+    weights = load_file(str(folder / "model.safetensors"))
+    on_grid = {n: _q4_1_copy(v) for n, v in weights.items() if n.startswith("model.layers.") and v.ndim == 2}
+    save_file({**weights, **on_grid}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    out = tmp_path / "pkg"
+    assert main(["--model", str(folder), "--precision", "int4", "-o", str(out), "-q"]) == 0
+    model = ir.load(out / "model.onnx")
+    carried = dict(matmulnbits_weights(model))
+    layers = {name: blocks for name, blocks in carried.items() if "layers" in name}
+    assert len(layers) == 2 * 4  # q/k/v, o, gate/up, down per layer
+    for name, blocks in layers.items():
+        assert blocks.minimums is not None and blocks.block_size == 32, name
+        assert same_bits(blocks.dequantize(), np.concatenate([on_grid[p] for p in checkpoint_names(name)])), name
+    assert json.loads((out / "manifest.json").read_text())["parity"]["passed"]
+
+    out128 = tmp_path / "pkg128"
+    assert main(["--model", str(folder), "--precision", "int4", "--block-size", "128", "-o", str(out128), "-q",
+                 "--no-verify"]) == 0
+    requantized = dict(matmulnbits_weights(ir.load(out128 / "model.onnx")))
+    assert all(b.minimums is None and b.block_size == 128 for n, b in requantized.items() if "layers" in n)
+    out32 = tmp_path / "pkg32"
+    assert main(["--model", str(folder), "--precision", "int4", "--requantize", "-o", str(out32), "-q",
+                 "--no-verify"]) == 0
+    requantized = dict(matmulnbits_weights(ir.load(out32 / "model.onnx")))
+    assert all(b.minimums is None and b.block_size == 32 for n, b in requantized.items() if "layers" in n)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +69,12 @@ class Checkpoint:
         if tensor in self.weights:
             return self.weights[tensor]
         raise UserError(f"{self.path}: checkpoint has no tensor '{name}'")
+
+    def forget_source_blocks(self) -> None:
+        """Every tensor read as floats only: the quantizer then quantizes them all itself."""
+        for name, info in self.weights.items():
+            if info.quantized_bits is not None:
+                self.weights[name] = replace(info, load_quantized=None, quantized_bits=None)
 
     def content_hash(self) -> str:
         digest = hashlib.sha256()
