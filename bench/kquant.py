@@ -79,7 +79,7 @@ def package_check(package: Path, expected: dict[str, np.ndarray]) -> dict:
     """How many of the package's block-quantized weights equal the file's bit for bit, and which do not."""
     import onnx_ir as ir
 
-    from exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits
+    from exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits, stored, stored_by_name
     from passes.quantization import BlockQuantized, unpack_codes
 
     model = ir.load(package / "model.onnx")
@@ -88,15 +88,15 @@ def package_check(package: Path, expected: dict[str, np.ndarray]) -> dict:
         reference = np.concatenate([expected[p] for p in checkpoint_names(name)])
         (equal if same_bits(blocks.dequantize(), reference) else differ).append(name)
     for node in (n for n in model.graph if n.op_type == "GatherBlockQuantized"):
-        data, scales = node.inputs[0], node.inputs[2].const_value.numpy()
+        data, scales = node.inputs[0], stored(node.inputs[2]).astype(np.float32)
         if data.const_value is None:  # the lm_head's blocks through a Reshape: checked as the lm_head
             continue
         bits, block = node.attributes.get_int("bits"), node.attributes.get_int("block_size")
         codes = unpack_codes(data.const_value.numpy(), bits)
-        minimums = model.graph.initializers.get(data.name.removesuffix(".qdata") + ".minimums")
+        minimums = stored_by_name(model, data.name.removesuffix(".qdata") + ".minimums")
         zero_points = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] else None
         if minimums is not None:  # zero points 0, the minimum looked up and added after
-            table = BlockQuantized(codes, scales, None, bits, block, minimums=minimums.const_value.numpy())
+            table = BlockQuantized(codes, scales, None, bits, block, minimums=minimums.astype(np.float32))
         else:
             table = BlockQuantized(codes, scales, None if zero_points is None else
                                    unpack_codes(zero_points, bits)[:, :scales.shape[1]], bits, block)

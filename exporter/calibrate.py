@@ -81,7 +81,7 @@ class SourceHints:
             return None
         rows, columns = info.shape
         return layout_template(rows, columns, info.quantized_bits, info.quantized_block_size,
-                               minimums=info.quantized_minimums)
+                               minimums=info.quantized_minimums, half_params=info.quantized_half_params)
 
     def hessian(self, name: str):
         return self.hessians.get(name)

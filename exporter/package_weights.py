@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.quantization import BlockQuantized, unpack_codes
+from passes.quantize import HALF_SUFFIX
 
 # A packed projection's initializer name (passes/packing.py) -> the checkpoint tensors stacked in it, in order.
 _STACKED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -38,22 +39,39 @@ def checkpoint_names(weight: str) -> list[str]:
     return [weight]
 
 
+def stored(value: ir.Value) -> np.ndarray:
+    """An initializer's data as stored, or that of the float16 initializer a Cast reads (block parameters kept in
+    float16): slice it, then convert to float32."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Cast" and producer.inputs[0].const_value is not None:
+        return producer.inputs[0].const_value.numpy()
+    raise ValueError(f"{value.name}: not a stored tensor")
+
+
+def stored_by_name(model: ir.Model, name: str) -> np.ndarray | None:
+    """The initializer NAME's data as stored, or NAME_fp16's (see `stored`); None when neither exists."""
+    value = model.graph.initializers.get(name) or model.graph.initializers.get(name + HALF_SUFFIX)
+    return None if value is None else value.const_value.numpy()
+
+
 def matmulnbits_blocks(model: ir.Model, node: ir.Node, rows: slice = slice(None)) -> BlockQuantized:
     """A MatMulNBits node's weight (its output rows `rows`) as blocks; a minimum term added after the node
     (w = d*q + m, its initializer NAME.minimums) is folded back in, so `.dequantize()` gives the weight [N, K] as
     the package computes it. Only the rows asked for are unpacked (the file's pages are mapped, not read)."""
-    b, scales = node.inputs[1].const_value.numpy()[rows], node.inputs[2].const_value.numpy()[rows]
+    b, scales = node.inputs[1].const_value.numpy()[rows], stored(node.inputs[2])[rows].astype(np.float32)
     has_zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
     zero_points = node.inputs[3].const_value.numpy()[rows] if has_zero_points else None
     bits, block, k = (node.attributes.get_int(a) for a in ("bits", "block_size", "K"))
     codes = unpack_codes(b.reshape(b.shape[0], -1), bits)
     columns = 0 if k == codes.shape[1] else k
-    minimums = model.graph.initializers.get(_base(node.inputs[1]) + ".minimums")
+    minimums = stored_by_name(model, _base(node.inputs[1]) + ".minimums")
     if minimums is not None:
         if zero_points is not None and zero_points.any():
             raise ValueError(f"{_base(node.inputs[1])}: a minimum term beside nonzero zero points")
         return BlockQuantized(codes, scales, None, bits, block, columns,
-                              minimums=minimums.const_value.numpy()[:, rows].T)
+                              minimums=minimums[:, rows].T.astype(np.float32))
     unpacked = None if zero_points is None else unpack_codes(zero_points, bits)[:, :scales.shape[1]]
     return BlockQuantized(codes, scales, unpacked, bits, block, columns)
 

@@ -34,6 +34,7 @@ class BlockQuantized:
     block_size: int
     columns: int = 0  # K; codes are padded to whole blocks past it (0: no padding)
     minimums: np.ndarray | None = None  # GGUF Q4_1: w = scale * q + minimum (zero_points then unused)
+    half_params: bool = False  # scales and minimums exact in float16 (a GGUF's Q4_0/Q4_1/Q8_0...): stored so
 
     def __post_init__(self):
         self.columns = self.columns or self.codes.shape[1]
@@ -89,13 +90,13 @@ class BlockQuantized:
 
 
 def layout_template(n: int, columns: int, bits: int, block: int, zero_dtype=None,
-                    minimums: bool = False) -> BlockQuantized:
+                    minimums: bool = False, half_params: bool = False) -> BlockQuantized:
     """Shapes and zero-point kind of a quantized weight [n, columns], without its data (the zero arrays are
     never touched, so they take no memory)."""
     blocks = -(-columns // block)
     return BlockQuantized(np.zeros((n, 0), np.uint8), np.zeros((n, blocks), np.float32),
                           None if zero_dtype is None else np.zeros((n, blocks), zero_dtype), bits, block, columns,
-                          np.zeros((n, blocks), np.float32) if minimums else None)
+                          np.zeros((n, blocks), np.float32) if minimums else None, half_params)
 
 
 def concatenate_rows(parts: list[BlockQuantized]) -> BlockQuantized:
@@ -103,19 +104,20 @@ def concatenate_rows(parts: list[BlockQuantized]) -> BlockQuantized:
     first = parts[0]
     if any(p.bits != first.bits or p.block_size != first.block_size for p in parts):
         raise ValueError("parts quantized differently")
+    half = all(p.half_params for p in parts)
     if any(p.minimums is not None for p in parts):
         if not all(p.minimums is not None for p in parts):
             raise ValueError("cannot stack blocks with and without minimums")
         return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
                               None, first.bits, first.block_size, first.columns,
-                              np.concatenate([p.minimums for p in parts]))
+                              np.concatenate([p.minimums for p in parts]), half)
     kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
     if len(kinds) == 1:
         zero_points = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
     else:  # mixed: spell every zero point out as a float
         zero_points = np.concatenate([p.effective_zero_points() for p in parts])
     return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
-                          zero_points, first.bits, first.block_size, first.columns)
+                          zero_points, first.bits, first.block_size, first.columns, half_params=half)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -80,6 +80,7 @@ class QuantOptions:
 
 
 SPLIT_REST_BLOCK = 128
+HALF_SUFFIX = "_fp16"  # a float16 initializer holding block parameters that a Cast turns into NAME
 
 
 class RequantizationErrors:
@@ -200,6 +201,7 @@ class QuantizeWeights(GraphPass):
         self.options, self.hints = options, hints
         self._block_sums: dict = {}  # (activation, block) -> its per-block sums, shared by the Q4_1 terms
         self.requantized = RequantizationErrors()
+        self._parameters: dict[str, ir.Value] = {}  # float32 block parameters by name (a Cast's output, if stored half)
 
     def apply(self, model: ir.Model) -> int:
         graph, sites = model.graph, 0
@@ -338,7 +340,8 @@ class QuantizeWeights(GraphPass):
         zero_kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
         zero_dtype = zero_kinds.pop() if len(zero_kinds) == 1 else np.float32  # mixed: spelled out as floats
         first = parts[0]
-        return layout_template(shape[0], shape[1], first.bits, first.block_size, zero_dtype, first.minimums is not None)
+        return layout_template(shape[0], shape[1], first.bits, first.block_size, zero_dtype, first.minimums is not None,
+                               all(p.half_params for p in parts))
 
     def _mixed_source_parts(self, names: list[str], bits: int, shape) -> list[BlockQuantized] | None:
         """Stacked parts (packed q/k/v, gate/up) whose own blocks are carried over but differ in kind (a Q4_K_M
@@ -402,8 +405,8 @@ class QuantizeWeights(GraphPass):
         inputs = [node.inputs[0],
                   _initializer(graph, base + ".qweight", _lazy(once, BlockQuantized.matmulnbits_b, ir.DataType.UINT8,
                                                               [n, blocks, blob], base + ".qweight")),
-                  _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
-                                                             [n, blocks], base + ".scales"))]
+                  self._parameters_of(graph, base + ".scales", once, lambda q: q.scales, [n, blocks],
+                                      layout.half_params)]
         if layout.zero_points is not None or layout.minimums is not None:
             inputs.append(self._zero_points(graph, once, layout, base))
         new = ir.node("MatMulNBits", inputs, domain="com.microsoft",
@@ -413,12 +416,12 @@ class QuantizeWeights(GraphPass):
         new.outputs[0].shape, new.outputs[0].type = None if part else node.outputs[0].shape, node.outputs[0].type
         if layout.minimums is None:
             return new.outputs[0]
-        total = self._add_minimums(graph, node, new.outputs[0], once, layout, base)
+        total = self._add_minimums(graph, node, new.outputs[0], once, layout, base, half=layout.half_params)
         total.shape = new.outputs[0].shape  # a part's N is its own
         return total
 
     def _add_minimums(self, graph, node, product: ir.Value, once, layout: BlockQuantized, base: str,
-                      offsets=lambda q: q.minimums.T.copy()) -> ir.Value:
+                      offsets=lambda q: q.minimums.T.copy(), half: bool = False) -> ir.Value:
         """w = scale*q + minimum (GGUF Q4_1): MatMulNBits computes x @ (scale*q); the minimums add
         sum over blocks of (x summed within the block) * minimum, a small [K/block, N] MatMul. ONNX Runtime
         accepts float zero points instead, but its CPU kernel then runs ~100x slower (measured)."""
@@ -433,8 +436,7 @@ class QuantizeWeights(GraphPass):
             graph.insert_before(node, [reshape, summed])
             reshape.outputs[0].type = summed.outputs[0].type = x.type
             self._block_sums[key] = summed.outputs[0]
-        minimums = _initializer(graph, base + ".minimums", _lazy(once, offsets, ir.DataType.FLOAT, [blocks, n],
-                                                                 base + ".minimums"))
+        minimums = self._parameters_of(graph, base + ".minimums", once, offsets, [blocks, n], half)
         offset = ir.node("MatMul", [self._block_sums[key], minimums])
         total = ir.node("Add", [product, offset.outputs[0]])
         graph.insert_before(node, [offset, total])
@@ -565,11 +567,27 @@ class QuantizeWeights(GraphPass):
         cut.outputs[0].type = rows.type
         return cut.outputs[0]
 
-    @staticmethod
-    def _shared_table(graph: ir.Graph, base: str):
+    def _parameters_of(self, graph: ir.Graph, name: str, once: _Once, pick, shape: list[int], half: bool
+                       ) -> ir.Value:
+        """Float32 block parameters (scales, minimums) named `name`. Where they are float16 values (a GGUF's), they
+        are stored as float16 (NAME_fp16) and cast back: ONNX Runtime folds the Cast into a float32 initializer
+        when the session loads, so only the file is smaller."""
+        if not half:
+            value = _initializer(graph, name, _lazy(once, pick, ir.DataType.FLOAT, shape, name))
+        else:
+            stored = _initializer(graph, name + HALF_SUFFIX, _lazy(once, lambda q: pick(q).astype(np.float16),
+                                                                   ir.DataType.FLOAT16, shape, name + HALF_SUFFIX))
+            cast = ir.node("Cast", [stored], attributes={"to": int(ir.DataType.FLOAT)})
+            graph.insert_before(graph.node(0), cast)
+            value = cast.outputs[0]
+            value.name, value.shape, value.type = name, ir.Shape(shape), ir.TensorType(ir.DataType.FLOAT)
+        self._parameters[name] = value
+        return value
+
+    def _shared_table(self, graph: ir.Graph, base: str):
         """The lm_head's MatMulNBits inputs, reshaped to GatherBlockQuantized's [V, H*bits/8] (same bytes; ONNX
         Runtime folds the Reshape when the session loads)."""
-        qweight, scales = graph.initializers[base + ".qweight"], graph.initializers[base + ".scales"]
+        qweight, scales = graph.initializers[base + ".qweight"], self._parameters[base + ".scales"]
         n, blocks, blob = qweight.shape
         shape = ir.Value(name=base + ".gather_shape",
                          const_value=ir.tensor(np.array([n, blocks * blob], dtype=np.int64)))
@@ -604,13 +622,13 @@ class QuantizeWeights(GraphPass):
         data = _initializer(graph, base + ".qdata", _lazy(
             once, BlockQuantized.gather_data, ir.DataType.UINT8, [v, blocks * layout.block_size * layout.bits // 8],
             base + ".qdata"))
-        scales = _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
-                                                            [v, blocks], base + ".scales"))
+        scales = self._parameters_of(graph, base + ".scales", once, lambda q: q.scales, [v, blocks],
+                                     layout.half_params)
         zero_points = minimums = None
         if layout.minimums is not None:  # zero points 0: the lookup gives scale * q, the minimum is added after
             zero_points = self._zero_points(graph, once, layout, base)
-            minimums = _initializer(graph, base + ".minimums", _lazy(once, lambda q: q.minimums, ir.DataType.FLOAT,
-                                                                    [v, blocks], base + ".minimums"))
+            minimums = self._parameters_of(graph, base + ".minimums", once, lambda q: q.minimums, [v, blocks],
+                                           layout.half_params)
         return data, scales, zero_points, minimums, layout
 
     @staticmethod

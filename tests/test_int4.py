@@ -180,6 +180,12 @@ def test_gguf_blocks_are_carried_over_exactly(tmp_path, kind):
     _assert_carried_exactly(model, expected, len(matmuls))
     gathers = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1 and gathers[0].attributes.get_int("bits") == 8
+    # the file's float16 scales and minimums (the Q8_0 embedding's too) are stored as they are, cast to float32
+    # when the session loads
+    half = {n for n, v in model.graph.initializers.items() if v.dtype == ir.DataType.FLOAT16}
+    assert len(half) == len(matmuls) * (2 if kind == "Q4_1" else 1) + 1 and all(n.endswith("_fp16") for n in half)
+    assert not any(v.dtype == ir.DataType.FLOAT and v.name.endswith((".scales", ".minimums"))
+                   for v in model.graph.initializers.values())
 
 
 # Mixes as llama.cpp's Q4_K_M writes them (value and down projections in Q6_K; Q5_0 where a row is not whole

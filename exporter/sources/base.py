@@ -24,6 +24,7 @@ class WeightInfo:
     quantized_bits: int | None = None  # their bits, known without reading them
     quantized_block_size: int = 32
     quantized_minimums: bool = False  # d*q + m blocks (GGUF Q4_1)
+    quantized_half_params: bool = False  # their scales and minimums are float16 values
     load_rows: Callable[[int, int], np.ndarray] | None = None  # rows [start, stop) alone, where the file allows
 
     def rows(self, start: int, stop: int) -> np.ndarray:

@@ -36,6 +36,7 @@ class BlockFormat:
     sub_block: int  # weights per scale
     minimums: bool  # w = scale * q + minimum
     decode: Callable[[np.ndarray], Decoded]  # raw blocks uint8 [n, block_bytes]
+    half_params: bool = False  # the scales (and minimums) are the file's float16 values as they are
 
 
 def _f16(raw: np.ndarray, start: int) -> np.ndarray:
@@ -117,11 +118,11 @@ def _q6_k(raw):  # w = d sc (q - 32): 8-bit codes q + 96 around the midpoint 128
 
 
 FORMATS = {
-    "Q4_0": BlockFormat(18, 32, 4, 32, False, _q4_0),
-    "Q4_1": BlockFormat(20, 32, 4, 32, True, _q4_1),
-    "Q5_0": BlockFormat(22, 32, 8, 32, False, _q5_0),
-    "Q5_1": BlockFormat(24, 32, 8, 32, True, _q5_1),
-    "Q8_0": BlockFormat(34, 32, 8, 32, False, _q8_0),
+    "Q4_0": BlockFormat(18, 32, 4, 32, False, _q4_0, half_params=True),
+    "Q4_1": BlockFormat(20, 32, 4, 32, True, _q4_1, half_params=True),
+    "Q5_0": BlockFormat(22, 32, 8, 32, False, _q5_0, half_params=True),
+    "Q5_1": BlockFormat(24, 32, 8, 32, True, _q5_1, half_params=True),
+    "Q8_0": BlockFormat(34, 32, 8, 32, False, _q8_0, half_params=True),
     "Q4_K": BlockFormat(144, 256, 4, 32, True, _q4_k),
     "Q5_K": BlockFormat(176, 256, 8, 32, True, _q5_k),
     "Q6_K": BlockFormat(210, 256, 8, 16, False, _q6_k),

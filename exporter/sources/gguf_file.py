@@ -154,7 +154,8 @@ def _quantized_loader(tensor, n_heads: int | None, path: Path):
         if n_heads:
             codes, scales = unpermute_rows(codes, n_heads), unpermute_rows(scales, n_heads)
             minimums = None if minimums is None else unpermute_rows(minimums, n_heads)
-        return BlockQuantized(codes, scales, None, fmt.bits, fmt.sub_block, minimums=minimums)
+        return BlockQuantized(codes, scales, None, fmt.bits, fmt.sub_block, minimums=minimums,
+                              half_params=fmt.half_params)
 
     return load
 
@@ -198,6 +199,7 @@ def open_gguf(path: Path) -> Checkpoint:
                                    quantized_bits=fmt.bits if fmt else None,
                                    quantized_block_size=fmt.sub_block if fmt else 32,
                                    quantized_minimums=bool(fmt and fmt.minimums),
+                                   quantized_half_params=bool(fmt and fmt.half_params),
                                    load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor, path))
 
     def write_tokenizer(dest: Path) -> list[str]:

@@ -3,9 +3,9 @@ default model's own folder, or any quantized model dequantized into float weight
 most 16 evenly spaced values, the block's minimum and maximum among them (w = scale * q + minimum, q in 0..15).
 Quantizing such weights again rounds them twice; recognized, their grid is carried as it is, as a GGUF's blocks are.
 
-A matrix counts as on the grid when every block of a sample of its rows is reproduced bit for bit; its other rows are
-recovered the same way when the package is written, and a block that turns out not to be on the grid after all gets
-the nearest block of that form (round to nearest over its own range)."""
+A matrix counts as on the grid when every block of a sample of its rows is reproduced bit for bit by a scale and a
+minimum that are float16 values (as a GGUF stores them); its other rows are recovered the same way when the package is
+written, and a block that turns out not to be on the grid after all gets the nearest block of that form."""
 
 from __future__ import annotations
 
@@ -18,37 +18,27 @@ GRID_BLOCK = 32
 SAMPLE_ROWS = 16
 
 
-def _block_grid(blocks: np.ndarray, scales: np.ndarray, minimums: np.ndarray):
-    """Codes of blocks [n, nb, bs] on the grids scale * q + minimum, and whether each block is reproduced exactly."""
-    levels = (1 << GRID_BITS) - 1
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint((blocks - minimums[..., None]) / safe[..., None]), 0, levels).astype(np.uint8)
-    exact = (codes.astype(np.float32) * scales[..., None] + minimums[..., None] == blocks).all(-1)
-    return codes, exact
+HALF_MAX = float(np.finfo(np.float16).max)
 
 
 def recover_grid(w: np.ndarray, strict: bool = True) -> BlockQuantized | None:
-    """w [N, K] as 4-bit 32-blocks with minimums whose dequantization equals w bit for bit, or None when some block
-    is not on its grid (`strict`; otherwise such blocks are rounded to the nearest value of their own range). The
-    scale is tried as float16 first (a GGUF stores it so) and as float32 where that is not exact."""
+    """w [N, K] as GGUF's Q4_1 has it: 4-bit 32-blocks, w = scale * q + minimum with float16 scale and minimum,
+    whose dequantization equals w bit for bit; None when some block is not so (`strict`), else such blocks get the
+    nearest block of that form (scale and minimum from the block's range, rounded to float16)."""
     n, k = w.shape
     if k % GRID_BLOCK:
         return None
     blocks = np.asarray(w, np.float32).reshape(n, k // GRID_BLOCK, GRID_BLOCK)
-    minimums = blocks.min(-1)
-    spread = (blocks.max(-1) - minimums) / np.float32((1 << GRID_BITS) - 1)
-    codes, exact = _block_grid(blocks, spread.astype(np.float16).astype(np.float32), minimums)
-    scales = spread.astype(np.float16).astype(np.float32)
-    if not exact.all():
-        fine_codes, fine_exact = _block_grid(blocks, spread, minimums)
-        use_fine = ~exact & (fine_exact | (not strict))
-        codes = np.where(use_fine[..., None], fine_codes, codes)
-        scales = np.where(use_fine, spread, scales)
-        exact = exact | fine_exact
-        if strict and not exact.all():
-            return None
-    return BlockQuantized(codes.reshape(n, k), scales.astype(np.float32), None, GRID_BITS, GRID_BLOCK, k,
-                          minimums.astype(np.float32))
+    low = blocks.min(-1)
+    spread = (blocks.max(-1) - low) / np.float32((1 << GRID_BITS) - 1)
+    minimums = np.clip(low, -HALF_MAX, HALF_MAX).astype(np.float16).astype(np.float32)
+    scales = np.clip(spread, 0, HALF_MAX).astype(np.float16).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.rint((blocks - minimums[..., None]) / safe[..., None]), 0, (1 << GRID_BITS) - 1)
+    codes = codes.astype(np.uint8)
+    if strict and not (codes.astype(np.float32) * scales[..., None] + minimums[..., None] == blocks).all():
+        return None
+    return BlockQuantized(codes.reshape(n, k), scales, None, GRID_BITS, GRID_BLOCK, k, minimums, half_params=True)
 
 
 def sample_rows(rows: int) -> list[int]:
@@ -76,7 +66,8 @@ def grid_loader(load_rows, shape: tuple[int, ...], chunk_rows: int = 8192):
         parts = [recover_grid(load_rows(start, min(start + chunk_rows, shape[0])), strict=False)
                  for start in range(0, shape[0], chunk_rows)]
         return BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
-                              None, GRID_BITS, GRID_BLOCK, shape[1], np.concatenate([p.minimums for p in parts]))
+                              None, GRID_BITS, GRID_BLOCK, shape[1], np.concatenate([p.minimums for p in parts]),
+                              half_params=True)
 
     return load
 
@@ -95,5 +86,5 @@ def mark_grid_weights(checkpoint) -> tuple[int, int]:
             found += 1
             checkpoint.weights[name] = replace(info, load_quantized=grid_loader(info.rows, info.shape),
                                                quantized_bits=GRID_BITS, quantized_block_size=GRID_BLOCK,
-                                               quantized_minimums=True)
+                                               quantized_minimums=True, quantized_half_params=True)
     return found, total
