@@ -6,8 +6,9 @@ to the fp32 PyTorch one; then perplexity and KL divergence on the held-out text 
 
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
 
-llama-export builds from the same Hugging Face folder as the builder (so its quantizer does the work) and, at
-block 32, also from the GGUF itself (its Q4_1/Q8_0 blocks carried over). The builder's packages are also run with
+llama-export builds from the same Hugging Face folder as the builder and, at block 32, also from the GGUF itself
+(its Q4_1/Q8_0 blocks carried over). The folder holds the GGUF's Q4_1 values, whose grid llama-export carries at
+block 32; "HF, GPTQ" quantizes it again (--requantize), so its quantizer does the work. The builder's packages are also run with
 llama-export's genai session options (its thread setting), to tell what the graphs do from what the settings do."""
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def build(work: Path) -> dict[str, Path]:
                             "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"), "--extra_options",
                             f"block_size={block}"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         packages[f"llama-export b{block} (HF)"] = ours
+        if block == 32:  # the folder's Q4_1 grid is carried at block 32: GPTQ itself, for comparison
+            requantized = work / "ours-int4-hf-b32-requantized"
+            if not (requantized / "manifest.json").is_file():
+                subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", "int4",
+                                "--block-size", "32", "--requantize", "-q", "--force", "--no-verify", "-o",
+                                str(requantized)], check=True)
+            packages["llama-export b32 (HF, GPTQ)"] = requantized
         packages[f"builder b{block}"] = genai
         packages[f"builder b{block}, our options"] = with_session_options(genai, ours, work / f"genai-b{block}-ours")
     gguf = work / "ours-int4-gguf-b32"
@@ -98,6 +106,9 @@ def main() -> None:
         print(f"  the graphs alone (the builder's run with llama-export's session options): decode "
               f"{statistics.median(rates[ours]) / statistics.median(rates[same]):.2f}x "
               f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[same]):.2f}x)")
+
+    gguf, theirs = "llama-export b32 (GGUF)", "builder b32"
+    print(f"GGUF block 32: size {size_mb(packages[gguf]) / size_mb(packages[theirs]):.2f}x the builder's block 32")
 
     quality = HeldoutQuality(work / "hf")
     scored = {name: quality.of(path) for name, path in packages.items() if not name.endswith("our options")}

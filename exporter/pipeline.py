@@ -244,11 +244,11 @@ def default_block_size(target, checkpoint: Checkpoint) -> int:
 # 32-blocks +2.4%, 8192 frequent rows +1.7%, 16384 +1.4%, all 8-bit +0.1%; at decode speed near the all-4-bit one.
 FREQUENT_LM_HEAD_ROWS = 16384
 EDGE_LAYER_BLOCK = 32
-# From this block size up the cpu target lays INT4 out for speed, as onnxruntime-genai's builder does: every matrix,
-# the lm_head and its tied table included, 4-bit in the layers' blocks; no edge layers and no 8-bit lm_head rows
-# (those cost ~5% decode speed at block 128, measured). With input scaling and GPTQ the default model stays at
-# +14.0% perplexity over fp32 there (+10.8% with the finer parts).
+# From this block size up the cpu target lays INT4 out for speed, as onnxruntime-genai's builder does: every layer
+# matrix 4-bit in the layers' blocks, no edge layers; the lm_head and its tied table 8-bit in 64-blocks, which on
+# text the calibration never saw lost least of every layout measured (README, INT4 methods table).
 FAST_LAYOUT_BLOCK = 128
+FAST_LAYOUT_LM_HEAD_BITS = 8
 
 
 def lm_head_bits(options: ExportOptions, block_size: int) -> int:
@@ -292,7 +292,8 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     method = options.quant_method or DEFAULT_METHOD
     fast = cpu and block_size >= FAST_LAYOUT_BLOCK
     split = cpu and not fast and splits_lm_head(options, checkpoint.config.vocab_size)
-    head_bits = 4 if split else (options.lm_head_bits or 4) if fast else lm_head_bits(options, block_size)
+    head_bits = 4 if split else (options.lm_head_bits or FAST_LAYOUT_LM_HEAD_BITS) if fast else \
+        lm_head_bits(options, block_size)
     head_block = None if fast else QuantOptions.lm_head_block_size  # None: the layers' blocks
     try:
         quant = QuantOptions(block_size=block_size, symmetric=options.symmetric, method=method,

@@ -550,12 +550,12 @@ def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_name
 
 
 def test_cpu_block_128_is_the_fast_layout_and_finer_parts_stay_below_it(tmp_path):
-    """At block 128 the cpu target drops the edge layers' 32-blocks and the lm_head's own finer blocks (the
-    builder's layout, for its speed); at 64 both are there."""
+    """At block 128 the cpu target drops the edge layers' 32-blocks (the builder's layout, for its speed) and keeps
+    the lm_head at 8 bits in 64-blocks; at 64 the edge layers are there and the lm_head is 4-bit in 32-blocks."""
     from conftest import make_hf_model
 
     model = make_hf_model(tmp_path / "deep", "llama2-gqa", num_hidden_layers=8)
-    found = {}
+    found, heads = {}, {}
     for block in (64, 128):
         out = tmp_path / f"b{block}"
         assert main(["--model", str(model), "--precision", "int4", "--block-size", str(block), "-o", str(out), "-q",
@@ -564,10 +564,13 @@ def test_cpu_block_128_is_the_fast_layout_and_finer_parts_stay_below_it(tmp_path
         nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
         found[block] = [(n.output[0] == "logits", helper.get_attribute_value(
             next(a for a in n.attribute if a.name == "block_size"))) for n in nbits]
+        heads[block] = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+                        for n in nbits if n.output[0] == "logits"]
     assert sorted(b for head, b in found[64] if not head) == [32] * 8 + [64] * 24  # layers 0 and 7 in 32-blocks
     assert [b for head, b in found[64] if head] == [32]
     assert 32 not in [b for _, b in found[128]]
-    assert [b for head, b in found[128] if head] == [128]  # padded past hidden size 64, as the layers' blocks are
+    assert [b for head, b in found[128] if not head] == [128] * 32  # padded past hidden size 64
+    assert [b for head, b in found[128] if head] == [64] and heads == {64: [4], 128: [8]}
 
 
 def _q4_1_copy(values: np.ndarray) -> np.ndarray:
