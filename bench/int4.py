@@ -8,8 +8,9 @@ to the fp32 PyTorch one; then perplexity and KL divergence on the held-out text 
 
 llama-export builds from the same Hugging Face folder as the builder and, at block 32, also from the GGUF itself
 (its Q4_1/Q8_0 blocks carried over). The folder holds the GGUF's Q4_1 values, whose grid llama-export carries at
-block 32; "HF, GPTQ" quantizes it again (--requantize), so its quantizer does the work. The builder's packages are also run with
-llama-export's genai session options (its thread setting), to tell what the graphs do from what the settings do."""
+block 32; "HF, GPTQ" quantizes it again (--requantize), so its quantizer does the work. The builder's packages are
+also run with llama-export's genai session options (its thread setting), to tell what the graphs do from what the
+settings do."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """GGUF K-quant files of the default model made by llama.cpp's own tools, exported by llama-export with
-`--precision int4` and otherwise its defaults: is every weight the file's (each MatMulNBits and GatherBlockQuantized tensor dequantized from the
-package and compared bit for bit with gguf's dequantization of the file), what do the package and the file weigh,
-and how does the package's perplexity compare with transformers' (fp32, the file's dequantized weights) and with
-llama.cpp's own on the same text.
+`--precision int4` and otherwise its defaults: is every weight the file's (each MatMulNBits and GatherBlockQuantized
+tensor dequantized from the package and compared bit for bit with gguf's dequantization of the file), what do the
+package and the file weigh, and how does the package's perplexity compare with transformers' (fp32, the file's
+dequantized weights) and with llama.cpp's own on the same text.
 
     python bench/kquant.py --llama-cpp DIR [--work DIR] [--types Q4_K_M,Q5_K_M,Q6_K]
 
@@ -139,7 +139,8 @@ def main() -> None:
         package = args.work / f"pkg-{kind}"
         started = time.perf_counter()
         export = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(path), "--precision", "int4",
-                                 "-o", str(package), "--force", "-q"], capture_output=True, text=True, env={**os.environ, **UNCACHED})
+                                 "-o", str(package), "--force", "-q"], capture_output=True, text=True,
+                                env={**os.environ, **UNCACHED})
         seconds = time.perf_counter() - started
         if export.returncode:
             print(f"{kind}: export failed: {export.stderr.strip().splitlines()[-1:]}", flush=True)

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,7 +57,7 @@ def quantized_model(model, windows: torch.Tensor, block: int, propagate_quantize
         hidden = model.model.embed_tokens(windows)
         positions = torch.arange(windows.shape[1]).unsqueeze(0)
         position_embeddings = model.model.rotary_emb(hidden, positions)
-        for index, layer in enumerate(quantized.model.layers):
+        for layer in quantized.model.layers:
             float_out, statistics = layer_statistics(layer, hidden, positions, position_embeddings)
             quantize_layer(layer, statistics, block)
             if propagate_quantized:

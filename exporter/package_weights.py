@@ -275,6 +275,11 @@ class RowCheck:
         return name, *self.worst[name]
 
 
+def _checked_reader(rows: RowCheck, name: str, read):
+    """read(start, stop), each block of rows it returns compared with the source's by `rows`."""
+    return lambda start, stop: _noted(rows, name, read(start, stop), start)
+
+
 def package_checkpoint(folder: Path, source, check: bool = False):
     """The source checkpoint (exporter.sources.Checkpoint) with the package's own values in place of its
     quantized matrices, norm weights and embedding: transformers' model loaded from it computes what the package
@@ -296,7 +301,7 @@ def package_checkpoint(folder: Path, source, check: bool = False):
     for name, (_, read) in checkpoint_matrices(model, lambda name: source.weight(name).shape[0]).items():
         shape = source.weight(name).shape
         if rows is not None:
-            read = (lambda name, read: lambda start, stop: _noted(rows, name, read(start, stop), start))(name, read)
+            read = _checked_reader(rows, name, read)
         weights[name] = WeightInfo(shape=shape, load=lambda read=read, n=shape[0]: read(0, n), load_rows=read)
     embedding = PackageEmbedding(Path(folder) / "model.onnx")
     shape = source.weight(EMBEDDING).shape

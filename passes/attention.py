@@ -187,7 +187,8 @@ def _repeats_heads(model: ir.Model, site: AttentionSite, feeds) -> bool:
     """The K/V fed to Attention are the cache with each KV head repeated num_heads/kv_heads times in place."""
     group = site.num_heads // site.kv_heads
     rng = np.random.default_rng(0)
-    for concat, repeated in ((site.key_concat, site.attention.inputs[1]), (site.value_concat, site.attention.inputs[2])):
+    pairs = ((site.key_concat, site.attention.inputs[1]), (site.value_concat, site.attention.inputs[2]))
+    for concat, repeated in pairs:
         cache = rng.standard_normal((_B, site.kv_heads, _P + _S, site.head_dim)).astype(np.float32)
         try:
             (result,) = evaluate(model, [repeated], {**feeds, concat.outputs[0].name: cache})

@@ -1,5 +1,6 @@
-"""RMSNorm arithmetic -> ONNX RMSNormalization (onnxscript's fusion), then RMSNormalization -> ONNX Runtime's SimplifiedLayerNormalization, and SkipSimplifiedLayerNormalization where a
-residual Add feeds the norm (the kernel adds, normalizes, and hands the sum on to the next residual)."""
+"""RMSNorm arithmetic -> ONNX RMSNormalization (onnxscript's fusion), then RMSNormalization -> ONNX Runtime's
+SimplifiedLayerNormalization, and SkipSimplifiedLayerNormalization where a residual Add feeds the norm (the kernel
+adds, normalizes, and hands the sum on to the next residual)."""
 
 from __future__ import annotations
 

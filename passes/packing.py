@@ -120,7 +120,8 @@ class PackGateUp(GraphPass):
                 continue
             gate_columns = gate_mm.inputs[1].const_value.shape[1]
             up_columns = up_mm.inputs[1].const_value.shape[1]
-            packed = _packed_matmul(graph, [gate_mm, up_mm], gate_mm.inputs[1].name.replace("gate_proj", "gate_up_proj"))
+            name = gate_mm.inputs[1].name.replace("gate_proj", "gate_up_proj")
+            packed = _packed_matmul(graph, [gate_mm, up_mm], name)
             sizes = ir.tensor(np.array([gate_columns, up_columns], dtype=np.int64))
             split_sizes = ir.node("Constant", [], attributes={"value": sizes})
             split = ir.node("Split", [packed, split_sizes.outputs[0]], attributes={"axis": -1}, num_outputs=2)

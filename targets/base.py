@@ -39,5 +39,6 @@ class Target:
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
             raise TargetError(
-                f"target '{self.name}' does not support precision '{precision}' (supported: {', '.join(self.precisions)})"
+                f"target '{self.name}' does not support precision '{precision}' "
+                f"(supported: {', '.join(self.precisions)})"
             )

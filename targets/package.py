@@ -1,4 +1,5 @@
-"""Writing package folders: the model, its genai_config.json and manifest (staging and the swap into place: staging.py)."""
+"""Writing package folders: the model, its genai_config.json and manifest (staging and the swap into place:
+staging.py)."""
 
 from __future__ import annotations
 

@@ -226,7 +226,8 @@ def main() -> None:
     import resource
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"counts": counts, "seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(peak_mb)}))
+    print(json.dumps({"counts": counts, "seconds": round(time.monotonic() - started, 1),
+                      "peak_rss_mb": round(peak_mb)}))
 
 
 if __name__ == "__main__":

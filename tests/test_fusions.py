@@ -26,9 +26,9 @@ CLEANUP = [FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
 def _counting(checkpoint, reads: list[str]):
     """Wrap every weight loader so reads of weight-sized tensors are recorded."""
     for name, info in checkpoint.weights.items():
-        original = info.load
+        original, size = info.load, int(np.prod(info.shape))
 
-        def load(original=original, name=name, size=int(np.prod(info.shape))):
+        def load(original=original, name=name, size=size):
             if size > SMALL_VALUE_LIMIT:
                 reads.append(name)
             return original()

@@ -25,7 +25,8 @@ rng = np.random.default_rng(0)
 def _session(nodes, initializers, input_shape, optimize=True):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, input_shape)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     if not optimize:  # ONNX Runtime would fuse DequantizeLinear+MatMul into MatMulNBits with int8 activations
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -73,8 +74,8 @@ def test_matmulnbits_and_dequantizelinear_forms_agree():
     codes = ir.Tensor(q.signed_codes().T.copy(), dtype=ir.DataType.INT4, name="Q")
     dq = helper.make_node("DequantizeLinear", ["Q", "S"], ["W"], axis=0, block_size=block)
     mm = helper.make_node("MatMul", ["A", "W"], ["Y"])
-    session = _session([dq, mm], [ir.serde.serialize_tensor(codes), onnx.numpy_helper.from_array(q.scales.T.copy(), "S")],
-                       [None, k], optimize=False)
+    initializers = [ir.serde.serialize_tensor(codes), onnx.numpy_helper.from_array(q.scales.T.copy(), "S")]
+    session = _session([dq, mm], initializers, [None, k], optimize=False)
     qdq = session.run(None, {"A": a})[0]
     np.testing.assert_allclose(qdq, nbits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(qdq, a @ q.dequantize().T, rtol=1e-5, atol=1e-5)
@@ -113,7 +114,7 @@ def test_gguf_block_layouts_are_known_without_reading_the_blocks(tmp_path, monke
     checkpoint = open_checkpoint(path)
     hints = SourceHints(checkpoint)
     checked = set()
-    for name, info in checkpoint.weights.items():
+    for name in checkpoint.weights:
         layout, blocks = hints.prequantized_layout(name), hints.prequantized(name)
         assert (layout is None) == (blocks is None), name
         if blocks is None:

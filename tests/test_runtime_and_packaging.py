@@ -30,7 +30,10 @@ def test_greedy_and_seeded_sampling():
 
 def test_text_stream_holds_back_partial_characters():
     pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9", 4: b"!"}
-    decode = lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
     stream = TextStream(decode)
     assert [stream.push(t) for t in (1, 2, 3, 4)] == ["caf", "", "é", "!"]
 

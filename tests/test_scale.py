@@ -302,7 +302,8 @@ def test_float_weights_written_in_row_chunks_write_the_same_bytes(tiny_models, t
     assert main([*args, "-o", str(tmp_path / "chunked")]) == 0
     assert _data_hash(tmp_path / "whole") == _data_hash(tmp_path / "chunked")
     assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(built_whole)
-    tables = {name: transposed for name, transposed in written if name in ("model.embed_tokens.weight", "lm_head.weight")}
+    tables = {name: transposed for name, transposed in written
+              if name in ("model.embed_tokens.weight", "lm_head.weight")}
     # A tied table is stored once, transposed for the lm_head; an untied embedding as it is, its lm_head transposed.
     assert tables == ({"model.embed_tokens.weight": True} if "tied" in variant
                       else {"model.embed_tokens.weight": False, "lm_head.weight": True})

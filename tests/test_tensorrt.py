@@ -188,7 +188,8 @@ def test_profiles_cover_every_dynamic_input(tmp_path):
     decode, prefill = (p["shapes"] for p in profiles)
     assert decode["input_ids"] == [[1, 1], [1, 1], [2, 1]]
     assert prefill["input_ids"] == [[1, 1], [1, 256], [2, 256]]
-    assert decode["past_key_values.0.key"][0] == [1, 2, 0, 16] and decode["past_key_values.0.key"][2] == [2, 2, 1023, 16]
+    assert decode["past_key_values.0.key"][0] == [1, 2, 0, 16]
+    assert decode["past_key_values.0.key"][2] == [2, 2, 1023, 16]
     assert decode["attention_mask"][2] == [2, 1024]
     spec = write_build_material(tmp_path, io, 1024, "TensorRT 10.3", batch=2, prefill=256)
     script = (tmp_path / "build_engine.sh").read_text()
