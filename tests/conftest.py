@@ -1,82 +1,22 @@
-"""Fixtures: tiny random LLaMA models of each generation's shape, a tiny tokenizer, and the real default model."""
+"""Fixtures: tiny random LLaMA models of each generation's shape, and the real default model (helpers.py holds what
+the tests import)."""
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+
+from helpers import VARIANTS, make_hf_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Traced graphs are shared by this session's exports (in-process and child processes alike), never the user's cache.
 os.environ["LLAMA_EXPORT_TRACE_CACHE"] = tempfile.mkdtemp(prefix="llama-export-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LLAMA_EXPORT_TRACE_CACHE"], ignore_errors=True)
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """The llama-export command as a user runs it (a fresh process, from the repository root)."""
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
-
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=512, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-# Each LLaMA generation's distinguishing shape.
-VARIANTS = {
-    "llama1-mha": dict(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "llama2-gqa": dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "llama3-gqa": dict(num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "llama3.1-rope-scaling": dict(num_key_value_heads=2, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
-    "codellama-theta-1e6": dict(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-    "llama3.2-tied": dict(num_key_value_heads=2, tie_word_embeddings=True,
-                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-}
-
-CORPUS = ("The quick brown fox jumps over the lazy dog. Once upon a time there was a small village by a river. "
-          "def add(a, b):\n    return a + b\n") * 20
-
-
-def tiny_config(variant: str, **overrides):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**{"tie_word_embeddings": False, **TINY, **VARIANTS[variant], **overrides})
-
-
-def write_tiny_tokenizer(folder: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([CORPUS], trainer)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": False, "model_max_length": 512}))
-
-
-def make_hf_model(folder: Path, variant: str, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(variant, **overrides)).eval()
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, **kwargs)
-    write_tiny_tokenizer(folder, TINY["vocab_size"])
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -100,110 +40,3 @@ def default_package(tmp_path_factory, default_gguf) -> Path:
     output = tmp_path_factory.mktemp("default") / "smollm2-cpu"
     assert main(["--target", "cpu", "--model", str(default_gguf), "--output", str(output), "--quiet"]) == 0
     return output
-
-
-def transformers_greedy(folder_or_model, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """transformers' own generate(), greedy, with its own KV cache: an independent reference."""
-    from transformers import LlamaForCausalLM
-
-    model = folder_or_model
-    if isinstance(folder_or_model, Path):
-        model = LlamaForCausalLM.from_pretrained(folder_or_model, attn_implementation="eager").eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
-
-
-def genai_greedy(folder: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy tokens from onnxruntime-genai on the package folder (it stops early at an end token)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt_ids)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
-
-
-def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's conversion order for Q/K rows (the inverse of what the GGUF source undoes)."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-# The float16 fields of llama.cpp's K-quant blocks (byte offset, typical value): d (and dmin) sized so that the
-# weights come out with about a tiny model's spread.
-K_QUANT_FIELDS = {"Q4_K": ((0, 2e-4), (2, 1e-3)), "Q5_K": ((0, 1e-4), (2, 1e-3)), "Q6_K": ((208, 3e-5),)}
-K_QUANT_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-
-
-def random_blocks(rows: int, columns: int, kind: str, rng) -> np.ndarray:
-    """Raw K-quant blocks [rows, bytes]: random codes, scales and minimums, finite positive d and dmin."""
-    raw = rng.integers(0, 256, (rows * columns // 256, K_QUANT_BYTES[kind]), dtype=np.uint8)
-    for offset, typical in K_QUANT_FIELDS[kind]:
-        values = (typical * rng.uniform(0.5, 1.5, (len(raw), 1))).astype(np.float16)
-        raw[:, offset:offset + 2] = values.view(np.uint8)
-    return raw.reshape(rows, -1)
-
-
-def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matrix_type: str = "Q8_0",
-                    embedding_type: str = "Q8_0", types: dict[str, str] | None = None,
-                    arrays: dict[str, list] | None = None, **overrides) -> dict[str, np.ndarray]:
-    """A GGUF as llama.cpp's converter writes it (quantized matrices, permuted Q/K); returns the HF tensors.
-    `types` overrides the format of single tensors, by GGUF name (gguf's Python package cannot write K-quants:
-    those tensors get random blocks, see random_blocks); `arrays` adds metadata arrays; `overrides` change
-    the config."""
-    import gguf
-    from transformers import LlamaForCausalLM
-
-    config = tiny_config(variant, **overrides)
-    torch.manual_seed(seed)
-    state = {k: v.numpy() for k, v in LlamaForCausalLM(config).state_dict().items()}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    for key, values in (arrays or {}).items():
-        writer.add_array(key, values)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, tensor in state.items():
-        if name in names:
-            gguf_name = names[name]
-        else:
-            layer, part = name.split(".")[2], ".".join(name.split(".")[3:-1])
-            gguf_name = f"blk.{layer}.{parts[part]}.weight"
-        if "q_proj" in name:
-            tensor = permute_rows(tensor, config.num_attention_heads)
-        elif "k_proj" in name:
-            tensor = permute_rows(tensor, config.num_key_value_heads)
-        if tensor.ndim == 2:
-            default = embedding_type if gguf_name == "token_embd.weight" else matrix_type
-            kind = gguf.GGMLQuantizationType[(types or {}).get(gguf_name, default)]
-            if kind.name in K_QUANT_FIELDS:
-                data = random_blocks(*tensor.shape, kind.name, np.random.default_rng(seed + len(state)))
-            else:
-                data = gguf.quants.quantize(tensor, kind)
-            writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=kind)
-        else:
-            writer.add_tensor(gguf_name, tensor.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return state

@@ -130,7 +130,7 @@ def config_values():
 def fuzz(work: Path, examples: int, minutes: float | None, seed: int | None) -> dict:
     from hypothesis import HealthCheck, given, seed as with_seed, settings, strategies as st
 
-    from conftest import make_hf_model, write_tiny_gguf
+    from helpers import make_hf_model, write_tiny_gguf
 
     work.mkdir(parents=True, exist_ok=True)
     gguf_path = work / "base.gguf"

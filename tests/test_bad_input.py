@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_hf_model, run_cli, write_tiny_gguf
+from helpers import make_hf_model, run_cli, write_tiny_gguf
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -67,7 +67,7 @@ def test_run_command_prints_the_greedy_continuation(default_package):
 
 def test_greedy_tokens_equal_transformers_generate(default_package, default_gguf):
     """The package's own generation loop against transformers' generate() on the GGUF's weights."""
-    from conftest import transformers_greedy
+    from helpers import transformers_greedy
     from exporter.sources import open_checkpoint
     from exporter.verify import reference_model
 
@@ -79,7 +79,7 @@ def test_greedy_tokens_equal_transformers_generate(default_package, default_gguf
 
 def test_onnxruntime_genai_loads_and_generates_the_same_tokens(default_package):
     og = pytest.importorskip("onnxruntime_genai")
-    from conftest import genai_greedy
+    from helpers import genai_greedy
 
     prompt = "List three colours of the rainbow:"
     ids = [int(i) for i in og.Tokenizer(og.Model(str(default_package))).encode(prompt)]
@@ -167,7 +167,7 @@ def test_default_android_int4_package(tmp_path, default_gguf, default_int4_packa
     """The phone package: one ORT-format file under the 2 GiB limit with its operator list, the cpu target's
     fused INT4 kernels inside, verified by running the .ort at top-1 >= 0.85; onnxruntime-genai runs it and
     generates what it generates from the cpu INT4 package (the same graph in the other container)."""
-    from conftest import genai_greedy
+    from helpers import genai_greedy
 
     out = tmp_path / "android"
     manifest = _export(out, "--target", "android-arm64", "--precision", "int4", "--model", str(default_gguf))

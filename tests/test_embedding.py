@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 
 # Prompts the programs were not written around: plain prose, a list, French with accents.
 PROMPTS = ("Water boils at a temperature of", "List three primary colors:\n1.", "Le petit déjeuner français")

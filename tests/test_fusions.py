@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 from exporter.sources import open_checkpoint
 from exporter.trace import trace_to_onnx
 from passes import run_passes

@@ -7,7 +7,7 @@ import json
 import gguf
 import numpy as np
 
-from conftest import make_hf_model, tiny_config, write_tiny_gguf
+from helpers import make_hf_model, tiny_config, write_tiny_gguf
 from exporter.pipeline import ExportOptions, export
 from exporter.sources import open_checkpoint
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_hf_model, run_cli, write_tiny_gguf
+from helpers import REPO, make_hf_model, run_cli, write_tiny_gguf
 from test_bad_input import assert_clean_failure, copy_with_config, error_lines
 
 # A header case must refuse within this: no allocation from a claimed count, no skeleton from a claimed size.

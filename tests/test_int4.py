@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import VARIANTS, write_tiny_gguf
+from helpers import VARIANTS, write_tiny_gguf
 from exporter.cli import main
 from exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits
 from passes.quantization import (BlockQuantized, pack_codes, quantize_clip, quantize_gptq, quantize_rtn,
@@ -443,7 +443,7 @@ def test_bad_block_size_is_one_line_error(tiny_models, tmp_path, capsys):
 
 def test_eval_package_matches_source_perplexity(tiny_models, tmp_path):
     """fp32 package and PyTorch source give the same perplexity on the same text; the JSON has the fields."""
-    from conftest import CORPUS
+    from helpers import CORPUS
 
     text = tmp_path / "text.txt"
     text.write_text(CORPUS)
@@ -553,7 +553,7 @@ def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_name
 def test_cpu_block_128_is_the_fast_layout_and_finer_parts_stay_below_it(tmp_path):
     """At block 128 the cpu target drops the edge layers' 32-blocks (the builder's layout, for its speed) and keeps
     the lm_head at 8 bits in 64-blocks; at 64 the edge layers are there and the lm_head is 4-bit in 32-blocks."""
-    from conftest import make_hf_model
+    from helpers import make_hf_model
 
     model = make_hf_model(tmp_path / "deep", "llama2-gqa", num_hidden_layers=8)
     found, heads = {}, {}
@@ -608,7 +608,7 @@ def test_a_float_copy_of_a_4_bit_model_keeps_its_grid(tmp_path):
     and passes verify; at block 128 the matrices are quantized again, in 128-blocks."""
     from safetensors.numpy import load_file, save_file
 
-    from conftest import make_hf_model
+    from helpers import make_hf_model
 
     folder = make_hf_model(tmp_path / "grid", "llama2-gqa")
     weights = load_file(str(folder / "model.safetensors"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import genai_greedy, make_hf_model, run_cli, transformers_greedy
+from helpers import genai_greedy, make_hf_model, run_cli, transformers_greedy
 from runtimes import OnnxPackage
 from targets import get_target
 from targets.base import TargetError

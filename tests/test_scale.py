@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, VARIANTS, make_hf_model
+from helpers import REPO, VARIANTS, make_hf_model
 from exporter.cli import main
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import make_hf_model, run_cli
+from helpers import make_hf_model, run_cli
 from passes import run_passes
 from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
 from passes.attention import FuseRotary

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import VARIANTS, genai_greedy, make_hf_model, transformers_greedy
+from helpers import VARIANTS, genai_greedy, make_hf_model, transformers_greedy
 from exporter.pipeline import ExportOptions, export
 from runtimes import OnnxPackage, generate
 
