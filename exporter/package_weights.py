@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.quantization import BlockQuantized, unpack_codes
+from passes.base import MS_DOMAIN
 from passes.quantize import HALF_SUFFIX
 
 # A packed projection's initializer name (passes/packing.py) -> the checkpoint tensors stacked in it, in order.
@@ -79,7 +80,7 @@ def matmulnbits_blocks(model: ir.Model, node: ir.Node, rows: slice = slice(None)
 def matmulnbits_weights(model: ir.Model) -> Iterator[tuple[str, BlockQuantized]]:
     """(weight name, its blocks) for every MatMulNBits, read one node at a time."""
     for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
             yield _base(node.inputs[1]), matmulnbits_blocks(model, node)
 
 
@@ -113,7 +114,7 @@ def quantized_matrices(model: ir.Model) -> dict[str, RowReader]:
     (MatMulNBits, or DequantizeLinear feeding a MatMul). Nothing is read until a reader is called."""
     readers = {}
     for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
             readers[_base(node.inputs[1])] = (node.attributes.get_int("N"), lambda start, stop, node=node:
                                               matmulnbits_blocks(model, node, slice(start, stop)).dequantize())
         elif (node.op_type == "DequantizeLinear" and node.inputs[0].is_initializer()

@@ -16,10 +16,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from passes.base import GraphPass, replace_value
+from passes.base import MS_DOMAIN, GraphPass, replace_value
 from passes.evaluate import NotEvaluable, evaluate
 
-MS_DOMAIN = "com.microsoft"
 
 
 class FuseRotary(GraphPass):

@@ -11,6 +11,7 @@ import onnx_ir as ir
 # Value.meta key: f(start, stop) -> rows [start, stop) of the weight in its [out, in] layout, read alone (a source
 # tensor that can be sliced); the quantizer then reads weights in row chunks instead of whole. A pass that changes
 # a weight's values must wrap it too (passes/scaling.py does).
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 ROW_READER = "row_reader"
 
 

@@ -9,7 +9,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import rewrite
 
-from passes.base import GraphPass, count_nodes
+from passes.base import MS_DOMAIN, GraphPass, count_nodes
 from passes.streamed import RowStreamedTensor
 
 # Folding reads its inputs; above this many elements a value is a weight, and weights are only touched lazily.
@@ -63,8 +63,8 @@ class RemoveDeadNodes(GraphPass):
 
 # Outputs a kernel computes only when the graph asks for them: (domain, op) -> their positions.
 OPTIONAL_OUTPUTS = {
-    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),  # mean, inverse std, residual sum
-    ("com.microsoft", "SkipLayerNormalization"): (1, 2, 3),
+    (MS_DOMAIN, "SkipSimplifiedLayerNormalization"): (1, 2, 3),  # mean, inverse std, residual sum
+    (MS_DOMAIN, "SkipLayerNormalization"): (1, 2, 3),
     ("", "SimplifiedLayerNormalization"): (1, 2),
     ("", "LayerNormalization"): (1, 2),
 }

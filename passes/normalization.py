@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from passes.base import GraphPass, replace_value
+from passes.base import MS_DOMAIN, GraphPass, replace_value
 
-MS_DOMAIN = "com.microsoft"
 
 
 class FuseRMSNorm(GraphPass):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import ROW_READER, GraphPass, replace_value
+from passes.base import MS_DOMAIN, ROW_READER, GraphPass, replace_value
 from passes.cleanup import lazy_transform
 from passes.streamed import RowStreamedTensor
 from passes.quantize import SOURCE_NAMES
@@ -83,7 +83,7 @@ class PackQKV(GraphPass):
     def apply(self, model: ir.Model) -> int:
         graph, sites = model.graph, 0
         for gqa in list(graph):
-            if gqa.op_type != "GroupQueryAttention" or gqa.domain != "com.microsoft":
+            if gqa.op_type != "GroupQueryAttention" or gqa.domain != MS_DOMAIN:
                 continue
             q, k, v = gqa.inputs[:3]
             producers = [x.producer() if x is not None else None for x in (q, k, v)]

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from passes.base import ROW_READER, GraphPass, replace_value
+from passes.base import MS_DOMAIN, ROW_READER, GraphPass, replace_value
 from passes.quantization import (BlockQuantized, concatenate_rows, layout_template, prepare_gptq, quantize_clip,
                                  quantize_gptq, quantize_rtn)
 from passes.scaling import INPUT_SCALE
@@ -186,7 +186,7 @@ def _weight_of(node: ir.Node, position: int) -> ir.Value | None:
 def _gather_block_quantized(data: ir.Value, ids: ir.Value, scales: ir.Value, zero_points: ir.Value | None,
                             layout: BlockQuantized) -> ir.Node:
     inputs = [data, ids, scales] + ([zero_points] if zero_points is not None else [])
-    return ir.node("GatherBlockQuantized", inputs, domain="com.microsoft",
+    return ir.node("GatherBlockQuantized", inputs, domain=MS_DOMAIN,
                    attributes={"bits": layout.bits, "block_size": layout.block_size, "gather_axis": 0,
                                "quantize_axis": 1})
 
@@ -409,7 +409,7 @@ class QuantizeWeights(GraphPass):
                                       layout.half_params)]
         if layout.zero_points is not None or layout.minimums is not None:
             inputs.append(self._zero_points(graph, once, layout, base))
-        new = ir.node("MatMulNBits", inputs, domain="com.microsoft",
+        new = ir.node("MatMulNBits", inputs, domain=MS_DOMAIN,
                       attributes={"K": k, "N": n, "bits": layout.bits, "block_size": layout.block_size,
                                   "accuracy_level": self.options.accuracy_level})
         graph.insert_before(node, new)
