@@ -239,9 +239,8 @@ def default_block_size(target, checkpoint: Checkpoint) -> int:
     return target.default_block_size
 
 
-# The cpu target's lm_head by default: the first rows (a BPE vocabulary's frequent tokens) at 8 bits, the rest at 4.
-# Measured on the default model (lm_head alone quantized, perplexity over fp32): 4-bit 128-blocks +5.9%, 4-bit
-# 32-blocks +2.4%, 8192 frequent rows +1.7%, 16384 +1.4%, all 8-bit +0.1%; at decode speed near the all-4-bit one.
+# The cpu target's lm_head by default: the first rows (a BPE vocabulary's frequent tokens) at 8 bits, the rest at 4,
+# nearly an 8-bit head's quality at nearly a 4-bit head's decode speed (README, INT4: layout measurements).
 FREQUENT_LM_HEAD_ROWS = 16384
 EDGE_LAYER_BLOCK = 32
 # From this block size up the cpu target lays INT4 out for speed, as onnxruntime-genai's builder does: every layer
@@ -252,9 +251,8 @@ FAST_LAYOUT_LM_HEAD_BITS = 8
 
 
 def lm_head_bits(options: ExportOptions, block_size: int) -> int:
-    """An lm_head at one width (targets that take no split): measured on the default model at block 128, +15.4%
-    perplexity over fp32 with a 4-bit lm_head, +13.3% with an 8-bit one (which costs decode speed); at block 32 a
-    4-bit one is kept for size and speed."""
+    """An lm_head at one width (targets that take no split): 8-bit from block 128 up, where a 4-bit one loses most
+    (README, INT4: layout measurements); at block 32 a 4-bit one is kept for size and speed."""
     return options.lm_head_bits or (8 if block_size >= 128 else 4)
 
 
@@ -265,9 +263,8 @@ def splits_lm_head(options: ExportOptions, vocab_size: int) -> bool:
 
 def edge_layers(num_layers: int) -> tuple[int, ...]:
     """The first and last decoder layers, whose matrices the MatMulNBits form keeps in 32-blocks where the other
-    layers' are larger. On the default model at block 128 (split lm_head; PyTorch with quantize-dequantized
-    weights, perplexity over fp32) +14.5% -> +12.1% (the last layer alone +12.8%), for 0.1 bit a weight more in
-    2 of 30 layers. Only where the two are at most a quarter of the layers, so --block-size still sets the bulk.
+    layers' are larger: the two whose error costs most for the bits (README, INT4: first and last decoder layers).
+    Only where the two are at most a quarter of the layers, so --block-size still sets the bulk.
     The cpu target leaves them out from FAST_LAYOUT_BLOCK up (see quantization_plan)."""
     return (0, num_layers - 1) if num_layers >= 8 else ()
 

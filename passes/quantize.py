@@ -45,17 +45,17 @@ class QuantOptions:
     form: str = "matmulnbits"  # or "dequantizelinear"
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
     lm_head_bits: int | None = 4  # None: the lm_head keeps its float weights
-    # The lm_head (and a tied embedding) in finer blocks than the layers: it costs ~0.2 bit per weight of one
-    # matrix; on the default model at block 128 (4-bit lm_head) it measured +19% -> +15% perplexity over fp32.
+    # The lm_head (and a tied embedding) in finer blocks than the layers: about 0.2 bit a weight of one matrix for
+    # a large part of a 4-bit head's loss (README, INT4: layout measurements).
     lm_head_block_size: int | None = 32  # None: the layers' block size
-    # An 8-bit lm_head in 64-blocks: on the default model as good as 32-blocks (+0.1% perplexity over fp32 for the
-    # lm_head alone), and at block 128 5.9 -> 5.4 ms a token in ONNX Runtime (fewer scales for MatMulNBits to apply).
+    # An 8-bit lm_head in 64-blocks: as good as 32-blocks, and faster (fewer scales for MatMulNBits to apply; README,
+    # INT4: layout measurements).
     lm_head_8bit_block_size: int = 64
     # > 0: the lm_head's first rows at 8 bits (64-blocks), the rest at 4 bits in 128-blocks (see _split_lm_head).
     lm_head_frequent_rows: int = 0
     quantize_embedding: bool = True
-    # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs ~100x slower with them
-    # (measured, 1.32): integer ones, packed into 4 bits, are the default.
+    # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs far slower with them (README,
+    # INT4: zero points): integer ones, packed into 4 bits, are the default.
     float_zero_points: bool = False
     damp: float = 1.0  # GPTQ: diagonal loading, in units of the mean input energy (measured best on a short text)
     # Checkpoint tensors (by name) that the MatMulNBits form quantizes in `sensitive_block_size`-blocks when the
@@ -366,9 +366,9 @@ class QuantizeWeights(GraphPass):
 
     def _split_lm_head(self, graph, node, weight, k, n) -> tuple[SplitLayout, ir.Value]:
         """logits = Concat(x @ W[:rows] at 8 bits, x @ W[rows:] at 4 bits). BPE vocabularies number tokens in merge
-        order, so the first rows are the frequent tokens: 8 bits there keeps most of the quality an 8-bit head has
-        (default model, this head alone: +1.4% perplexity over fp32 at 16384 rows, +5.9% all 4-bit), and
-        128-blocks are ONNX Runtime's fastest MatMulNBits form for the rest (measured, 1.32)."""
+        order, so the first rows are the frequent tokens: 8 bits there keeps most of the quality an 8-bit head has,
+        and 128-blocks are ONNX Runtime's fastest MatMulNBits form for the rest (README, INT4: layout
+        measurements)."""
         rows = self.options.lm_head_frequent_rows
         parts = (("frequent", slice(0, rows), 8, dividing_block(64, k), True),
                  ("rest", slice(rows, n), 4, SPLIT_REST_BLOCK, self.options.symmetric))
@@ -424,7 +424,7 @@ class QuantizeWeights(GraphPass):
                       offsets=lambda q: q.minimums.T.copy(), half: bool = False) -> ir.Value:
         """w = scale*q + minimum (GGUF Q4_1): MatMulNBits computes x @ (scale*q); the minimums add
         sum over blocks of (x summed within the block) * minimum, a small [K/block, N] MatMul. ONNX Runtime
-        accepts float zero points instead, but its CPU kernel then runs ~100x slower (measured)."""
+        accepts float zero points instead, but its CPU kernel then runs far slower (README, INT4: zero points)."""
         x = node.inputs[0]
         n, blocks = layout.scales.shape
         key = (id(x), layout.block_size)
