@@ -40,39 +40,51 @@ def checkpoint_names(weight: str) -> list[str]:
     return [weight]
 
 
-def stored(value: ir.Value) -> np.ndarray:
-    """An initializer's data as stored, or that of the float16 initializer a Cast reads (block parameters kept in
-    float16): slice it, then convert to float32."""
+def _stored_tensor(value: ir.Value):
     if value.const_value is not None:
-        return value.const_value.numpy()
+        return value.const_value
     producer = value.producer()
     if producer is not None and producer.op_type == "Cast" and producer.inputs[0].const_value is not None:
-        return producer.inputs[0].const_value.numpy()
+        return producer.inputs[0].const_value
     raise ValueError(f"{value.name}: not a stored tensor")
 
 
-def stored_by_name(model: ir.Model, name: str) -> np.ndarray | None:
-    """The initializer NAME's data as stored, or NAME_fp16's (see `stored`); None when neither exists."""
+def stored(value: ir.Value, index=slice(None)) -> np.ndarray:
+    """A copy of part of an initializer's data as stored, or of the float16 initializer a Cast reads (block
+    parameters kept in float16; convert to float32 after). A package's tensors are mapped from its weight file:
+    the mapping is closed once the part is copied, or every page a verify reads would stay resident (at 8B, the
+    whole file beside the reference's layers)."""
+    tensor = _stored_tensor(value)
+    part = np.array(tensor.numpy()[index])
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # a view of the mapping is still held elsewhere: leave it open
+            pass
+    return part
+
+
+def stored_by_name(model: ir.Model, name: str, index=slice(None)) -> np.ndarray | None:
+    """Part of the initializer NAME's data as stored, or NAME_fp16's (see `stored`); None when neither exists."""
     value = model.graph.initializers.get(name) or model.graph.initializers.get(name + HALF_SUFFIX)
-    return None if value is None else value.const_value.numpy()
+    return None if value is None else stored(value, index)
 
 
 def matmulnbits_blocks(model: ir.Model, node: ir.Node, rows: slice = slice(None)) -> BlockQuantized:
     """A MatMulNBits node's weight (its output rows `rows`) as blocks; a minimum term added after the node
     (w = d*q + m, its initializer NAME.minimums) is folded back in, so `.dequantize()` gives the weight [N, K] as
     the package computes it. Only the rows asked for are unpacked (the file's pages are mapped, not read)."""
-    b, scales = node.inputs[1].const_value.numpy()[rows], stored(node.inputs[2])[rows].astype(np.float32)
+    b, scales = stored(node.inputs[1], rows), stored(node.inputs[2], rows).astype(np.float32)
     has_zero_points = len(node.inputs) > 3 and node.inputs[3] is not None
-    zero_points = node.inputs[3].const_value.numpy()[rows] if has_zero_points else None
+    zero_points = stored(node.inputs[3], rows) if has_zero_points else None
     bits, block, k = (node.attributes.get_int(a) for a in ("bits", "block_size", "K"))
     codes = unpack_codes(b.reshape(b.shape[0], -1), bits)
     columns = 0 if k == codes.shape[1] else k
-    minimums = stored_by_name(model, _base(node.inputs[1]) + ".minimums")
+    minimums = stored_by_name(model, _base(node.inputs[1]) + ".minimums", (slice(None), rows))
     if minimums is not None:
         if zero_points is not None and zero_points.any():
             raise ValueError(f"{_base(node.inputs[1])}: a minimum term beside nonzero zero points")
-        return BlockQuantized(codes, scales, None, bits, block, columns,
-                              minimums=minimums[:, rows].T.astype(np.float32))
+        return BlockQuantized(codes, scales, None, bits, block, columns, minimums=minimums.T.astype(np.float32))
     unpacked = None if zero_points is None else unpack_codes(zero_points, bits)[:, :scales.shape[1]]
     return BlockQuantized(codes, scales, unpacked, bits, block, columns)
 
@@ -88,17 +100,18 @@ def _dequantizelinear_rows(model: ir.Model, node: ir.Node, rows: slice) -> np.nd
     """Rows `rows` of a blockwise DequantizeLinear of a [K, N] weight (the TensorRT targets' INT4 form) as
     [rows, K] float32, with the minimum term added after its MatMul folded back in (w = d*q + m + midpoint*d, see
     passes/quantize.py)."""
-    codes = np.asarray(node.inputs[0].const_value.numpy()[:, rows], np.float32)
+    columns = (slice(None), rows)
+    codes = np.asarray(stored(node.inputs[0], columns), np.float32)
     block = node.attributes.get_int("block_size")
     k = codes.shape[0]
-    scales = np.repeat(np.asarray(node.inputs[1].const_value.numpy()[:, rows], np.float32), block, axis=0)[:k]
+    scales = np.repeat(np.asarray(stored(node.inputs[1], columns), np.float32), block, axis=0)[:k]
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        zero = np.asarray(node.inputs[2].const_value.numpy()[:, rows], np.float32).repeat(block, axis=0)[:k]
+        zero = np.asarray(stored(node.inputs[2], columns), np.float32).repeat(block, axis=0)[:k]
         codes = codes - zero
     weight = codes * scales
-    minimums = model.graph.initializers.get(_base(node.inputs[0]) + ".minimums")
+    minimums = stored_by_name(model, _base(node.inputs[0]) + ".minimums", columns)
     if minimums is not None:
-        weight += np.repeat(np.asarray(minimums.const_value.numpy()[:, rows], np.float32), block, axis=0)[:k]
+        weight += np.repeat(np.asarray(minimums, np.float32), block, axis=0)[:k]
     return np.ascontiguousarray(weight.T)
 
 
