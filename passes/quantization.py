@@ -34,7 +34,7 @@ class BlockQuantized:
     block_size: int
     columns: int = 0  # K; codes are padded to whole blocks past it (0: no padding)
     minimums: np.ndarray | None = None  # GGUF Q4_1: w = scale * q + minimum (zero_points then unused)
-    half_params: bool = False  # scales and minimums exact in float16 (a GGUF's Q4_0/Q4_1/Q8_0...): stored so
+    half_params: bool = False  # minimums exact in float16 (a GGUF's Q4_1/Q5_1, a recovered grid): stored so
 
     def __post_init__(self):
         self.columns = self.columns or self.codes.shape[1]

@@ -54,6 +54,8 @@ class QuantOptions:
     # > 0: the lm_head's first rows at 8 bits (64-blocks), the rest at 4 bits in 128-blocks (see _split_lm_head).
     lm_head_frequent_rows: int = 0
     quantize_embedding: bool = True
+    # Minimums that are float16 values stored so, cast to float32 in the graph (see _parameters_of)
+    half_minimums: bool = True
     # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs far slower with them (README,
     # INT4: zero points): integer ones, packed into 4 bits, are the default.
     float_zero_points: bool = False
@@ -201,7 +203,6 @@ class QuantizeWeights(GraphPass):
         self.options, self.hints = options, hints
         self._block_sums: dict = {}  # (activation, block) -> its per-block sums, shared by the Q4_1 terms
         self.requantized = RequantizationErrors()
-        self._parameters: dict[str, ir.Value] = {}  # float32 block parameters by name (a Cast's output, if stored half)
 
     def apply(self, model: ir.Model) -> int:
         graph, sites = model.graph, 0
@@ -405,8 +406,8 @@ class QuantizeWeights(GraphPass):
         inputs = [node.inputs[0],
                   _initializer(graph, base + ".qweight", _lazy(once, BlockQuantized.matmulnbits_b, ir.DataType.UINT8,
                                                               [n, blocks, blob], base + ".qweight")),
-                  self._parameters_of(graph, base + ".scales", once, lambda q: q.scales, [n, blocks],
-                                      layout.half_params)]
+                  _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
+                                                             [n, blocks], base + ".scales"))]
         if layout.zero_points is not None or layout.minimums is not None:
             inputs.append(self._zero_points(graph, once, layout, base))
         new = ir.node("MatMulNBits", inputs, domain=MS_DOMAIN,
@@ -416,7 +417,8 @@ class QuantizeWeights(GraphPass):
         new.outputs[0].shape, new.outputs[0].type = None if part else node.outputs[0].shape, node.outputs[0].type
         if layout.minimums is None:
             return new.outputs[0]
-        total = self._add_minimums(graph, node, new.outputs[0], once, layout, base, half=layout.half_params)
+        total = self._add_minimums(graph, node, new.outputs[0], once, layout, base,
+                                   half=layout.half_params and self.options.half_minimums)
         total.shape = new.outputs[0].shape  # a part's N is its own
         return total
 
@@ -569,9 +571,11 @@ class QuantizeWeights(GraphPass):
 
     def _parameters_of(self, graph: ir.Graph, name: str, once: _Once, pick, shape: list[int], half: bool
                        ) -> ir.Value:
-        """Float32 block parameters (scales, minimums) named `name`. Where they are float16 values (a GGUF's), they
-        are stored as float16 (NAME_fp16) and cast back: ONNX Runtime folds the Cast into a float32 initializer
-        when the session loads, so only the file is smaller."""
+        """Float32 block minimums named `name`. Where they are float16 values (a GGUF's), they are stored as float16
+        (NAME_fp16) and cast back; ONNX Runtime folds the Cast into a float32 initializer when it optimizes the
+        graph and runs it otherwise (a minimal build on a phone). Only for what a MatMul, Gather or Add reads:
+        MatMulNBits and GatherBlockQuantized prepack their scales and must find them as initializers (measured:
+        with graph optimizations off, MatMulNBits with cast scales outputs zeros)."""
         if not half:
             value = _initializer(graph, name, _lazy(once, pick, ir.DataType.FLOAT, shape, name))
         else:
@@ -581,13 +585,12 @@ class QuantizeWeights(GraphPass):
             graph.insert_before(graph.node(0), cast)
             value = cast.outputs[0]
             value.name, value.shape, value.type = name, ir.Shape(shape), ir.TensorType(ir.DataType.FLOAT)
-        self._parameters[name] = value
         return value
 
     def _shared_table(self, graph: ir.Graph, base: str):
         """The lm_head's MatMulNBits inputs, reshaped to GatherBlockQuantized's [V, H*bits/8] (same bytes; ONNX
         Runtime folds the Reshape when the session loads)."""
-        qweight, scales = graph.initializers[base + ".qweight"], self._parameters[base + ".scales"]
+        qweight, scales = graph.initializers[base + ".qweight"], graph.initializers[base + ".scales"]
         n, blocks, blob = qweight.shape
         shape = ir.Value(name=base + ".gather_shape",
                          const_value=ir.tensor(np.array([n, blocks * blob], dtype=np.int64)))
@@ -622,13 +625,13 @@ class QuantizeWeights(GraphPass):
         data = _initializer(graph, base + ".qdata", _lazy(
             once, BlockQuantized.gather_data, ir.DataType.UINT8, [v, blocks * layout.block_size * layout.bits // 8],
             base + ".qdata"))
-        scales = self._parameters_of(graph, base + ".scales", once, lambda q: q.scales, [v, blocks],
-                                     layout.half_params)
+        scales = _initializer(graph, base + ".scales", _lazy(once, lambda q: q.scales, ir.DataType.FLOAT,
+                                                            [v, blocks], base + ".scales"))
         zero_points = minimums = None
         if layout.minimums is not None:  # zero points 0: the lookup gives scale * q, the minimum is added after
             zero_points = self._zero_points(graph, once, layout, base)
             minimums = self._parameters_of(graph, base + ".minimums", once, lambda q: q.minimums, [v, blocks],
-                                           layout.half_params)
+                                           layout.half_params and self.options.half_minimums)
         return data, scales, zero_points, minimums, layout
 
     @staticmethod

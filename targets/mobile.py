@@ -8,6 +8,7 @@ ONNX Runtime build needs (`--include_ops_by_config`)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -23,6 +24,12 @@ OPERATORS_FILE = "required_operators.config"
 ORT_FORMAT_LIMIT = 2 << 30  # flatbuffers' 32-bit offsets
 
 
+def mobile_pipeline(precision: str, config, quant: QuantOptions | None = None, hints=None):
+    """The cpu target's passes, with every block parameter a float32 initializer: a minimal build runs the graph
+    unoptimized, so a Cast of float16 minimums would run on every call instead of being folded once."""
+    return cpu_pipeline(precision, config, replace(quant or QuantOptions(), half_minimums=False), hints)
+
+
 def _mobile_target(name: str, description: str, device: str) -> Target:
     return Target(
         name=name,
@@ -31,7 +38,7 @@ def _mobile_target(name: str, description: str, device: str) -> Target:
         runtime="ONNX Runtime Mobile (CPU provider; full or minimal build), onnxruntime-genai",
         precisions=("int4", "fp32"),
         default_precision="int4",
-        pipeline=cpu_pipeline,
+        pipeline=mobile_pipeline,
         package_format="ort",
     )
 
