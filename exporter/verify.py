@@ -204,6 +204,11 @@ def int8_activations(folder) -> bool:
                for node in graph.node)
 
 
+# Held-out windows are prefilled this many tokens at a time (the same logits as at once): a whole window's logits
+# over a 128k vocabulary would sit in ONNX Runtime's arena beside an 8B session.
+WINDOW_CHUNK = 32
+
+
 def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False, model_file: str | None = None,
                  text: bool = True) -> list[tuple[list[int], list[int], np.ndarray]]:
     """(prompt, greedy tokens, logits of every position) of each built-in prompt, then (window, [], logits) of
@@ -226,7 +231,9 @@ def package_runs(folder, new_tokens: int = 32, fp32_activations: bool = False, m
         runs.append((prompt, tokens, SpilledLogits(np.concatenate(step_logits))))
         del decoder
     for window in windows if text else []:
-        runs.append((window, [], SpilledLogits(Decoder(package).prefill(window))))
+        decoder = Decoder(package)
+        chunks = [decoder.prefill(window[start:start + WINDOW_CHUNK]) for start in range(0, len(window), WINDOW_CHUNK)]
+        runs.append((window, [], SpilledLogits(np.concatenate(chunks))))
     del package
     hand_back_freed_memory()
     return runs

@@ -27,7 +27,8 @@ class Decoder:
         return logits[0]
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        """Logits for every prompt position, [len(ids), vocab]."""
+        """Logits for every prompt position, [len(ids), vocab]. Called again, it continues the sequence (a prompt
+        prefilled in parts gives the logits of one prefill)."""
         if not ids:
             raise ValueError("empty prompt")
         return self._run(list(ids))
