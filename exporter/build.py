@@ -107,8 +107,9 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
 
 
 def requantization_errors(passes, log) -> dict:
-    """The source's own blocks that the target could not carry and quantized again (a GGUF's Q5_K, Q6_K or Q8_0
-    blocks on a TensorRT target, which takes symmetric INT4 only): logged, and for the manifest."""
+    """The source's own blocks that were quantized again (a GGUF's Q5_K, Q6_K or Q8_0 blocks on a TensorRT target,
+    which takes symmetric INT4 only; any source's blocks where --block-size asks for another size): logged, and for
+    the manifest."""
     errors = {}
     for graph_pass in passes:
         if isinstance(graph_pass, QuantizeWeights):
@@ -116,7 +117,7 @@ def requantization_errors(passes, log) -> dict:
     if not errors:
         return {}
     worst = max(errors, key=errors.get)
-    log(f"      {len(errors)} matrices of the source's own blocks quantized again (this target cannot carry their "
-        f"format): relative RMS error {np.median(list(errors.values())):.2%} median, {errors[worst]:.2%} at most "
+    log(f"      {len(errors)} matrices of the source's own blocks quantized again (their format or block size is "
+        f"not this package's): relative RMS error {np.median(list(errors.values())):.2%} median, {errors[worst]:.2%} at most "
         f"({worst})")
     return {"requantized_source_blocks": {"relative_rms_error": errors}}
