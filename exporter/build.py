@@ -118,6 +118,6 @@ def requantization_errors(passes, log) -> dict:
         return {}
     worst = max(errors, key=errors.get)
     log(f"      {len(errors)} matrices of the source's own blocks quantized again (their format or block size is "
-        f"not this package's): relative RMS error {np.median(list(errors.values())):.2%} median, {errors[worst]:.2%} at most "
-        f"({worst})")
+        f"not this package's): relative RMS error {np.median(list(errors.values())):.2%} median, "
+        f"{errors[worst]:.2%} at most ({worst})")
     return {"requantized_source_blocks": {"relative_rms_error": errors}}
