@@ -18,8 +18,8 @@ def default_model_as_hf_folder(folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from exporter.default_model import default_model_path
-    from exporter.sources import open_checkpoint
+    from llama_export.exporter.default_model import default_model_path
+    from llama_export.exporter.sources import open_checkpoint
 
     checkpoint = open_checkpoint(default_model_path())
     folder.mkdir(parents=True, exist_ok=True)

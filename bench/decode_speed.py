@@ -25,7 +25,7 @@ def build(work: Path, precision: str, extra_ours: list[str], extra_genai: list[s
     hf = default_model_as_hf_folder(work / "hf")
     ours, genai = work / f"ours-{precision}", work / f"genai-{precision}"
     if not (ours / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", precision, "-q",
+        subprocess.run([sys.executable, "-m", "llama_export", "--model", str(hf), "--precision", precision, "-q",
                         "--force", "-o", str(ours), *extra_ours], check=True)
     if not (genai / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai),

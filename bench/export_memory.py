@@ -29,9 +29,9 @@ def main() -> None:
     hf = default_model_as_hf_folder(work / "hf")
     rows = {}
     for name, command in {
-        "llama-export (GGUF source)": [sys.executable, "-m", "exporter.cli", "--no-verify", "-q", "--force",
+        "llama-export (GGUF source)": [sys.executable, "-m", "llama_export", "--no-verify", "-q", "--force",
                                         "-o", str(work / "ours-gguf")],
-        "llama-export (HF folder)": [sys.executable, "-m", "exporter.cli", "--model", str(hf), "--no-verify", "-q",
+        "llama-export (HF folder)": [sys.executable, "-m", "llama_export", "--model", str(hf), "--no-verify", "-q",
                                       "--force", "-o", str(work / "ours-hf")],
         "onnxruntime-genai builder": [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
                                       "-o", str(work / "genai"), "-p", "fp32", "-e", "cpu",

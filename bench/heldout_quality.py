@@ -8,17 +8,17 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
+HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
 WINDOW = 256
 
 
 class HeldoutQuality:
     def __init__(self, source: Path, window: int = WINDOW):
-        from exporter import texts
-        from exporter.calibrate import tokenize
-        from exporter.evaluate import windows_of
-        from exporter.sources import open_checkpoint
-        from exporter.verify import StreamedReference
+        from llama_export.exporter import texts
+        from llama_export.exporter.calibrate import tokenize
+        from llama_export.exporter.evaluate import windows_of
+        from llama_export.exporter.sources import open_checkpoint
+        from llama_export.exporter.verify import StreamedReference
 
         checkpoint = open_checkpoint(source)
         with tempfile.TemporaryDirectory() as tmp:
@@ -32,7 +32,7 @@ class HeldoutQuality:
 
     def of(self, package: Path) -> dict[str, dict]:
         """{text: scores} for a package (see exporter.evaluate.scores)."""
-        from exporter.evaluate import package_window_logits, scores
+        from llama_export.exporter.evaluate import package_window_logits, scores
 
         return {name: scores(w, package_window_logits(package, w), self.reference[name])
                 for name, w in self.windows.items()}

@@ -26,18 +26,18 @@ from bench._common import default_model_as_hf_folder, with_session_options  # no
 from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
-HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
+HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
 
 
 def build(work: Path) -> dict[str, Path]:
-    from exporter.default_model import default_model_path
+    from llama_export.exporter.default_model import default_model_path
 
     hf = default_model_as_hf_folder(work / "hf")
     packages = {}
     for block in (32, 128):
         ours = work / f"ours-int4-hf-b{block}"
         if not (ours / "manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", "int4",
+            subprocess.run([sys.executable, "-m", "llama_export", "--model", str(hf), "--precision", "int4",
                             "--block-size", str(block), "-q", "--force", "--no-verify", "-o", str(ours)], check=True)
         genai = work / f"genai-int4-b{block}"
         if not (genai / "genai_config.json").is_file():
@@ -48,7 +48,7 @@ def build(work: Path) -> dict[str, Path]:
         if block == 32:  # the folder's Q4_1 grid is carried at block 32: GPTQ itself, for comparison
             requantized = work / "ours-int4-hf-b32-requantized"
             if not (requantized / "manifest.json").is_file():
-                subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", "int4",
+                subprocess.run([sys.executable, "-m", "llama_export", "--model", str(hf), "--precision", "int4",
                                 "--block-size", "32", "--requantize", "-q", "--force", "--no-verify", "-o",
                                 str(requantized)], check=True)
             packages["llama-export b32 (HF, GPTQ)"] = requantized
@@ -56,7 +56,7 @@ def build(work: Path) -> dict[str, Path]:
         packages[f"builder b{block}, our options"] = with_session_options(genai, ours, work / f"genai-b{block}-ours")
     gguf = work / "ours-int4-gguf-b32"
     if not (gguf / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(default_model_path()), "--precision",
+        subprocess.run([sys.executable, "-m", "llama_export", "--model", str(default_model_path()), "--precision",
                         "int4", "-q", "--force", "--no-verify", "-o", str(gguf)], check=True)
     packages["llama-export b32 (GGUF)"] = gguf
     return packages
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
-    from exporter.evaluate import package_perplexity, source_perplexity
+    from llama_export.exporter.evaluate import package_perplexity, source_perplexity
 
     work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
     packages = build(work)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import default_model_as_hf_folder  # noqa: E402
 from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
 
-OLD_CALIBRATION = Path(__file__).resolve().parent.parent / "exporter" / "data" / "calibration.txt"
+OLD_CALIBRATION = Path(__file__).resolve().parent.parent / "src/llama_export/exporter/data/calibration.txt"
 
 # name -> llama-export options (the model, --precision int4 and the output are added). The default model's folder
 # holds a Q4_1 file's weights, on a 4-bit 32-block grid that block 32 carries by default: --requantize measures the
@@ -55,7 +55,7 @@ def main() -> None:
     for name in args.variants:
         out = args.work / ("pkg-" + "".join(c if c.isalnum() else "-" for c in name))
         if args.fresh or not (out / "manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(hf), "--precision", "int4",
+            subprocess.run([sys.executable, "-m", "llama_export", "--model", str(hf), "--precision", "int4",
                             *VARIANTS[name], "-q", "--force", "--no-verify", "-o", str(out)], check=True)
         packages[name] = out
     quality = HeldoutQuality(hf)

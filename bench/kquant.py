@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import UNCACHED, default_model_as_hf_folder  # noqa: E402
 
-HELDOUT = Path(__file__).resolve().parent.parent / "exporter" / "data" / "heldout.txt"
+HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
 
 
 def make_files(llama_cpp: Path, work: Path, types: list[str]) -> dict[str, Path]:
@@ -53,8 +53,8 @@ def file_values(path: Path) -> tuple[dict[str, np.ndarray], collections.Counter]
     """Each tensor as gguf's dequantizer gives it (Hugging Face names and row order), and the formats' counts."""
     import gguf
 
-    from exporter.sources import open_checkpoint
-    from exporter.sources.gguf_file import hf_name, unpermute_rows
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.sources.gguf_file import hf_name, unpermute_rows
 
     config = open_checkpoint(path).config
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
@@ -79,8 +79,14 @@ def package_check(package: Path, expected: dict[str, np.ndarray]) -> dict:
     """How many of the package's block-quantized weights equal the file's bit for bit, and which do not."""
     import onnx_ir as ir
 
-    from exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits, stored, stored_by_name
-    from passes.quantization import BlockQuantized, unpack_codes
+    from llama_export.exporter.package_weights import (
+        checkpoint_names,
+        matmulnbits_weights,
+        same_bits,
+        stored,
+        stored_by_name,
+    )
+    from llama_export.passes.quantization import BlockQuantized, unpack_codes
 
     model = ir.load(package / "model.onnx")
     equal, differ = [], []
@@ -107,7 +113,7 @@ def package_check(package: Path, expected: dict[str, np.ndarray]) -> dict:
 
 def perplexity(target: Path) -> float:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, "-m", "exporter.cli", "eval", str(target), "--text", str(HELDOUT),
+        subprocess.run([sys.executable, "-m", "llama_export", "eval", str(target), "--text", str(HELDOUT),
                         "--json", out.name], check=True, capture_output=True)
         return json.loads(Path(out.name).read_text())["perplexity"]
 
@@ -138,7 +144,7 @@ def main() -> None:
     for kind, path in files.items():
         package = args.work / f"pkg-{kind}"
         started = time.perf_counter()
-        export = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(path), "--precision", "int4",
+        export = subprocess.run([sys.executable, "-m", "llama_export", "--model", str(path), "--precision", "int4",
                                  "-o", str(package), "--force", "-q"], capture_output=True, text=True,
                                 env={**os.environ, **UNCACHED})
         seconds = time.perf_counter() - started

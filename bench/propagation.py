@@ -40,7 +40,7 @@ def layer_statistics(layer, hidden, positions, position_embeddings) -> tuple[tor
 
 def quantize_layer(layer, statistics: dict, block: int) -> None:
     """Replaces the layer's linear weights by their GPTQ-quantized values (dequantized), in place."""
-    from passes.quantization import quantize_gptq
+    from llama_export.passes.quantization import quantize_gptq
 
     for name in LINEARS:
         linear = layer.get_submodule(name)
@@ -70,7 +70,7 @@ def quantized_model(model, windows: torch.Tensor, block: int, propagate_quantize
 
 
 def perplexity(model, ids: list[int], window: int) -> float:
-    from exporter.evaluate import _perplexity
+    from llama_export.exporter.evaluate import _perplexity
 
     with torch.no_grad():
         return _perplexity(ids, window, lambda chunk: model(torch.tensor([chunk])).logits[0].float().numpy(),
@@ -79,14 +79,14 @@ def perplexity(model, ids: list[int], window: int) -> float:
 
 def main() -> None:
     from bench._common import default_model_as_hf_folder
-    from exporter.calibrate import WINDOW, default_calibration_text, tokenize
-    from exporter.sources import open_checkpoint
-    from exporter.verify import reference_model
+    from llama_export.exporter.calibrate import WINDOW, default_calibration_text, tokenize
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.verify import reference_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the default model as a HF folder")
     parser.add_argument("--blocks", default="32,128")
-    parser.add_argument("--text", type=Path, default=Path("exporter/data/heldout.txt"))
+    parser.add_argument("--text", type=Path, default=Path("src/llama_export/exporter/data/heldout.txt"))
     parser.add_argument("--window", type=int, default=256)
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -205,7 +205,7 @@ def _status_mb(pid: int, key: str) -> float | None:
 
 def commands(run: str, source: Path, work: Path, shape: str) -> list[str]:
     out = work / f"{shape}-{run}"
-    cli = [sys.executable, "-m", "exporter.cli"]
+    cli = [sys.executable, "-m", "llama_export"]
     return {
         "cpu-int4": cli + ["--model", str(source), "--precision", "int4", "--force", "-o", str(out)],
         "cpu-int4-rtn": cli + ["--model", str(source), "--precision", "int4", "--quant", "rtn", "--no-verify",

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from helpers import VARIANTS, make_hf_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +26,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    from exporter.default_model import default_model_path
+    from llama_export.exporter.default_model import default_model_path
 
     return default_model_path(log=lambda m: None)
 
@@ -35,7 +34,7 @@ def default_gguf() -> Path:
 @pytest.fixture(scope="session")
 def default_package(tmp_path_factory, default_gguf) -> Path:
     """The real default model exported once for the session, through the CLI as a user runs it."""
-    from exporter.cli import main
+    from llama_export.exporter.cli import main
 
     output = tmp_path_factory.mktemp("default") / "smollm2-cpu"
     assert main(["--target", "cpu", "--model", str(default_gguf), "--output", str(output), "--quiet"]) == 0

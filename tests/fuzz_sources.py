@@ -28,8 +28,8 @@ class Failure(AssertionError):
 
 def load_everything(path: Path) -> str:
     """Open a source and read every tensor; 'refused: ...' for a UserError, 'loaded' when all of it reads."""
-    from exporter.errors import UserError
-    from exporter.sources import open_checkpoint
+    from llama_export.exporter.errors import UserError
+    from llama_export.exporter.sources import open_checkpoint
 
     started = time.monotonic()
     try:
@@ -128,16 +128,17 @@ def config_values():
 
 
 def fuzz(work: Path, examples: int, minutes: float | None, seed: int | None) -> dict:
-    from hypothesis import HealthCheck, given, seed as with_seed, settings, strategies as st
-
     from helpers import make_hf_model, write_tiny_gguf
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as with_seed
+    from hypothesis import strategies as st
 
     work.mkdir(parents=True, exist_ok=True)
     gguf_path = work / "base.gguf"
     write_tiny_gguf(gguf_path, arrays={"tokenizer.ggml.tokens": [f"t{i}" for i in range(40)],
                                        "tokenizer.ggml.token_type": [1] * 40})
     gguf_bytes = gguf_path.read_bytes()
-    from exporter.sources.gguf_file import _open_reader
+    from llama_export.exporter.sources.gguf_file import _open_reader
 
     header_end = _open_reader(gguf_path).data_offset
     folder = make_hf_model(work / "base-hf", "llama2-gqa")
@@ -175,9 +176,9 @@ def fuzz(work: Path, examples: int, minutes: float | None, seed: int | None) -> 
         @seeded
         @given(config_values())
         def config_case(changes):
-            from exporter.errors import one_line
-            from targets import TargetError
-            from targets.plan import ModelShape
+            from llama_export.exporter.errors import one_line
+            from llama_export.targets import TargetError
+            from llama_export.targets.plan import ModelShape
 
             case = work / "case-config"
             shutil.rmtree(case, ignore_errors=True)

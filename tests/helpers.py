@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The llama-export command as a user runs it (a fresh process, from the repository root)."""
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "llama_export", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
 
 

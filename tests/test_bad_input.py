@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import make_hf_model, run_cli, write_tiny_gguf
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes import OnnxPackage, generate
-from runtimes.tokenizer import PackageTokenizer
+from llama_export.runtimes import OnnxPackage, generate
+from llama_export.runtimes.tokenizer import PackageTokenizer
 
 
 def test_gguf_weights_equal_transformers_gguf_loader(default_gguf):
@@ -19,7 +19,7 @@ def test_gguf_weights_equal_transformers_gguf_loader(default_gguf):
     pytest.importorskip("accelerate")  # transformers needs it to load GGUF
     from transformers import AutoModelForCausalLM
 
-    from exporter.sources import open_checkpoint
+    from llama_export.exporter.sources import open_checkpoint
 
     checkpoint = open_checkpoint(default_gguf)
     reference = AutoModelForCausalLM.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
@@ -44,7 +44,7 @@ def test_default_package_verifies(default_package):
 
 def test_verify_command_writes_json(default_package, tmp_path):
     report = tmp_path / "verify.json"
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "verify", str(default_package), "--json",
+    result = subprocess.run([sys.executable, "-m", "llama_export", "verify", str(default_package), "--json",
                              str(report)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
@@ -56,7 +56,7 @@ def test_verify_command_writes_json(default_package, tmp_path):
 
 def test_run_command_prints_the_greedy_continuation(default_package):
     prompt = "The capital of France is"
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "run", str(default_package), "--prompt", prompt,
+    result = subprocess.run([sys.executable, "-m", "llama_export", "run", str(default_package), "--prompt", prompt,
                              "--max-new-tokens", "12"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     tokenizer = PackageTokenizer(default_package)
@@ -68,8 +68,9 @@ def test_run_command_prints_the_greedy_continuation(default_package):
 def test_greedy_tokens_equal_transformers_generate(default_package, default_gguf):
     """The package's own generation loop against transformers' generate() on the GGUF's weights."""
     from helpers import transformers_greedy
-    from exporter.sources import open_checkpoint
-    from exporter.verify import reference_model
+
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.verify import reference_model
 
     tokenizer = PackageTokenizer(default_package)
     prompt = tokenizer.encode("Here is a short poem about the sea:\n")
@@ -92,7 +93,7 @@ def test_onnxruntime_genai_loads_and_generates_the_same_tokens(default_package):
 @pytest.fixture(scope="session")
 def default_int4_package(tmp_path_factory, default_gguf):
     """The default GGUF at INT4 block 32: its Q4_1 matrices and Q8_0 embedding carried over; verify runs."""
-    from exporter.cli import main
+    from llama_export.exporter.cli import main
 
     output = tmp_path_factory.mktemp("default-int4") / "smollm2-cpu-int4"
     assert main(["--model", str(default_gguf), "--precision", "int4", "--output", str(output), "--quiet"]) == 0
@@ -104,13 +105,13 @@ def test_default_int4_package_keeps_the_gguf_quality(default_int4_package, defau
     every matrix carried over from the GGUF (no requantizing)."""
     from importlib import resources
 
-    from exporter.evaluate import package_perplexity, source_perplexity
+    from llama_export.exporter.evaluate import package_perplexity, source_perplexity
 
     manifest = json.loads((default_int4_package / "manifest.json").read_text())
     assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] >= 0.85
     quantize = next(p for p in manifest["passes"] if p["name"] == "quantize-weights")
     assert quantize["sites"] == 4 * 30 + 1 + 1  # 4 MatMulNBits per layer, the lm_head, the embedding lookup
-    text = resources.files("exporter").joinpath("data/heldout.txt").read_text()
+    text = resources.files("llama_export.exporter").joinpath("data/heldout.txt").read_text()
     ours = package_perplexity(default_int4_package, text)["perplexity"]
     reference = source_perplexity(str(default_gguf), text)["perplexity"]
     assert ours <= reference * 1.02, (ours, reference)
@@ -118,7 +119,7 @@ def test_default_int4_package_keeps_the_gguf_quality(default_int4_package, defau
 
 
 def _export(output: Path, *args) -> dict:
-    from exporter.cli import main
+    from llama_export.exporter.cli import main
 
     assert main([*args, "--output", str(output), "--quiet"]) == 0
     return json.loads((output / "manifest.json").read_text())
@@ -129,7 +130,7 @@ def test_default_jetson_orin_int4_package(tmp_path, default_gguf):
     without zero points, build material with min/opt/max profiles, verified on CPU at top-1 >= 0.85."""
     import onnx_ir as ir
 
-    from targets.tensorrt_ops import TENSORRT_10_3, parser_problems
+    from llama_export.targets.tensorrt_ops import TENSORRT_10_3, parser_problems
 
     out = tmp_path / "orin"
     manifest = _export(out, "--target", "jetson-orin", "--precision", "int4", "--model", str(default_gguf))
@@ -153,7 +154,7 @@ def test_default_tensorrt_fp16_package(tmp_path, default_gguf):
     """TensorRT >= 10.15: native RMSNorm/RoPE/Attention, fp16; verified on CPU at top-1 >= 0.98."""
     import onnx_ir as ir
 
-    from targets.tensorrt_ops import TENSORRT_10_15, parser_problems
+    from llama_export.targets.tensorrt_ops import TENSORRT_10_15, parser_problems
 
     out = tmp_path / "trt"
     manifest = _export(out, "--target", "tensorrt", "--precision", "fp16", "--model", str(default_gguf))

@@ -1,5 +1,6 @@
-"""The C and C# programs of runtimes/, built with their Makefiles and run on the default model's cpu package: what
-they print must be exactly the text of transformers' greedy continuation (PyTorch, fp32)."""
+"""The C and C# programs shipped in the package (`llama-export programs`), built with their Makefiles and run on
+the default model's cpu package: what they print must be exactly the text of transformers' greedy continuation
+(PyTorch, fp32)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import REPO
+from helpers import run_cli
 
 # Prompts the programs were not written around: plain prose, a list, French with accents.
 PROMPTS = ("Water boils at a temperature of", "List three primary colors:\n1.", "Le petit déjeuner français")
@@ -23,9 +23,9 @@ def expected_text(default_package, default_gguf) -> dict[str, str]:
     """transformers' greedy continuation of each prompt, decoded with the package's tokenizer."""
     import json
 
-    from exporter.sources import open_checkpoint
-    from exporter.verify import reference_model
-    from runtimes.tokenizer import PackageTokenizer
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.verify import reference_model
+    from llama_export.runtimes.tokenizer import PackageTokenizer
 
     model = reference_model(open_checkpoint(default_gguf))
     tokenizer = PackageTokenizer(default_package)
@@ -44,11 +44,25 @@ def expected_text(default_package, default_gguf) -> dict[str, str]:
     return texts
 
 
-def _build(folder: str, product: str) -> Path:
-    result = subprocess.run(["make", "-C", str(REPO / "runtimes" / folder), f"PYTHON={sys.executable}"],
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory) -> Path:
+    """The programs as a user gets them: copied out of the installed package by `llama-export programs`."""
+    where = run_cli("programs")
+    assert where.returncode == 0, where.stderr
+    assert (Path(where.stdout.strip()) / "c" / "llama_chat.c").is_file()
+    folder = tmp_path_factory.mktemp("programs") / "copy"
+    copied = run_cli("programs", "--copy", str(folder))
+    assert copied.returncode == 0 and copied.stdout.strip() == str(folder), copied.stderr
+    again = run_cli("programs", "--copy", str(folder))
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1 and "exists" in again.stderr
+    return folder
+
+
+def _build(programs: Path, folder: str, product: str) -> Path:
+    result = subprocess.run(["make", "-C", str(programs / folder), f"PYTHON={sys.executable}"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    program = REPO / "runtimes" / folder / product
+    program = programs / folder / product
     assert program.is_file()
     return program
 
@@ -67,13 +81,13 @@ def _check_program(command: list[str], package: Path, expected: dict[str, str], 
         assert wrong.returncode == 2 and wrong.stdout == "" and "usage:" in wrong.stderr
 
 
-def test_c_program_prints_the_reference_continuation(default_package, expected_text, tmp_path):
-    program = _build("c", "llama-chat")
+def test_c_program_prints_the_reference_continuation(default_package, expected_text, programs, tmp_path):
+    program = _build(programs, "c", "llama-chat")
     _check_program([str(program)], default_package, expected_text, tmp_path)
 
 
-def test_csharp_program_prints_the_reference_continuation(default_package, expected_text, tmp_path):
+def test_csharp_program_prints_the_reference_continuation(default_package, expected_text, programs, tmp_path):
     if not (shutil.which("mcs") and shutil.which("mono")):
         pytest.skip("mono is not installed (Debian: mono-mcs mono-runtime; .ci/run installs them)")
-    program = _build("csharp", "LlamaChat.exe")
+    program = _build(programs, "csharp", "LlamaChat.exe")
     _check_program(["mono", str(program)], default_package, expected_text, tmp_path)

@@ -10,14 +10,14 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 from helpers import make_hf_model
-from exporter.sources import open_checkpoint
-from exporter.trace import trace_to_onnx
-from passes import run_passes
-from passes.attention import FuseGroupQueryAttention
-from passes.cleanup import SMALL_VALUE_LIMIT, FoldConstants, FoldWeightTransposes, RemoveDeadNodes
-from targets.cpu import cpu_pipeline
+
+from llama_export.exporter.sources import open_checkpoint
+from llama_export.exporter.trace import trace_to_onnx
+from llama_export.passes import run_passes
+from llama_export.passes.attention import FuseGroupQueryAttention
+from llama_export.passes.cleanup import SMALL_VALUE_LIMIT, FoldConstants, FoldWeightTransposes, RemoveDeadNodes
+from llama_export.targets.cpu import cpu_pipeline
 
 LAYERS = 2
 CLEANUP = [FoldWeightTransposes(), FoldConstants(), RemoveDeadNodes()]
@@ -165,8 +165,8 @@ def test_tracing_leaves_no_graph_behind_in_the_exporting_process(tmp_path):
     folder = make_hf_model(tmp_path / "model", "llama2-gqa")
     script = tmp_path / "user_script.py"
     script.write_text("import gc, sys, torch.fx\n"
-                      "from exporter.sources import open_checkpoint\n"
-                      "from exporter.trace import trace_to_onnx\n"
+                      "from llama_export.exporter.sources import open_checkpoint\n"
+                      "from llama_export.exporter.trace import trace_to_onnx\n"
                       "print('script ran')\n"
                       "model = trace_to_onnx(open_checkpoint(sys.argv[1]))\n"
                       "gc.collect()\n"
@@ -190,8 +190,8 @@ def test_a_failure_in_the_tracing_process_comes_back_as_one_line(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", "from exporter.child_process import serve; "
-                           "from exporter.trace import trace_child; serve(trace_child, 'tracing')"],
+    done = subprocess.run([sys.executable, "-c", "from llama_export.exporter.child_process import serve; "
+                           "from llama_export.exporter.trace import trace_child; serve(trace_child, 'tracing')"],
                           input=b"not a pickle", capture_output=True, timeout=120,
                           cwd=str(Path(__file__).resolve().parents[1]))
     assert done.returncode == 0 and done.stderr == b""
@@ -203,8 +203,8 @@ def test_a_failure_in_the_tracing_process_comes_back_as_one_line(tmp_path):
 def test_a_graph_traced_earlier_is_reused_and_writes_the_same_package(tmp_path, monkeypatch):
     """Exporting the same architecture again takes the graph from the trace cache (no tracing process), writes the
     same bytes; a damaged entry is traced anew; a config that changes the graph has a key of its own."""
-    from exporter import child_process, trace_cache
-    from exporter.cli import main
+    from llama_export.exporter import child_process, trace_cache
+    from llama_export.exporter.cli import main
 
     monkeypatch.setenv(trace_cache.CACHE_ENV, str(tmp_path / "traces"))
     folder = make_hf_model(tmp_path / "model", "llama3-gqa", num_hidden_layers=3)

@@ -6,10 +6,10 @@ import json
 
 import gguf
 import numpy as np
-
 from helpers import make_hf_model, tiny_config, write_tiny_gguf
-from exporter.pipeline import ExportOptions, export
-from exporter.sources import open_checkpoint
+
+from llama_export.exporter.pipeline import ExportOptions, export
+from llama_export.exporter.sources import open_checkpoint
 
 
 def test_tiny_gguf_weights_are_the_dequantized_originals(tmp_path):
@@ -42,8 +42,8 @@ def test_tiny_gguf_exports_and_verifies(tmp_path):
 def test_every_carried_block_format_decodes_to_ggufs_dequantized_values():
     """Random blocks of each format llama-export carries (every bit pattern of codes, scales and minimums; finite
     float16 fields) decode into codes, scales and minimums that dequantize to gguf's own values bit for bit."""
-    from exporter.sources.gguf_blocks import FORMATS, decode_rows
-    from passes.quantization import BlockQuantized
+    from llama_export.exporter.sources.gguf_blocks import FORMATS, decode_rows
+    from llama_export.passes.quantization import BlockQuantized
 
     rng = np.random.default_rng(0)
     float16_fields = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
@@ -66,7 +66,7 @@ def test_every_carried_block_format_decodes_to_ggufs_dequantized_values():
 def test_export_memory_counts_a_gguf_by_its_own_blocks(tmp_path):
     """The memory estimate takes the package's weights at the size the file's blocks keep in it: Q8_0 as 8-bit
     codes and a float32 scale per 32, Q4_1 as 4-bit codes with a scale and a minimum per 32."""
-    from exporter.export_memory import carried_bytes_per_weight
+    from llama_export.exporter.export_memory import carried_bytes_per_weight
 
     for kind, expected in (("Q8_0", 1 + 4 / 32), ("Q4_1", 0.5 + 8 / 32)):
         path = tmp_path / f"{kind}.gguf"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import REPO, make_hf_model, run_cli, write_tiny_gguf
 from test_bad_input import assert_clean_failure, copy_with_config, error_lines
 
@@ -33,7 +32,7 @@ def run_bounded(*args: str) -> subprocess.CompletedProcess:
 
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, "-m", "exporter.cli", *args], stdout=out, stderr=err, text=True,
+        process = subprocess.Popen([sys.executable, "-m", "llama_export", *args], stdout=out, stderr=err, text=True,
                                    cwd=REPO, preexec_fn=limit)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -221,7 +220,7 @@ def test_verify_fails_a_package_with_nan_logits(tmp_path, tiny_folder):
 
 # 4, 5 and 12: races and signals while an export writes.
 def start_export(model: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "exporter.cli", "--model", str(model), "-o", str(out), *extra],
+    return subprocess.Popen([sys.executable, "-m", "llama_export", "--model", str(model), "-o", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
@@ -295,7 +294,7 @@ def test_a_second_export_to_the_same_output_refuses(tmp_path, tiny_folder):
 def test_output_dot_is_refused_up_front(tmp_path, tiny_folder):
     here = tmp_path / "empty"
     here.mkdir()
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(tiny_folder), "--output", "."],
+    result = subprocess.run([sys.executable, "-m", "llama_export", "--model", str(tiny_folder), "--output", "."],
                             capture_output=True, text=True, cwd=here, timeout=300)
     assert result.returncode == 1 and len(error_lines(result.stderr)) == 1, result.stderr
     assert "is the current folder" in result.stderr and "Traceback" not in result.stderr
@@ -318,7 +317,7 @@ def test_a_write_that_runs_out_of_room_is_named(tmp_path, tiny_folder):
     def small_files():  # writes past 64 kB fail with EFBIG, as they would on a full disk with ENOSPC
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
-    result = subprocess.run([sys.executable, "-m", "exporter.cli", "--model", str(tiny_folder), "-o", str(out),
+    result = subprocess.run([sys.executable, "-m", "llama_export", "--model", str(tiny_folder), "-o", str(out),
                              "--no-verify"], capture_output=True, text=True, cwd=REPO, timeout=300,
                             preexec_fn=small_files)
     assert_clean_failure(result, out, f"writing the package at {out} failed", "GB free there")

@@ -11,13 +11,19 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from helpers import VARIANTS, write_tiny_gguf
 from onnx import TensorProto, helper
 
-from helpers import VARIANTS, write_tiny_gguf
-from exporter.cli import main
-from exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits
-from passes.quantization import (BlockQuantized, pack_codes, quantize_clip, quantize_gptq, quantize_rtn,
-                                 unpack_codes)
+from llama_export.exporter.cli import main
+from llama_export.exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits
+from llama_export.passes.quantization import (
+    BlockQuantized,
+    pack_codes,
+    quantize_clip,
+    quantize_gptq,
+    quantize_rtn,
+    unpack_codes,
+)
 
 rng = np.random.default_rng(0)
 
@@ -106,8 +112,8 @@ def test_accuracy_aware_methods_beat_round_to_nearest():
 def test_gguf_block_layouts_are_known_without_reading_the_blocks(tmp_path, monkeypatch, kind):
     """The quantizer plans from the source's layouts and reads each tensor's blocks once, when writing: the
     layout a GGUF's metadata gives must be the one its blocks have (Q8_0 embedding, Q4_0/Q4_1 matrices)."""
-    from exporter.calibrate import SourceHints
-    from exporter.sources import gguf_file, open_checkpoint
+    from llama_export.exporter.calibrate import SourceHints
+    from llama_export.exporter.sources import gguf_file, open_checkpoint
 
     path = tmp_path / f"tiny-{kind}.gguf"
     write_tiny_gguf(path, "llama2-gqa", matrix_type=kind)
@@ -288,7 +294,7 @@ def _gguf_values(path) -> dict[str, np.ndarray]:
     order."""
     import gguf
 
-    from exporter.sources.gguf_file import hf_name, unpermute_rows
+    from llama_export.exporter.sources.gguf_file import hf_name, unpermute_rows
 
     heads = {"q_proj": 4, "k_proj": 2}
     expected = {}
@@ -495,7 +501,7 @@ def test_int4_options_need_int4_precision(tiny_models, tmp_path, capsys):
 def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
     """A tied table [V, H] read by Gather (embedding) and by the lm_head MatMul: with frequent rows, the first rows
     become 8-bit and the rest 4-bit, and both the lookup and the logits equal those of the two parts dequantized."""
-    from passes.quantize import QuantizeWeights, QuantOptions, dividing_block
+    from llama_export.passes.quantize import QuantizeWeights, QuantOptions, dividing_block
 
     vocab, frequent = 320, 100
     table = rng.standard_normal((vocab, hidden)).astype(np.float32)
@@ -524,7 +530,7 @@ def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
 
 
 def test_the_cpu_lm_head_splits_unless_a_width_is_asked_for_and_only_a_large_vocabulary():
-    from exporter.pipeline import FREQUENT_LM_HEAD_ROWS, ExportOptions, splits_lm_head
+    from llama_export.exporter.pipeline import FREQUENT_LM_HEAD_ROWS, ExportOptions, splits_lm_head
 
     large = FREQUENT_LM_HEAD_ROWS * 3
     assert splits_lm_head(ExportOptions(None), large)
@@ -536,8 +542,8 @@ def test_the_cpu_lm_head_splits_unless_a_width_is_asked_for_and_only_a_large_voc
 def test_edge_layers_are_named_only_in_deep_models():
     from types import SimpleNamespace
 
-    from exporter.pipeline import edge_layer_weights
-    from exporter.sources.base import WeightInfo
+    from llama_export.exporter.pipeline import edge_layer_weights
+    from llama_export.exporter.sources.base import WeightInfo
 
     def checkpoint(layers):
         names = [f"model.layers.{i}.{m}.weight" for i in range(layers)
@@ -553,7 +559,7 @@ def test_edge_layers_are_named_only_in_deep_models():
 
 def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_named():
     """Three MatMuls: one named weight, one packed from a named and an unnamed tensor, one unnamed."""
-    from passes.quantize import SOURCE_NAMES, QuantizeWeights, QuantOptions
+    from llama_export.passes.quantize import SOURCE_NAMES, QuantizeWeights, QuantOptions
 
     rng = np.random.default_rng(3)
     k, n = 256, 48
@@ -605,7 +611,7 @@ def _q4_1_copy(values: np.ndarray) -> np.ndarray:
 
 
 def test_a_grid_is_recognized_bit_for_bit_and_nothing_else_is():
-    from exporter.sources.grid import on_grid, recover_grid
+    from llama_export.exporter.sources.grid import on_grid, recover_grid
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 96)).astype(np.float32)
@@ -628,9 +634,8 @@ def test_a_float_copy_of_a_4_bit_model_keeps_its_grid(tmp_path):
     """A Hugging Face folder whose matrices were dequantized from Q4_1 (as the default model's folder is): an INT4
     export at block 32 carries their grid (the package's weights equal the folder's bit for bit, with minimum terms),
     and passes verify; at block 128 the matrices are quantized again, in 128-blocks."""
-    from safetensors.numpy import load_file, save_file
-
     from helpers import make_hf_model
+    from safetensors.numpy import load_file, save_file
 
     folder = make_hf_model(tmp_path / "grid", "llama2-gqa")
     weights = load_file(str(folder / "model.safetensors"))

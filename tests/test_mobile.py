@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import genai_greedy, make_hf_model, run_cli, transformers_greedy
-from runtimes import OnnxPackage
-from targets import get_target
-from targets.base import TargetError
-from targets.mobile import ORT_FORMAT_LIMIT, check_size, estimated_model_bytes
-from targets.plan import ModelShape
+
+from llama_export.runtimes import OnnxPackage
+from llama_export.targets import get_target
+from llama_export.targets.base import TargetError
+from llama_export.targets.mobile import ORT_FORMAT_LIMIT, check_size, estimated_model_bytes
+from llama_export.targets.plan import ModelShape
 
 LLAMA_32_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
                "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -30,7 +30,7 @@ def _config_only_folder(folder: Path, config: dict) -> Path:
     of zeros (nothing on disk): enough to be opened, and the size check must refuse it before any weight is read."""
     from transformers import LlamaConfig
 
-    from exporter.sources.base import expected_shapes
+    from llama_export.exporter.sources.base import expected_shapes
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -68,7 +68,7 @@ def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
 ])
 def test_int4_size_estimate_follows_the_lm_head_options_and_edge_layers(tmp_path, tiny_models, options,
                                                                         lm_head_bits, float_embedding, layers):
-    from exporter.pipeline import edge_layers
+    from llama_export.exporter.pipeline import edge_layers
 
     model = tiny_models["llama2-gqa"] if layers == 2 else make_hf_model(tmp_path / "deep", "llama2-gqa",
                                                                         num_hidden_layers=layers)
@@ -149,7 +149,7 @@ def test_ort_package_layout(tiny_int4_pair):
 
 def test_ort_package_computes_what_the_cpu_package_computes(tiny_int4_pair):
     """The conversion changes the container, not the graph: logits equal the cpu package's, prefill and decode."""
-    from runtimes import Decoder
+    from llama_export.runtimes import Decoder
 
     prompt = [1, 17, 4, 99, 23, 5]
     results = {}

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from passes import run_passes
-from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes
+from llama_export.passes import run_passes
+from llama_export.passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes
 
 
 def _graph_with_weight(loads: list[str]):

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from runtimes import Sampler
-from runtimes.generate import TextStream
-from targets import TargetError
-from targets.staging import check_output, staged_package
+from llama_export.runtimes import Sampler
+from llama_export.runtimes.generate import TextStream
+from llama_export.targets import TargetError
+from llama_export.targets.staging import check_output, staged_package
 
 
 def test_greedy_and_seeded_sampling():
@@ -71,7 +71,7 @@ def test_check_output_refuses_foreign_folders(tmp_path):
 def test_swap_without_renameat2_replaces_and_restores(tmp_path, monkeypatch):
     """Where the kernel has no renameat2, two renames: a package replaced, and the old one put back when the
     second rename fails."""
-    import targets.staging as staging_module
+    import llama_export.targets.staging as staging_module
 
     monkeypatch.setattr(staging_module, "_renameat2", lambda source, dest, flags: False)
     out = tmp_path / "pkg"
@@ -94,3 +94,30 @@ def test_swap_without_renameat2_replaces_and_restores(tmp_path, monkeypatch):
         with staged_package(out, force=False) as staging:
             (staging / "manifest.json").write_text("{}")
     assert json.loads((out / "manifest.json").read_text())["new"] and [p.name for p in tmp_path.iterdir()] == ["pkg"]
+
+
+def test_install_puts_one_package_with_its_data(tmp_path):
+    """`pip install .` adds llama_export alone (no generic top-level names such as `targets`), with the texts and
+    the C and C# programs as package data."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    checkout = tmp_path / "checkout"  # a copy, so the build leaves no build/ folder in the repository
+    shutil.copytree(REPO / "src", checkout / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, checkout / name)
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(checkout)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    top = sorted(p.name for p in target.iterdir())
+    assert top == ["bin", "llama_export", "llama_export-0.1.0.dist-info"], top
+    package = target / "llama_export"
+    for data in ("exporter/data/heldout.txt", "exporter/data/texts/heldout/code.txt", "runtimes/c/llama_chat.c",
+                 "runtimes/c/Makefile", "runtimes/csharp/LlamaChat.cs", "runtimes/csharp/Makefile"):
+        assert (package / data).is_file(), data
+    assert sorted(p.name for p in (package / "runtimes" / "c").iterdir()) == ["Makefile", "llama_chat.c", "oga_api.h"]

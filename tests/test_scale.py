@@ -20,9 +20,9 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO, VARIANTS, make_hf_model
-from exporter.cli import main
+
+from llama_export.exporter.cli import main
 
 
 def _data_hash(folder) -> str:
@@ -35,8 +35,8 @@ def full_model_hessians(folder, text: str) -> dict[str, np.ndarray]:
     time as the stream sums them (so the float sums round alike)."""
     from transformers import LlamaForCausalLM
 
-    from exporter.calibrate import CALIBRATION_TOKENS, WINDOW, WINDOWS_AT_ONCE, tokenize
-    from exporter.sources import open_checkpoint
+    from llama_export.exporter.calibrate import CALIBRATION_TOKENS, WINDOW, WINDOWS_AT_ONCE, tokenize
+    from llama_export.exporter.sources import open_checkpoint
 
     ids = tokenize(open_checkpoint(folder), text)
     usable = len(ids) // WINDOW * WINDOW or len(ids)
@@ -75,8 +75,8 @@ def deep_tied(tmp_path_factory):
 
 
 def test_streamed_calibration_equals_the_whole_model_and_writes_the_same_package(deep_tied, tmp_path, monkeypatch):
-    from exporter import calibrate
-    from exporter.sources import open_checkpoint
+    from llama_export.exporter import calibrate
+    from llama_export.exporter.sources import open_checkpoint
 
     text = calibrate.default_calibration_text()
     reference = full_model_hessians(deep_tied, text)
@@ -125,7 +125,7 @@ def test_nothing_of_the_export_stays_reachable_when_verify_starts(deep_tied, tmp
 
     import onnx_ir as ir
 
-    from exporter import calibrate, verify
+    from llama_export.exporter import calibrate, verify
 
     def graphs() -> int:
         gc.collect()
@@ -149,9 +149,9 @@ def test_nothing_of_the_export_stays_reachable_when_verify_starts(deep_tied, tmp
 # model takes that path. Run as its own program: the test process has PyTorch loaded already.
 SEPARATE_BUILD = """
 import json, sys
-import exporter.pipeline as pipeline
-from exporter import verify
-from exporter.cli import main
+import llama_export.exporter.pipeline as pipeline
+from llama_export.exporter import verify
+from llama_export.exporter.cli import main
 pipeline.SEPARATE_BUILD_BYTES = 0
 seen = {}
 real_runs = verify.package_runs
@@ -237,8 +237,8 @@ def _state(pid: int) -> str:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_streamed_reference_equals_the_full_model(tiny_models, variant):
-    from exporter.sources import open_checkpoint
-    from exporter.verify import StreamedReference, reference_model
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.verify import StreamedReference, reference_model
 
     checkpoint = open_checkpoint(tiny_models[variant])
     sequences = [[1, 5, 9, 33, 7], list(range(3, 60))]
@@ -252,7 +252,7 @@ def test_streamed_reference_equals_the_full_model(tiny_models, variant):
 
 def test_weights_read_in_row_chunks_write_the_same_bytes(tiny_models, tmp_path, monkeypatch):
     """A vocabulary of 320 in chunks of 64 rows: the embedding and lm_head are read and quantized in five parts."""
-    import passes.quantize as quantize
+    import llama_export.passes.quantize as quantize
 
     whole = tmp_path / "whole"
     assert main(["--model", str(tiny_models["llama2-gqa"]), "--precision", "int4", "--no-verify", "-q",
@@ -281,7 +281,7 @@ def test_float_weights_written_in_row_chunks_write_the_same_bytes(tiny_models, t
                                                                    precision):
     """Weights that stay float (fp16 tables on TensorRT targets, fp32 packed matrices) are written a few rows at a
     time, stored transposed by strided writes, and never built whole on the way."""
-    from passes import streamed
+    from llama_export.passes import streamed
 
     args = ["--model", str(tiny_models[variant]), "--target", target, "--precision", precision, "--no-verify", "-q"]
     monkeypatch.setattr(streamed, "CHUNK_BYTES", 1 << 40)
@@ -312,7 +312,7 @@ def test_float_weights_written_in_row_chunks_write_the_same_bytes(tiny_models, t
 
 
 def test_row_reads_equal_the_whole_tensor(tiny_models, tmp_path):
-    from exporter.sources import open_checkpoint
+    from llama_export.exporter.sources import open_checkpoint
 
     info = open_checkpoint(tiny_models["llama2-gqa"]).weights["model.embed_tokens.weight"]
     whole = info.load()
@@ -324,7 +324,7 @@ def test_row_reads_equal_the_whole_tensor(tiny_models, tmp_path):
 def test_gptq_in_column_groups_compensates_within_each_group(monkeypatch):
     """Past GPTQ_GROUP_COLUMNS the Hessian is taken block-diagonal: a group's codes do not depend on another
     group's weights, and the result still beats round-to-nearest (whole-matrix GPTQ does better still)."""
-    from passes import quantization
+    from llama_export.passes import quantization
 
     rng = np.random.default_rng(0)
     k, n = 256, 24
@@ -350,7 +350,7 @@ def test_gptq_in_column_groups_compensates_within_each_group(monkeypatch):
 
 def test_an_export_that_does_not_fit_in_memory_is_refused_before_it_starts(tiny_models, tmp_path, monkeypatch,
                                                                           capsys):
-    from exporter import export_memory
+    from llama_export.exporter import export_memory
 
     monkeypatch.setattr(export_memory, "available_bytes", lambda: 64 << 20)
     output = tmp_path / "out"
@@ -402,7 +402,7 @@ def test_weight_file_pages_are_handed_back_after_the_session_is_created(tmp_path
 
     import onnxruntime as ort
 
-    from runtimes.mapped_pages import paged_out_while_loading
+    from llama_export.runtimes.mapped_pages import paged_out_while_loading
 
     path = _matmulnbits_model(tmp_path)
     a = np.random.default_rng(1).standard_normal((1, 4096)).astype(np.float32)
@@ -427,7 +427,7 @@ def test_weights_are_paged_out_while_loading_only_where_packing_reads_each_page_
     import onnx
     from onnx import helper, numpy_helper
 
-    from runtimes import onnx_package
+    from llama_export.runtimes import onnx_package
 
     weight = numpy_helper.from_array(np.ones((64, 64), weight_type), "w")
     node = helper.make_node(op, ["w", "ids"] if op == "Gather" else ["x", "w"], ["y"])
@@ -450,7 +450,7 @@ def test_pages_read_on_another_cpu_are_paged_out(tmp_path):
     import mmap
     import threading
 
-    from runtimes.mapped_pages import page_out
+    from llama_export.runtimes.mapped_pages import page_out
 
     first, second, *_ = sorted(os.sched_getaffinity(0))
     path = tmp_path / "weights.bin"
@@ -480,7 +480,7 @@ def test_pages_read_on_another_cpu_are_paged_out(tmp_path):
 def test_gptq_factors_are_computed_once_and_exact():
     """The inverse Hessian's upper factor (triangular inverse by halves) satisfies U^T U = H^-1; a prepared
     Hessian used chunk by chunk gives the codes of the whole matrix quantized at once."""
-    from passes import quantization
+    from llama_export.passes import quantization
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 600)).astype(np.float32) * rng.uniform(0.5, 3, 600).astype(np.float32)

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from helpers import make_hf_model, run_cli
-from passes import run_passes
-from passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
-from passes.attention import FuseRotary
-from passes.decompose import DecomposeAttention, DecomposeRMSNorm, DecomposeRotary
-from passes.normalization import FuseRMSNorm
-from passes.quantize import QuantOptions
-from targets import get_target
-from targets.engine import shape_profiles, write_build_material
-from targets.tensorrt_ops import TENSORRT_10_3, TENSORRT_10_15, parser_problems
+
+from llama_export.passes import run_passes
+from llama_export.passes.attention import FuseRotary
+from llama_export.passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SimplifyPatterns
+from llama_export.passes.decompose import DecomposeAttention, DecomposeRMSNorm, DecomposeRotary
+from llama_export.passes.normalization import FuseRMSNorm
+from llama_export.passes.quantize import QuantOptions
+from llama_export.targets import get_target
+from llama_export.targets.engine import shape_profiles, write_build_material
+from llama_export.targets.tensorrt_ops import TENSORRT_10_3, TENSORRT_10_15, parser_problems
 
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -34,14 +34,14 @@ NATIVE_OPS = {"RMSNormalization", "RotaryEmbedding", "Attention"}
 
 
 def _trace(folder: Path) -> ir.Model:
-    from exporter.sources import open_checkpoint
-    from exporter.trace import trace_to_onnx
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.trace import trace_to_onnx
 
     return trace_to_onnx(open_checkpoint(folder))
 
 
 def _save(model: ir.Model, folder: Path) -> Path:
-    from targets.package import save_model
+    from llama_export.targets.package import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, folder)
@@ -200,7 +200,7 @@ def test_profiles_cover_every_dynamic_input(tmp_path):
     assert json.loads((tmp_path / "profiles.json").read_text()) == spec
     for name in ("build_engine.py", "check_engine.py"):  # self-contained: runnable on the device without us
         text = (tmp_path / name).read_text()
-        assert "from exporter" not in text and "from targets" not in text and "from passes" not in text
+        assert "llama_export" not in text and "from exporter" not in text and "from targets" not in text
         result = subprocess.run([sys.executable, str(tmp_path / name), "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage" in result.stdout
 
@@ -254,7 +254,7 @@ def test_jetson_export_end_to_end(tiny_models, tmp_path):
     assert "JetPack 6" in manifest["tensorrt"]["requires"] and manifest["parity"]["passed"]
     assert manifest["tensorrt"]["engine"] is None and "build_engine" in manifest["tensorrt"]["engine_not_built"]
     # The reference's decode step is what the package's own ONNX Runtime run gives.
-    from runtimes import Decoder, OnnxPackage
+    from llama_export.runtimes import Decoder, OnnxPackage
 
     reference = np.load(out / "reference.npz")
     decoder = Decoder(OnnxPackage(out))
@@ -270,8 +270,8 @@ def test_jetson_export_end_to_end(tiny_models, tmp_path):
 def _check_streamed_head(out: Path, whole_prefill: np.ndarray, reference) -> None:
     """The fp16 lm_head computed outside ONNX Runtime (what an 8B package gets) gives the whole graph's logits to
     within the graph's own fp16 rounding of the hidden state and of the product, which ONNX Runtime's CPU run skips."""
-    import runtimes.streamed_head as streamed
-    from runtimes import Decoder, OnnxPackage
+    import llama_export.runtimes.streamed_head as streamed
+    from llama_export.runtimes import Decoder, OnnxPackage
 
     assert not isinstance(OnnxPackage(out).session, streamed.StreamedHeadSession)  # small: the plain session
     threshold, block = streamed.STREAMED_BYTES, streamed.BLOCK_BYTES
@@ -294,7 +294,7 @@ def _check_streamed_head(out: Path, whole_prefill: np.ndarray, reference) -> Non
 
 
 def _engine_here() -> str | None:
-    from targets.engine import tensorrt_available
+    from llama_export.targets.engine import tensorrt_available
 
     return tensorrt_available()
 
@@ -318,7 +318,7 @@ def test_streamed_head_reads_only_a_weight_inside_the_package(tmp_path):
     hold the bytes the graph says, or the graph goes to ONNX Runtime whole (which refuses it in its own words)."""
     from onnx import TensorProto, helper
 
-    from runtimes.streamed_head import split_head
+    from llama_export.runtimes.streamed_head import split_head
 
     def graph(location: str, offset: int = 0):
         weight = TensorProto(name="lm_head.weight", data_type=TensorProto.FLOAT16, dims=[4, 6])

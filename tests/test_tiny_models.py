@@ -7,10 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from helpers import VARIANTS, genai_greedy, make_hf_model, transformers_greedy
-from exporter.pipeline import ExportOptions, export
-from runtimes import OnnxPackage, generate
+
+from llama_export.exporter.pipeline import ExportOptions, export
+from llama_export.runtimes import OnnxPackage, generate
 
 
 @pytest.fixture(scope="module")

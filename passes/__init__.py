@@ -1,5 +1,0 @@
-"""Graph-to-graph passes over onnx-ir models. Each pass reports how many sites it rewrote."""
-
-from passes.base import GraphPass, PassReport, forget_rewriter_matches, run_passes, format_report
-
-__all__ = ["GraphPass", "PassReport", "forget_rewriter_matches", "run_passes", "format_report"]

@@ -1,0 +1,6 @@
+"""`python -m llama_export`: the llama-export command."""
+
+from llama_export.exporter.cli import main
+
+if __name__ == "__main__":
+    main()

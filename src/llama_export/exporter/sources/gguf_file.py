@@ -1,0 +1,259 @@
+"""llama.cpp GGUF files of the llama architecture: metadata becomes a LlamaConfig, tensors are dequantized
+one at a time on demand, and the tokenizer is rebuilt from the metadata into tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from llama_export.exporter.errors import UserError
+from llama_export.exporter.sources.base import (
+    Checkpoint,
+    WeightInfo,
+    check_llama_config,
+    check_sizes,
+    check_weights_match_config,
+    require_finite,
+    require_supported,
+)
+from llama_export.exporter.sources.gguf_blocks import FORMATS as BLOCK_FORMATS
+from llama_export.exporter.sources.gguf_blocks import decode_rows
+
+# GGUF tensor name -> Hugging Face parameter name (per-layer names take the block index).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    return None
+
+
+def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of Q/K rows (it stores each head's rotary halves interleaved)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _config_from_metadata(reader, path: Path):
+    from transformers import LlamaConfig
+
+    arch = _field(reader, "general.architecture")
+    require_supported(arch, path)
+    p = f"{arch}."
+    try:
+        hidden = int(_field(reader, p + "embedding_length"))
+        heads = int(_field(reader, p + "attention.head_count"))
+        kv_heads = int(_field(reader, p + "attention.head_count_kv", heads))
+        layers = int(_field(reader, p + "block_count"))
+        intermediate = int(_field(reader, p + "feed_forward_length"))
+        tokens = _field(reader, "tokenizer.ggml.tokens") or []
+        vocab = int(_field(reader, p + "vocab_size", len(tokens)))
+        head_dim = int(_field(reader, p + "attention.key_length", hidden // heads if heads > 0 else 0))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: GGUF metadata lacks the model dimensions (or holds them as something other "
+                        "than whole numbers)") from None
+    rope = {"rope_type": "default", "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0))}
+    scaling = _field(reader, p + "rope.scaling.type")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(_field(reader, p + "rope.scaling.factor")))
+    elif scaling not in (None, "none"):
+        raise UserError(f"{path}: GGUF rope scaling '{scaling}' is not supported; export the Hugging Face folder")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError(
+            f"{path}: GGUF with precomputed rope frequencies (LLaMA-3.1 style) is not supported yet; "
+            "export the Hugging Face folder instead"
+        )
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    check_sizes(dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     num_hidden_layers=layers, intermediate_size=intermediate, vocab_size=vocab, head_dim=head_dim),
+                path)
+    try:
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
+            rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_parameters=rope,
+            tie_word_embeddings="output.weight" not in tensor_names,
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", eos),
+        )
+    except Exception as exc:  # transformers' config validation (several error types) on the file's values
+        cause = exc.__cause__ or exc
+        raise UserError(f"{path}: GGUF metadata does not make a LLaMA config ({cause})") from None
+
+
+def _tensor_loader(tensor, n_heads: int | None, path: Path):
+    def load() -> np.ndarray:
+        from gguf import dequantize
+
+        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        values = values.reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        require_finite(values, tensor.name, path)
+        return unpermute_rows(values, n_heads) if n_heads else values
+
+    return load
+
+
+def _rows_loader(tensor, path: Path):
+    """Rows of a tensor stored row by row (every GGUF type: a row is whole blocks)."""
+    def load_rows(start: int, stop: int) -> np.ndarray:
+        from gguf import dequantize
+
+        columns = int(tensor.shape[0])
+        values = dequantize(np.asarray(tensor.data)[start:stop], tensor.tensor_type).astype(np.float32, copy=False)
+        return require_finite(values.reshape(-1, columns), tensor.name, path)
+
+    return load_rows
+
+
+def _quantized_loader(tensor, n_heads: int | None, path: Path):
+    """The tensor's own blocks as codes, scales and minimums (exporter/sources/gguf_blocks.py; None for formats
+    that are not carried over)."""
+    kind = tensor.tensor_type.name
+    if kind not in BLOCK_FORMATS:
+        return None
+    fmt = BLOCK_FORMATS[kind]
+
+    def load():
+        from llama_export.passes.quantization import BlockQuantized
+
+        rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
+        codes, scales, minimums = decode_rows(tensor.data, rows, kind)
+        require_finite(scales, tensor.name, path)
+        if minimums is not None:
+            require_finite(minimums, tensor.name, path)
+        if n_heads:
+            codes, scales = unpermute_rows(codes, n_heads), unpermute_rows(scales, n_heads)
+            minimums = None if minimums is None else unpermute_rows(minimums, n_heads)
+        return BlockQuantized(codes, scales, None, fmt.bits, fmt.sub_block, minimums=minimums,
+                              half_params=fmt.half_params)
+
+    return load
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    from llama_export.exporter.sources.gguf_layout import check_gguf_layout
+
+    check_gguf_layout(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError, struct errors, or numpy errors on bad files
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable GGUF file: truncated or corrupt ({detail})") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise UserError(f"{path}: truncated GGUF file (tensor {tensor.name} ends past the end of the file)")
+    return reader
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    reader = _open_reader(path)
+    config = _config_from_metadata(reader, path)
+    check_llama_config(config, path)
+    weights: dict[str, WeightInfo] = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        n_heads = None
+        if name.endswith("q_proj.weight"):
+            n_heads = config.num_attention_heads
+        elif name.endswith("k_proj.weight"):
+            n_heads = config.num_key_value_heads
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        fmt = BLOCK_FORMATS.get(tensor.tensor_type.name)
+        weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads, path),
+                                   load_quantized=_quantized_loader(tensor, n_heads, path),
+                                   quantized_bits=fmt.bits if fmt else None,
+                                   quantized_block_size=fmt.sub_block if fmt else 32,
+                                   quantized_minimums=bool(fmt and fmt.minimums),
+                                   quantized_half_params=bool(fmt and fmt.half_params),
+                                   load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor, path))
+
+    def write_tokenizer(dest: Path) -> list[str]:
+        return write_gguf_tokenizer(path, reader, config, dest)
+
+    checkpoint = Checkpoint(name=path.stem, kind="gguf", path=path, config=config, weights=weights, files=[path],
+                            write_tokenizer=write_tokenizer)
+    check_weights_match_config(checkpoint)
+    return checkpoint
+
+
+def write_gguf_tokenizer(path: Path, reader, config, dest: Path) -> list[str]:
+    """tokenizer.json through transformers' GGUF converter; tokenizer_config.json written from the metadata
+    so it names a tokenizer class that onnxruntime-genai's loader knows."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    model = _field(reader, "tokenizer.ggml.model")
+    if model is None:
+        return []
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot rebuild the tokenizer from GGUF metadata ({exc})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        (dest / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+
+    def token(key):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer" if model == "llama" else "GPT2Tokenizer",
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+        "add_eos_token": False,
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "unk_token": token("unknown"),
+        "pad_token": token("padding"),
+        "model_max_length": config.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        tokenizer_config["chat_template"] = template
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]
