@@ -530,31 +530,36 @@ def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
 
 
 def test_the_cpu_lm_head_splits_unless_a_width_is_asked_for_and_only_a_large_vocabulary():
-    from llama_export.exporter.pipeline import FREQUENT_LM_HEAD_ROWS, ExportOptions, splits_lm_head
+    from llama_export.targets import get_target
+    from llama_export.targets.presets import FREQUENT_LM_HEAD_ROWS
+
+    def splits(lm_head_bits, vocab):
+        return get_target("cpu").int4_preset(32).for_export(32, lm_head_bits, vocab).frequent_head_rows > 0
 
     large = FREQUENT_LM_HEAD_ROWS * 3
-    assert splits_lm_head(ExportOptions(None), large)
-    assert not splits_lm_head(ExportOptions(None), FREQUENT_LM_HEAD_ROWS)  # nothing left to put at 4 bits
-    assert not splits_lm_head(ExportOptions(None, lm_head_bits=4), large)  # every row at the width asked for
-    assert not splits_lm_head(ExportOptions(None, lm_head_bits=8), large)
+    assert splits(None, large)
+    assert not splits(None, FREQUENT_LM_HEAD_ROWS)  # nothing left to put at 4 bits
+    assert not splits(4, large)  # every row at the width asked for
+    assert not splits(8, large)
+    assert get_target("cpu").int4_preset(32).for_export(32, None, FREQUENT_LM_HEAD_ROWS).lm_head_bits == 4
+    fast = get_target("cpu").int4_preset(128)  # the builder's layout: 8-bit head in 64-blocks, no edge layers
+    assert fast.for_export(128, None, large).lm_head_bits == 8 and fast.for_export(128, 4, large).lm_head_bits == 4
+    assert fast.edge_layer_block is None and fast.for_export(128, None, large).frequent_head_rows == 0
 
 
 def test_edge_layers_are_named_only_in_deep_models():
-    from types import SimpleNamespace
-
-    from llama_export.exporter.pipeline import edge_layer_weights
     from llama_export.exporter.sources.base import WeightInfo
+    from llama_export.targets.presets import edge_layer_weights
 
-    def checkpoint(layers):
+    def weights(layers):
         names = [f"model.layers.{i}.{m}.weight" for i in range(layers)
                  for m in ("self_attn.q_proj", "mlp.down_proj", "input_layernorm")]
-        weights = {n: WeightInfo((4,) if "norm" in n else (4, 4), lambda: None) for n in names}
-        return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers), weights=weights)
+        return {n: WeightInfo((4,) if "norm" in n else (4, 4), lambda: None) for n in names}
 
-    assert edge_layer_weights(checkpoint(12)) == {
+    assert edge_layer_weights(weights(12), 12) == {
         "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
         "model.layers.11.self_attn.q_proj.weight", "model.layers.11.mlp.down_proj.weight"}  # matrices, not norms
-    assert edge_layer_weights(checkpoint(4)) == frozenset()  # there they would be half the model
+    assert edge_layer_weights(weights(4), 4) == frozenset()  # there they would be half the model
 
 
 def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_named():

@@ -68,7 +68,9 @@ def test_size_estimate_matches_a_written_package(tmp_path, tiny_models):
 ])
 def test_int4_size_estimate_follows_the_lm_head_options_and_edge_layers(tmp_path, tiny_models, options,
                                                                         lm_head_bits, float_embedding, layers):
-    from llama_export.exporter.pipeline import edge_layers
+    from dataclasses import replace
+
+    from llama_export.targets.presets import edge_layers
 
     model = tiny_models["llama2-gqa"] if layers == 2 else make_hf_model(tmp_path / "deep", "llama2-gqa",
                                                                         num_hidden_layers=layers)
@@ -81,11 +83,14 @@ def test_int4_size_estimate_follows_the_lm_head_options_and_edge_layers(tmp_path
     shape = ModelShape.from_json(model / "config.json")
     fine_layers = len(edge_layers(layers))
     assert fine_layers == (2 if layers >= 8 else 0)
-    estimate = estimated_model_bytes(shape, "int4", int(options[1]), lm_head_bits, float_embedding, fine_layers)
+    preset = get_target("android-arm64").int4_preset(64).for_export(64, lm_head_bits, shape.vocab)
+    assert preset.lm_head_bits == lm_head_bits and preset.half_minimums is False
+    estimate = estimated_model_bytes(shape, "int4", int(options[1]), preset, float_embedding)
     assert estimate == pytest.approx(weights, rel=0.01)
     if fine_layers:  # the edge layers' finer blocks are large enough to matter at this tolerance
-        assert estimated_model_bytes(shape, "int4", 64, lm_head_bits, float_embedding) != pytest.approx(weights,
-                                                                                                        rel=0.01)
+        no_edge_layers = replace(preset, edge_layer_block=None)
+        assert estimated_model_bytes(shape, "int4", 64, no_edge_layers, float_embedding) != pytest.approx(weights,
+                                                                                                          rel=0.01)
 
 
 def test_size_limit_refusals_say_what_would_fit():

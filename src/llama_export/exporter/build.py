@@ -13,13 +13,10 @@ from llama_export.exporter.build_process import Built
 from llama_export.exporter.calibrate import order_by_layer
 from llama_export.exporter.errors import UserError
 from llama_export.exporter.pipeline import (
-    EDGE_LAYER_BLOCK,
     ExportOptions,
     build_manifest,
     check_export_memory,
     default_block_size,
-    edge_layers,
-    lm_head_bits,
     quantization_plan,
 )
 from llama_export.exporter.progress import Progress
@@ -27,11 +24,9 @@ from llama_export.exporter.sources import open_checkpoint
 from llama_export.exporter.sources.grid import GRID_BLOCK, mark_grid_weights
 from llama_export.passes import forget_rewriter_matches, format_report, run_passes
 from llama_export.passes.quantize import QuantizeWeights
-from llama_export.targets import TargetError, get_target
+from llama_export.targets import get_target
 from llama_export.targets import package as pkg
-from llama_export.targets.mobile import ORT_MODEL_FILE, check_size, size_breakdown
-from llama_export.targets.plan import GIB, ModelShape, plan_memory, refusal
-from llama_export.targets.tensorrt_ops import parser_problems
+from llama_export.targets.plan import ModelShape
 
 
 def build(options: ExportOptions, source: Path, staging: Path, progress: Progress) -> Built:
@@ -55,18 +50,11 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     if context > config.max_position_embeddings:
         raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
     shape = ModelShape.from_config(config, checkpoint.name)
-    if target.memory_gb is not None:
-        plan = plan_memory(target, shape, precision, context, block_size=block_size)
-        if not plan.fits:
-            raise UserError(refusal(plan))
-        progress.log(f"      memory plan: {plan.total / GIB:.2f} of {target.memory_gb:g} GiB on {target.device} "
-                     f"(context {context}; `llama-export plan` for the budget)")
-    if target.package_format == "ort":
-        check_size(target, shape, precision, block_size, lm_head_bits(options, block_size),
-                   float_embedding=not options.quantize_embedding,
-                   fine_layers=len(edge_layers(config.num_hidden_layers)), fine_block=EDGE_LAYER_BLOCK)
+    preset = target.int4_preset(block_size).for_export(block_size, options.lm_head_bits, config.vocab_size)
+    target.preflight(shape, precision, block_size, context, preset, float_embedding=not options.quantize_embedding,
+                     log=progress.log)
 
-    check_export_memory(options, config, precision, checkpoint, block_size, target, progress.log)
+    check_export_memory(options, config, precision, checkpoint, block_size, preset, progress.log)
 
     from llama_export.exporter.trace import FROM_CACHE, trace_to_onnx
 
@@ -77,17 +65,12 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
 
     quant, hints = None, None
     if precision == "int4":
-        quant, hints = quantization_plan(options, block_size, checkpoint, progress.log,
-                                         tensorrt=target.uses_tensorrt, cpu=target.name == "cpu")
+        quant, hints = quantization_plan(options, block_size, checkpoint, preset, progress.log)
 
     progress.begin(f"Running the '{target.name}' passes ({precision})")
     passes = target.pipeline(precision, config, quant, hints)
     reports = run_passes(model, passes, log=progress.log)
-    if target.tensorrt is not None:
-        problems = parser_problems(model, target.tensorrt)
-        if problems:
-            raise TargetError(f"the graph holds ops TensorRT {target.tensorrt.version}'s ONNX parser cannot take: "
-                              f"{', '.join(problems)}; nothing was written")
+    target.check_graph(model)
     progress.end()
 
     if hints is not None and hints.hessians:
@@ -95,10 +78,9 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     progress.begin("Writing the package (weights streamed one tensor at a time)")
     pkg.save_model(model, staging, progress=progress.counter("weights"))
     io = pkg.io_dims(model)
-    model_file = ORT_MODEL_FILE if target.package_format == "ort" else pkg.MODEL_FILE
     pkg.write_json(staging / "genai_config.json",
-                   pkg.genai_config(model, config, context, model_file, threads=target.genai_threads))
-    weight_bytes = size_breakdown(model) if target.package_format == "ort" else None
+                   pkg.genai_config(model, config, context, target.model_file, threads=target.genai_threads))
+    weight_bytes = target.weights_summary(model)
     requantized = requantization_errors(passes, progress.log)
     del passes
     del model

@@ -1,5 +1,5 @@
 """The export: resolve the source and the output, build the package in a staging folder (exporter/build.py),
-convert it or add the target's engine material, verify it, and rename it into place."""
+let the target finish it (ORT conversion, engine material), verify it, and rename it into place."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from llama_export.exporter.progress import Progress
 from llama_export.exporter.signals import raise_if_terminated
 from llama_export.exporter.sources import Checkpoint, check_source_path
 from llama_export.exporter.verify import Gates
-from llama_export.targets import get_target
+from llama_export.targets import Finishing, get_target
 from llama_export.targets import package as pkg
-from llama_export.targets.mobile import convert_to_ort
 from llama_export.targets.plan import GIB
+from llama_export.targets.presets import QuantPreset, edge_layer_weights
 
 
 @dataclass
@@ -66,9 +66,7 @@ def export(options: ExportOptions) -> Path:
 def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
     target = get_target(options.target)
     precision = options.precision or target.default_precision
-    target.check_precision(precision)
-    if target.uses_tensorrt and options.lm_head_bits is not None:
-        raise UserError(f"target '{target.name}' keeps the lm_head in fp16 (--lm-head-bits is for the cpu target)")
+    target.check_request(precision, options.lm_head_bits)
     progress = Progress(5 if options.verify else 4, quiet=options.quiet)
     if options.output is not None:
         pkg.check_output(options.output, options.force)
@@ -86,33 +84,28 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
         built = build(options, source, staging, progress)
         if built.report is not None:
             print(built.report)
-
-        ort_format, graph = None, staging
-        if target.package_format == "ort":
-            progress.log("      converting to the ORT format (ONNX Runtime Mobile)")
-            graph = staging / ONNX_GRAPH_FOR_VERIFY if options.verify else None
-            ort_format = convert_to_ort(staging, built.weight_bytes, log=progress.log, keep_graph_in=graph)
-
-        tensorrt = None
-        if target.uses_tensorrt:
-            tensorrt = tensorrt_material(staging, target, built.io, built.context, built.vocab_size, progress)
-            export_memory.hand_back_freed_memory()
-
+        finished = target.finish(Finishing(staging, built.io, built.context, built.vocab_size, built.weight_bytes,
+                                           keep_graph=options.verify, log=progress.log,
+                                           run_reference_steps=run_reference_steps))
+        export_memory.hand_back_freed_memory()
         parity = {"skipped": True}
         if options.verify:
-            parity = verify(staging, graph, source, precision, options, progress)
-            if graph != staging:
-                shutil.rmtree(graph)
+            parity = verify(staging, finished.graph, source, precision, options, progress)
+        if finished.graph not in (None, staging):
+            shutil.rmtree(finished.graph)
         manifest = {**built.manifest, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())
-                                                if p.is_file()}, "parity": parity}
-        if tensorrt is not None:
-            manifest["tensorrt"] = tensorrt
-        if ort_format is not None:
-            manifest["ort_format"] = ort_format
+                                                if p.is_file()}, "parity": parity, **finished.manifest}
         pkg.write_json(staging / pkg.MANIFEST, manifest)
         raise_if_terminated()  # a SIGTERM Python dropped (see exporter/signals.py) still stops the swap
     progress.log(f"Package written to {output}")
     return output
+
+
+def run_reference_steps(model_path: Path, io: dict, ids: list[int]):
+    """The package's outputs for a target's reference material (TensorRT's engine check), run by ONNX Runtime."""
+    from llama_export.runtimes.reference_steps import run_reference_steps as run
+
+    return run(model_path, io, ids)
 
 
 # Sources this large are built in a process of their own (exporter/build.py): the memory the build used is then
@@ -126,10 +119,6 @@ def builds_elsewhere(source: Path) -> bool:
         return sum(p.stat().st_size for p in files) >= SEPARATE_BUILD_BYTES
     except OSError:
         return False  # the build reports what cannot be read
-
-
-# An ORT-format package's ONNX files, kept in the staging folder until verify has read its weights back from them.
-ONNX_GRAPH_FOR_VERIFY = "onnx-graph"
 
 
 def verify(staging: Path, graph: Path, source: Path, precision: str, options: ExportOptions, progress) -> dict:
@@ -172,19 +161,18 @@ def failure(parity: dict) -> str:
 
 
 def check_export_memory(options: ExportOptions, config, precision: str, checkpoint: Checkpoint, block_size: int,
-                        target, log) -> None:
+                        preset: QuantPreset, log) -> None:
     """Print what the export will need at its peak and refuse, before the long steps, when it is not free."""
-    from llama_export.exporter.calibrate import fully_prequantized
     from llama_export.passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
-    carried = fully_prequantized(checkpoint, carried_block_size(options, block_size),
-                                 bits=(4,) if target.uses_tensorrt else (4, 8), layers_only=target.uses_tensorrt)
-    calibrated = precision == "int4" and method != "rtn" and not carried
+    calibrated = precision == "int4" and method != "rtn" and not carried(checkpoint, preset,
+                                                                         carried_block_size(options, block_size))
     # Tables that stay float are written in row chunks (passes/streamed.py) where the source reads rows alone.
     tables = [checkpoint.weights.get(name) for name in ("model.embed_tokens.weight", "lm_head.weight")]
     read_whole = any(table is not None and table.load_rows is None for table in tables)
-    float_tables = read_whole and (precision != "int4" or target.uses_tensorrt or not options.quantize_embedding)
+    float_tables = read_whole and (precision != "int4" or not preset.quantize_embedding
+                                   or not options.quantize_embedding)
     int4_bytes = max(export_memory.INT4_BYTES, export_memory.carried_bytes_per_weight(checkpoint) or 0)
     need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables, int4_bytes).peak
     free = export_memory.available_bytes()
@@ -201,25 +189,11 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
                         f"{', '.join(hints)}, or export on a machine with more memory")
 
 
-def tensorrt_material(folder: Path, target, io: dict, context: int, vocab_size: int, progress) -> dict:
-    """Profiles, build and check scripts, reference outputs; the engine too where TensorRT and a GPU are here."""
-    from llama_export.runtimes.reference_steps import run_reference_steps
-    from llama_export.targets import engine
+def carried(checkpoint: Checkpoint, preset: QuantPreset, block_size: int | None) -> bool:
+    """Every matrix the preset quantizes is already in blocks the preset can carry over: nothing to calibrate."""
+    from llama_export.exporter.calibrate import fully_prequantized
 
-    progress.log("      writing engine build material (profiles, build_engine.py/.sh, reference outputs)")
-    spec = engine.write_build_material(folder, io, context, target.platform)
-    arrays, inputs, runtime = run_reference_steps(folder / "model.onnx", io, engine.reference_ids(vocab_size))
-    engine.write_reference(folder, arrays, inputs, runtime)
-    info = {"parser": target.tensorrt.version, "requires": target.platform, "opset": target.tensorrt.opset,
-            "context": context, "profiles": [p["name"] for p in spec["profiles"]], "engine": None}
-    missing = engine.tensorrt_available()
-    if missing is None:
-        progress.log("      building the TensorRT engine on this GPU")
-        info["engine"] = engine.build_engine_here(folder, log=progress.log)
-    else:
-        info["engine_not_built"] = f"{missing}: build it on the device with build_engine.sh or build_engine.py"
-        progress.log(f"      engine not built here ({missing}); the package carries the build scripts")
-    return info
+    return fully_prequantized(checkpoint, block_size, bits=preset.carried_bits, layers_only=preset.carried_layers_only)
 
 
 def carried_block_size(options: ExportOptions, block_size: int) -> int | None:
@@ -228,90 +202,38 @@ def carried_block_size(options: ExportOptions, block_size: int) -> int | None:
     return None if options.block_size is None else block_size
 
 
-def default_block_size(target, checkpoint: Checkpoint) -> int:
-    """The target's, except on TensorRT targets for a GGUF whose matrices are all 4-bit blocks (Q4_0/Q4_1): those
-    are carried over exactly at their block size (32). Requantizing them to block 128 compounds two roundings:
-    measured on the default model, verify's top-1 agreement fell to 0.80 with GPTQ at block 128."""
-    from llama_export.exporter.calibrate import fully_prequantized
+SOURCE_BLOCK = 32  # Q4_0/Q4_1 and the other 32-block formats
 
-    if target.uses_tensorrt and fully_prequantized(checkpoint, 32, bits=(4,), layers_only=True):
-        return 32
+
+def default_block_size(target, checkpoint: Checkpoint) -> int:
+    """The target's, except for a source whose matrices are all in 32-blocks the target's preset can carry (a
+    Q4_0/Q4_1 GGUF on a TensorRT target): those are carried over exactly. Requantizing them to block 128 compounds
+    two roundings: measured on the default model, verify's top-1 agreement fell to 0.80 with GPTQ at block 128."""
+    if carried(checkpoint, target.int4_preset(SOURCE_BLOCK), SOURCE_BLOCK):
+        return SOURCE_BLOCK
     return target.default_block_size
 
 
-# The cpu target's lm_head by default: the first rows (a BPE vocabulary's frequent tokens) at 8 bits, the rest at 4,
-# nearly an 8-bit head's quality at nearly a 4-bit head's decode speed (README, INT4: layout measurements).
-FREQUENT_LM_HEAD_ROWS = 16384
-EDGE_LAYER_BLOCK = 32
-# From this block size up the cpu target lays INT4 out for speed, as onnxruntime-genai's builder does: every layer
-# matrix 4-bit in the layers' blocks, no edge layers; the lm_head and its tied table 8-bit in 64-blocks, which on
-# text the calibration never saw lost least of every layout measured (README, INT4 methods table).
-FAST_LAYOUT_BLOCK = 128
-FAST_LAYOUT_LM_HEAD_BITS = 8
-
-
-def lm_head_bits(options: ExportOptions, block_size: int) -> int:
-    """An lm_head at one width (targets that take no split): 8-bit from block 128 up, where a 4-bit one loses most
-    (README, INT4: layout measurements); at block 32 a 4-bit one is kept for size and speed."""
-    return options.lm_head_bits or (8 if block_size >= 128 else 4)
-
-
-def splits_lm_head(options: ExportOptions, vocab_size: int) -> bool:
-    """Unless a width is asked for, and where the vocabulary has rows left over for 4 bits."""
-    return options.lm_head_bits is None and vocab_size > FREQUENT_LM_HEAD_ROWS
-
-
-def edge_layers(num_layers: int) -> tuple[int, ...]:
-    """The first and last decoder layers, whose matrices the MatMulNBits form keeps in 32-blocks where the other
-    layers' are larger: the two whose error costs most for the bits (README, INT4: first and last decoder layers).
-    Only where the two are at most a quarter of the layers, so --block-size still sets the bulk.
-    The cpu target leaves them out from FAST_LAYOUT_BLOCK up (see quantization_plan)."""
-    return (0, num_layers - 1) if num_layers >= 8 else ()
-
-
-def edge_layer_weights(checkpoint: Checkpoint) -> frozenset[str]:
-    """The edge layers' 2-D weights, by checkpoint name."""
-    prefixes = tuple(f"model.layers.{i}." for i in edge_layers(checkpoint.config.num_hidden_layers))
-    return frozenset(name for name, info in checkpoint.weights.items()
-                     if len(info.shape) == 2 and name.startswith(prefixes))
-
-
-def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Checkpoint, log, tensorrt: bool = False,
-                      cpu: bool = False):
-    """The quantizer's options, and what it may use: the source's own blocks, calibration statistics when some
-    matrix must be quantized here (TensorRT carries 4-bit blocks only, and keeps embedding and lm_head float).
-    `cpu`: the cpu target's layouts: below block 128 the lm_head split into frequent rows at 8 bits and the rest
-    at 4; at 128 and above the fast layout (see FAST_LAYOUT_BLOCK)."""
+def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Checkpoint, preset: QuantPreset, log):
+    """The quantizer's options, from the target's (settled) preset and the user's options, and what it may use:
+    the source's own blocks, calibration statistics when some matrix must be quantized here."""
     from llama_export.exporter.calibrate import (
         CalibrationStream,
         SourceHints,
         calibration_text,
-        fully_prequantized,
         read_calibration_text,
     )
-    from llama_export.passes.quantize import DEFAULT_METHOD, QuantOptions
+    from llama_export.passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
-    fast = cpu and block_size >= FAST_LAYOUT_BLOCK
-    split = cpu and not fast and splits_lm_head(options, checkpoint.config.vocab_size)
-    head_bits = 4 if split else (options.lm_head_bits or FAST_LAYOUT_LM_HEAD_BITS) if fast else \
-        lm_head_bits(options, block_size)
-    head_block = None if fast else QuantOptions.lm_head_block_size  # None: the layers' blocks
     try:
-        quant = QuantOptions(block_size=block_size, symmetric=options.symmetric, method=method,
-                             lm_head_bits=head_bits, lm_head_block_size=head_block,
-                             lm_head_frequent_rows=FREQUENT_LM_HEAD_ROWS if split else 0,
-                             quantize_embedding=options.quantize_embedding,
-                             sensitive_weights=frozenset() if fast else edge_layer_weights(checkpoint),
-                             sensitive_block_size=EDGE_LAYER_BLOCK,
-                             carry_any_source_blocks=options.block_size is None)
+        quant = preset.quant_options(block_size, method, options.symmetric, options.quantize_embedding,
+                                     edge_layer_weights(checkpoint.weights, checkpoint.config.num_hidden_layers),
+                                     carry_any_source_blocks=options.block_size is None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hessians = None
-    carried_blocks = carried_block_size(options, block_size)
-    carried = fully_prequantized(checkpoint, carried_blocks, bits=(4,), layers_only=True) if tensorrt else \
-        fully_prequantized(checkpoint, carried_blocks)
-    if method != "rtn" and not carried:
+    if method != "rtn" and not carried(checkpoint, preset, carried_block_size(options, block_size)):
         text = read_calibration_text(options.calibration_text) if options.calibration_text else \
             calibration_text(checkpoint)
         log(f"      calibrating on {options.calibration_text or 'the built-in texts'} ({method}), one decoder layer "

@@ -8,38 +8,50 @@ ONNX Runtime build needs (`--include_ops_by_config`)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
-from llama_export.passes.quantize import QuantOptions, dividing_block
-from llama_export.targets.base import Target, TargetError
+from llama_export.targets.base import Finished, Finishing, Target, TargetError
 from llama_export.targets.cpu import cpu_pipeline
 from llama_export.targets.package import DATA_FILE, MODEL_FILE
 from llama_export.targets.plan import ModelShape
+from llama_export.targets.presets import PHONE, QuantPreset
 
 ORT_MODEL_FILE = "model.ort"
 OPERATORS_FILE = "required_operators.config"
 ORT_FORMAT_LIMIT = 2 << 30  # flatbuffers' 32-bit offsets
+# An ORT-format package's ONNX files, kept in the staging folder until verify has read its weights back from them.
+ONNX_GRAPH_FOR_VERIFY = "onnx-graph"
 
 
-def mobile_pipeline(precision: str, config, quant: QuantOptions | None = None, hints=None):
-    """The cpu target's passes, with every block parameter a float32 initializer: a minimal build runs the graph
-    unoptimized, so a Cast of float16 minimums would run on every call instead of being folded once."""
-    return cpu_pipeline(precision, config, replace(quant or QuantOptions(), half_minimums=False), hints)
+@dataclass(frozen=True)
+class PhoneTarget(Target):
+    def preflight(self, shape, precision, block_size, context, preset, float_embedding, log) -> None:
+        check_size(self, shape, precision, block_size, preset, float_embedding)
+
+    def weights_summary(self, model) -> dict:
+        return size_breakdown(model)
+
+    def finish(self, work: Finishing) -> Finished:
+        work.log("      converting to the ORT format (ONNX Runtime Mobile)")
+        graph = work.folder / ONNX_GRAPH_FOR_VERIFY if work.keep_graph else None
+        ort_format = convert_to_ort(work.folder, work.weight_bytes, log=work.log, keep_graph_in=graph)
+        return Finished(manifest={"ort_format": ort_format}, graph=graph)
 
 
 def _mobile_target(name: str, description: str, device: str) -> Target:
-    return Target(
+    return PhoneTarget(
         name=name,
         description=description,
         device=device,
         runtime="ONNX Runtime Mobile (CPU provider; full or minimal build), onnxruntime-genai",
         precisions=("int4", "fp32"),
         default_precision="int4",
-        pipeline=mobile_pipeline,
-        package_format="ort",
+        pipeline=cpu_pipeline,
+        int4=PHONE,
+        model_file=ORT_MODEL_FILE,
     )
 
 
@@ -49,36 +61,27 @@ IOS = _mobile_target("ios-arm64", "ORT-format package for iPhones and iPads (arm
 MOBILE_TARGETS = (ANDROID, IOS)
 
 
-def estimated_model_bytes(shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
-                          float_embedding: bool = False, fine_layers: int = 0, fine_block: int = 32) -> float:
-    """What the model file will hold, from the config alone. INT4 follows the cpu target's layout: 4-bit codes,
-    an fp32 scale and a 4-bit zero point per block; the lm_head (and the embedding, shared with it when tied) at
-    `lm_head_bits` in the lm_head's own blocks, symmetric at 8 bits; `float_embedding` keeps the lookup fp32;
-    `fine_layers` decoder layers in `fine_block`-blocks where `block` is larger (the pipeline's edge layers)."""
+def estimated_model_bytes(shape: ModelShape, precision: str, block: int, preset: QuantPreset = PHONE,
+                          float_embedding: bool = False) -> float:
+    """What the model file will hold, from the config alone: fp32, or INT4 laid out as the (settled) preset says,
+    the lookup table fp32 with `float_embedding`."""
     table = shape.vocab * shape.hidden
     norms = (2 * shape.layers + 1) * shape.hidden * 4
     if precision == "fp32":
         return (shape.layer_weights + table * (1 if shape.tied else 2)) * 4 + norms
-    head_block = dividing_block(min(block, QuantOptions().head_block_size(lm_head_bits)), shape.hidden)
-    head_per_weight = lm_head_bits / 8 + (4 + (0 if lm_head_bits == 8 else 0.5)) / head_block
-    if float_embedding:
-        embedding = table * 4
-    else:
-        embedding = 0 if shape.tied else table * head_per_weight
-    fine = shape.layer_weights * fine_layers / shape.layers
-    layers = (shape.layer_weights - fine) * (0.5 + 4.5 / block) + fine * (0.5 + 4.5 / min(block, fine_block))
-    return layers + table * head_per_weight + embedding + norms
+    return (preset.layer_bytes(shape.layer_weights, shape.layers, block)
+            + preset.table_bytes(shape.vocab, shape.hidden, shape.tied, block, float_embedding) + norms)
 
 
-def check_size(target: Target, shape: ModelShape, precision: str, block: int, lm_head_bits: int = 4,
-               float_embedding: bool = False, fine_layers: int = 0, fine_block: int = 32) -> float:
+def check_size(target: Target, shape: ModelShape, precision: str, block: int, preset: QuantPreset = PHONE,
+               float_embedding: bool = False) -> float:
     """Refuse, before tracing, a model whose ORT file would pass the format's limit; says what would fit."""
-    size = estimated_model_bytes(shape, precision, block, lm_head_bits, float_embedding, fine_layers, fine_block)
+    size = estimated_model_bytes(shape, precision, block, preset, float_embedding)
     if size <= ORT_FORMAT_LIMIT:
         return size
     text = (f"{shape.name} in {precision} needs about {size / 2**30:.1f} GiB as an ORT-format model; the format holds "
             f"at most 2 GiB (one flatbuffer, no external data)")
-    int4 = estimated_model_bytes(shape, "int4", block, lm_head_bits, float_embedding, fine_layers, fine_block)
+    int4 = estimated_model_bytes(shape, "int4", block, preset, float_embedding)
     if precision != "int4" and int4 <= ORT_FORMAT_LIMIT:
         raise TargetError(f"{text}; --precision int4 would fit ({int4 / 2**30:.1f} GiB)")
     parameters = shape.layer_weights + shape.vocab * shape.hidden * (1 if shape.tied else 2)

@@ -1,7 +1,8 @@
 """Memory planning: will a model, at a precision and context, fit the target device? Needs only the config.
 
 The budget follows what the package holds and what TensorRT allocates at run time:
-- weights: the decoder layers' projections (INT4: half a byte per weight plus an fp16 scale per block), norms;
+- weights: the decoder layers' projections (INT4 as the target's preset lays it out: TensorRT's, half a byte per
+  weight plus an fp16 scale per block), norms;
 - embeddings: the lookup table and the lm_head stay fp16 on TensorRT targets (INT4 weights or not);
 - KV cache: fp16, 2 * layers * kv_heads * head_dim * 2 bytes per token, twice over because the graph's cache
   Concat reads the past buffer and writes the present one;
@@ -81,10 +82,10 @@ class ModelShape:
         return self.layers * (attention + 3 * self.hidden * self.intermediate)
 
 
-def _weight_bytes(count: int, precision: str, block: int) -> float:
+def _layer_weight_bytes(target: Target, model: ModelShape, precision: str, block: int) -> float:
     if precision == "int4":
-        return count * (0.5 + 2.0 / block)
-    return count * (4 if precision == "fp32" else 2)
+        return target.int4_preset(block).layer_bytes(model.layer_weights, model.layers, block)
+    return model.layer_weights * (4 if precision == "fp32" else 2)
 
 
 @dataclass
@@ -128,10 +129,14 @@ def plan_memory(target: Target, model: ModelShape, precision: str, context: int,
     block = block_size or target.default_block_size
     prefill = min(prefill or DEFAULT_PREFILL, context)
     half = 2
-    layer_bytes = _weight_bytes(model.layer_weights, precision, block) + (2 * model.layers + 1) * model.hidden * half
-    # The lookup table and the lm_head stay fp16 on TensorRT targets, INT4 or not (stored once when tied).
+    layer_bytes = _layer_weight_bytes(target, model, precision, block) + (2 * model.layers + 1) * model.hidden * half
+    # The lookup table and the lm_head stay fp16 unless the target's INT4 preset quantizes them (TensorRT's does not)
     embeddings = model.vocab * model.hidden * half * (1 if model.tied else 2)
     embedding_label = f"embeddings + lm_head (fp16{', tied' if model.tied else ''})"
+    preset = target.int4_preset(block)
+    if precision == "int4" and preset.lm_head_bits is not None:
+        embeddings = preset.table_bytes(model.vocab, model.hidden, model.tied, block, float_embedding=False)
+        embedding_label = f"embeddings + lm_head ({preset.lm_head_bits}-bit{', tied' if model.tied else ''})"
     kv = 2 * model.layers * model.kv_heads * model.head_dim * half * context * batch * 2
     tokens = batch * prefill
     activations = (tokens * (4 * model.hidden + 3 * model.intermediate + model.head_dim * (model.heads + 2 *

@@ -5,7 +5,7 @@ are decomposed into primitive ops. Thor (JetPack 7) and discrete GPUs with Tenso
 Every flavour keeps the KV-cache Concat outside attention, computes in fp16 with norm statistics, rotary arithmetic
 and softmax in fp32, and takes INT4 weights as symmetric blocked DequantizeLinear feeding MatMul."""
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from llama_export.passes.attention import FuseRotary
 from llama_export.passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SetOpset, SimplifyPatterns
@@ -14,16 +14,17 @@ from llama_export.passes.normalization import FuseRMSNorm
 from llama_export.passes.packing import PackSiblingMatMuls
 from llama_export.passes.precision import ConvertToFloat16
 from llama_export.passes.quantize import QuantizeWeights, QuantOptions
-from llama_export.targets.base import Target
-from llama_export.targets.tensorrt_ops import TENSORRT_10_3, TENSORRT_10_15, ParserSupport
+from llama_export.targets.base import Finished, Finishing, Target, TargetError
+from llama_export.targets.presets import TENSORRT_INT4
+from llama_export.targets.tensorrt_ops import TENSORRT_10_3, TENSORRT_10_15, ParserSupport, parser_problems
 
 
 def tensorrt_quant_options(quant: QuantOptions | None) -> QuantOptions:
-    """TensorRT takes weight-only INT4 as symmetric blocked DequantizeLinear (zero zero-point). The embedding
-    lookup stays fp16 (the parser's INT4 path is for weights feeding MatMul), and so does the lm_head, as
-    TensorRT-LLM's INT4 recipes leave it."""
-    return replace(quant or QuantOptions(block_size=128), form="dequantizelinear", symmetric=True, lm_head_bits=None,
-                   quantize_embedding=False)
+    """TENSORRT_INT4's form forced onto the quantizer's options, wherever they were made (the export makes them from
+    the preset; tests call the pipeline with plain QuantOptions)."""
+    preset = TENSORRT_INT4
+    return replace(quant or QuantOptions(block_size=128), form=preset.form, symmetric=preset.symmetric_only,
+                   lm_head_bits=preset.lm_head_bits, quantize_embedding=preset.quantize_embedding)
 
 
 def tensorrt_pipeline(support: ParserSupport):
@@ -49,8 +50,37 @@ def tensorrt_pipeline(support: ParserSupport):
     return pipeline
 
 
+@dataclass(frozen=True)
+class TensorRTTarget(Target):
+    def check_graph(self, model) -> None:
+        problems = parser_problems(model, self.tensorrt)
+        if problems:
+            raise TargetError(f"the graph holds ops TensorRT {self.tensorrt.version}'s ONNX parser cannot take: "
+                              f"{', '.join(problems)}; nothing was written")
+
+    def finish(self, work: Finishing) -> Finished:
+        """Profiles, build and check scripts, reference outputs; the engine too where TensorRT and a GPU are here."""
+        from llama_export.targets import engine
+
+        work.log("      writing engine build material (profiles, build_engine.py/.sh, reference outputs)")
+        spec = engine.write_build_material(work.folder, work.io, work.context, self.platform)
+        arrays, inputs, runtime = work.run_reference_steps(work.folder / "model.onnx", work.io,
+                                                           engine.reference_ids(work.vocab_size))
+        engine.write_reference(work.folder, arrays, inputs, runtime)
+        info = {"parser": self.tensorrt.version, "requires": self.platform, "opset": self.tensorrt.opset,
+                "context": work.context, "profiles": [p["name"] for p in spec["profiles"]], "engine": None}
+        missing = engine.tensorrt_available()
+        if missing is None:
+            work.log("      building the TensorRT engine on this GPU")
+            info["engine"] = engine.build_engine_here(work.folder, log=work.log)
+        else:
+            info["engine_not_built"] = f"{missing}: build it on the device with build_engine.sh or build_engine.py"
+            work.log(f"      engine not built here ({missing}); the package carries the build scripts")
+        return Finished(manifest={"tensorrt": info}, graph=work.folder)
+
+
 def _jetson(name: str, module: str, memory_gb: float, support: ParserSupport, platform: str) -> Target:
-    return Target(
+    return TensorRTTarget(
         name=name,
         description=f"TensorRT package for {module}",
         device=module,
@@ -59,6 +89,7 @@ def _jetson(name: str, module: str, memory_gb: float, support: ParserSupport, pl
         default_precision="int4",
         pipeline=tensorrt_pipeline(support),
         default_block_size=128,
+        int4=TENSORRT_INT4,
         memory_gb=memory_gb,
         # Memory is shared with the CPU: ~1.5 GB for the OS and ~1 GB for CUDA and TensorRT.
         reserved_gb=2.5,
@@ -70,7 +101,7 @@ def _jetson(name: str, module: str, memory_gb: float, support: ParserSupport, pl
 JETPACK_6 = "JetPack 6.1/6.2 (TensorRT 10.3, CUDA 12.6)"
 JETPACK_7 = "JetPack 7 with TensorRT >= 10.15"
 
-TENSORRT = Target(
+TENSORRT = TensorRTTarget(
     name="tensorrt",
     description="TensorRT package for discrete NVIDIA GPUs",
     device="NVIDIA GPU, 24 GB",
@@ -79,6 +110,7 @@ TENSORRT = Target(
     default_precision="fp16",
     pipeline=tensorrt_pipeline(TENSORRT_10_15),
     default_block_size=128,
+    int4=TENSORRT_INT4,
     memory_gb=24.0,  # a desktop card; `plan --memory` for others
     reserved_gb=1.0,
     tensorrt=TENSORRT_10_15,
