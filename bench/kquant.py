@@ -54,13 +54,14 @@ def file_values(path: Path) -> tuple[dict[str, np.ndarray], collections.Counter]
     import gguf
 
     from llama_export.exporter.sources import open_checkpoint
-    from llama_export.exporter.sources.gguf_file import hf_name, unpermute_rows
+    from llama_export.exporter.sources.gguf_file import unpermute_rows
+    from llama_export.families.llama import LLAMA
 
     config = open_checkpoint(path).config
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     values, formats = {}, collections.Counter()
     for tensor in gguf.GGUFReader(path).tensors:
-        name = hf_name(tensor.name)
+        name = LLAMA.hf_name(tensor.name)
         formats[tensor.tensor_type.name] += 1
         if name is None or len(tensor.shape) != 2:
             continue

@@ -294,14 +294,15 @@ def _gguf_values(path) -> dict[str, np.ndarray]:
     order."""
     import gguf
 
-    from llama_export.exporter.sources.gguf_file import hf_name, unpermute_rows
+    from llama_export.exporter.sources.gguf_file import unpermute_rows
+    from llama_export.families.llama import LLAMA
 
     heads = {"q_proj": 4, "k_proj": 2}
     expected = {}
     for tensor in gguf.GGUFReader(path).tensors:
         if tensor.tensor_type.name in ("F32", "F16"):
             continue
-        name = hf_name(tensor.name)
+        name = LLAMA.hf_name(tensor.name)
         values = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(
             tuple(reversed([int(d) for d in tensor.shape])))
         for part, n_heads in heads.items():

@@ -111,11 +111,10 @@ def float_tensor(values: np.ndarray) -> torch.Tensor:
 
 def load_layer(checkpoint: Checkpoint, index: int, config=None):
     """transformers' decoder layer `index` with the checkpoint's weights in float32 (only this layer's are read)."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     config = config or checkpoint.config
+    decoder_layer = checkpoint.family.decoder_layer_class()
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(config, index)
+        layer = decoder_layer(config, index)
     layer = layer.to_empty(device="cpu")
     prefix = f"model.layers.{index}."
     with torch.no_grad():
@@ -137,10 +136,11 @@ def embed(checkpoint: Checkpoint, ids: np.ndarray) -> torch.Tensor:
 
 def _linear_names(config) -> list[str]:
     """The decoder layer's linear weights, by parameter name (nothing allocated: built on the meta device)."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from llama_export.families import family_of
 
+    decoder_layer = family_of(config).decoder_layer_class()
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(config, 0)
+        layer = decoder_layer(config, 0)
     return [n + ".weight" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
@@ -201,9 +201,8 @@ class CalibrationStream:
         return self.current.get(name, default)
 
     def _start(self) -> None:
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
         config = self.config
+        rotary = self.checkpoint.family.rotary_class()
         if self.layer is not None and self.log:
             self.log(f"      calibration starts over from the first layer (layer {self.layer} was passed)")
         ids = tokenize(self.checkpoint, self.text)
@@ -216,12 +215,10 @@ class CalibrationStream:
             windows = windows[np.linspace(0, len(windows) - 1, keep).round().astype(int)]
         self.hidden = embed(self.checkpoint, windows)
         self.positions = torch.arange(windows.shape[1]).unsqueeze(0)
-        self.position_embeddings = LlamaRotaryEmbedding(config)(self.hidden, self.positions)
+        self.position_embeddings = rotary(config)(self.hidden, self.positions)
         self.layer, self.current, self.started = -1, {}, time.perf_counter()
 
     def _advance(self) -> None:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
         self.current = {}
         index = self.layer + 1
         with torch.no_grad():
@@ -229,7 +226,7 @@ class CalibrationStream:
                 self.hidden, self.current = self._run_layer(index)
             else:
                 config = self.config
-                norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                norm = self.checkpoint.family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
                 norm.weight.copy_(float_tensor(self.checkpoint.weight("model.norm.weight").load()))
                 total = sum(_moment_sum(norm(self.hidden[start:start + WINDOWS_AT_ONCE]))
                             for start in range(0, len(self.hidden), WINDOWS_AT_ONCE))

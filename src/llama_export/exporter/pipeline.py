@@ -258,7 +258,7 @@ def build_manifest(checkpoint, target: str, precision: str, io: dict, reports) -
             "content_hash": checkpoint.content_hash(),
         },
         "model": {
-            "architecture": "llama",
+            "architecture": checkpoint.family.name,
             "num_hidden_layers": config.num_hidden_layers,
             "num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": config.num_key_value_heads,

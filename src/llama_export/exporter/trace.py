@@ -63,14 +63,16 @@ class FlatCacheLM(torch.nn.Module):
 
 
 def build_skeleton(config):
-    """A LlamaForCausalLM whose parameters hold uninitialized memory; buffers are computed for real."""
-    from transformers import LlamaForCausalLM
+    """The family's causal LM (LlamaForCausalLM) whose parameters hold uninitialized memory; buffers are computed
+    for real."""
+    from llama_export.families import family_of
 
+    causal_lm = family_of(config).causal_lm_class()
     config = copy.deepcopy(config)
     config._attn_implementation = "sdpa"
     config.use_cache = True
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = causal_lm(config)
     model = model.to_empty(device="cpu").eval()
     # to_empty leaves the rotary buffers uninitialized too; rebuild that module so its frequencies are real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
@@ -104,11 +106,10 @@ def trace_to_onnx(checkpoint: Checkpoint) -> ir.Model:
     The tracing runs in a child process: torch.export leaves its graphs and caches reachable from module globals,
     and even once freed their memory stays with the process (fragmented among live objects), where it would add
     to verify's peak."""
-    from transformers import LlamaForCausalLM
-
+    causal_lm = checkpoint.family.causal_lm_class()
     with torch.device("meta"):
         parameters = {name: tuple(p.shape) for name, p in
-                      LlamaForCausalLM(checkpoint.config).named_parameters(remove_duplicate=False)}
+                      causal_lm(checkpoint.config).named_parameters(remove_duplicate=False)}
     checkpoint.check_complete(parameters)
     exported = _trace_in_child(checkpoint.config, set(parameters))
     _bind_weights(exported, checkpoint, set(parameters))

@@ -56,7 +56,8 @@ def trace_key(config, parameter_names: list[str]) -> str:
     import onnxscript
     import torch
     import transformers
-    from transformers.models.llama import modeling_llama
+
+    from llama_export.families import family_of
 
     settings = json.loads(config.to_json_string(use_diff=False))
     for where_from in ("_name_or_path", "transformers_version"):
@@ -64,7 +65,8 @@ def trace_key(config, parameter_names: list[str]) -> str:
     versions = [torch.__version__, transformers.__version__, onnxscript.__version__, onnx_ir.__version__,
                 onnx.__version__]
     digest = hashlib.sha256(json.dumps([settings, sorted(parameter_names), versions], sort_keys=True).encode())
-    for source in (Path(modeling_llama.__file__), Path(__file__).parent / "trace.py"):  # a dev install's edits
+    modeling = family_of(config).module()
+    for source in (Path(modeling.__file__), Path(__file__).parent / "trace.py"):  # a dev install's edits
         digest.update(source.read_bytes())
     return digest.hexdigest()
 

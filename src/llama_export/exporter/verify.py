@@ -74,9 +74,9 @@ TOLERANCES = {
 
 
 class StreamedReference:
-    """transformers' LlamaForCausalLM (fp32, eager attention) over whole token sequences, computed one decoder
-    layer at a time with transformers' own layer classes: only that layer's weights are loaded, the embedding
-    and lm_head are read in row chunks, so a model of any size needs one layer's memory."""
+    """transformers' causal LM of the checkpoint's family (fp32, eager attention) over whole token sequences,
+    computed one decoder layer at a time with transformers' own layer classes: only that layer's weights are
+    loaded, the embedding and lm_head are read in row chunks, so a model of any size needs one layer's memory."""
 
     def __init__(self, checkpoint: Checkpoint):
         import copy
@@ -90,13 +90,13 @@ class StreamedReference:
         import time
 
         import torch
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
         from llama_export.exporter.calibrate import embed, float_tensor, load_layer
         from llama_export.exporter.progress import format_seconds
 
         config, checkpoint = self.config, self.checkpoint
-        rotary = LlamaRotaryEmbedding(config)
+        family = checkpoint.family
+        rotary = family.rotary_class()(config)
         hidden = [embed(checkpoint, np.array([ids])) for ids in sequences]
         positions = [torch.arange(len(ids)).unsqueeze(0) for ids in sequences]
         position_embeddings = [rotary(h, p) for h, p in zip(hidden, positions)]
@@ -116,7 +116,7 @@ class StreamedReference:
                     left = elapsed / (index + 1) * (config.num_hidden_layers - index - 1)
                     log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({format_seconds(elapsed)} so "
                         f"far, about {format_seconds(left)} left)")
-            norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            norm = family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
             norm.weight.copy_(float_tensor(checkpoint.weight("model.norm.weight").load()))
             normed = [norm(h)[0] for h in hidden]
         head = checkpoint.weight("lm_head.weight")
@@ -129,16 +129,16 @@ class StreamedReference:
 
 
 def reference_model(checkpoint: Checkpoint):
-    """transformers' LlamaForCausalLM with the checkpoint's weights, fp32, eager attention."""
+    """transformers' causal LM of the checkpoint's family (LlamaForCausalLM) with its weights, fp32, eager
+    attention."""
     import copy
 
     import torch
-    from transformers import LlamaForCausalLM
 
     config = copy.deepcopy(checkpoint.config)
     config._attn_implementation = "eager"
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = checkpoint.family.causal_lm_class()(config)
     state = {name: torch.from_numpy(np.array(checkpoint.weight(name).load())) for name, _ in model.named_parameters()}
     model.load_state_dict(state, strict=False, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
@@ -279,8 +279,8 @@ def compare_with_reference(runs, checkpoint: Checkpoint, precision: str, log=Non
     with_source = _compare(prompts, references[:len(prompts)], TOLERANCES[precision], log)
     quality = _compare(runs, references, None, None)
     result = {**{k: v for k, v in with_source.items() if k not in ("passed", "tolerance")}, "precision": precision,
-              "reference": f"transformers {_transformers_version()} LlamaForCausalLM (fp32, eager, one layer at a "
-                           "time)"}
+              "reference": f"transformers {_transformers_version()} {checkpoint.family.causal_lm} (fp32, eager, one "
+                           "layer at a time)"}
     readable = folder is not None and (Path(folder) / "model.onnx").is_file()
     if precision == "int4" and readable:
         exactness, arithmetic = _exactness(runs, exact_runs, folder, checkpoint, log)

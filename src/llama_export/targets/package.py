@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from llama_export.families import family_of
 from llama_export.targets.staging import MANIFEST, TOOL, check_output, is_package, output_lock, staged_package  # noqa: F401
 
 MODEL_FILE = "model.onnx"
@@ -79,7 +80,7 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
             "eos_token_id": eos,
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else
             (eos[0] if isinstance(eos, list) else eos),
-            "type": "llama",
+            "type": family_of(config).genai_type,
             "vocab_size": config.vocab_size,
         },
         "search": {

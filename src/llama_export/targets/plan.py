@@ -37,6 +37,7 @@ class ModelShape:
     vocab: int
     tied: bool
     max_context: int
+    family: str = "llama"  # llama_export.families: the weight formulas
 
     @classmethod
     def from_config(cls, config, name: str = "model") -> ModelShape:
@@ -55,6 +56,12 @@ class ModelShape:
                 raise TargetError(f"{name}: {key} is {value!r}; it must be a whole number of at least 1")
             return int(value)
 
+        from llama_export.families import UnsupportedFamily, family_of
+
+        try:
+            family = family_of(config).name
+        except UnsupportedFamily as exc:
+            raise TargetError(f"{name}: {exc}") from None
         hidden, heads = size("hidden_size"), size("num_attention_heads")
         kv_heads = size("num_key_value_heads", heads)
         if heads % kv_heads:
@@ -64,7 +71,7 @@ class ModelShape:
                    intermediate=size("intermediate_size"), heads=heads, kv_heads=kv_heads,
                    head_dim=size("head_dim", hidden // heads or None), vocab=size("vocab_size"),
                    tied=bool(get("tie_word_embeddings", False)),
-                   max_context=size("max_position_embeddings", 4096))
+                   max_context=size("max_position_embeddings", 4096), family=family)
 
     @classmethod
     def from_json(cls, path: Path) -> ModelShape:
@@ -78,8 +85,9 @@ class ModelShape:
 
     @property
     def layer_weights(self) -> int:
-        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return self.layers * (attention + 3 * self.hidden * self.intermediate)
+        from llama_export.families import FAMILIES
+
+        return FAMILIES[self.family].layer_weights(self)
 
 
 def _layer_weight_bytes(target: Target, model: ModelShape, precision: str, block: int) -> float:

@@ -11,8 +11,6 @@ import numpy as np
 
 from llama_export.exporter.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama",)
-
 
 @dataclass
 class WeightInfo:
@@ -53,10 +51,17 @@ class Checkpoint:
     name: str
     kind: str  # "hf" or "gguf"
     path: Path
-    config: object  # transformers.LlamaConfig
+    config: object  # the family's transformers config (LlamaConfig)
     weights: dict[str, WeightInfo]
     files: list[Path]  # the files whose bytes define the model, for the content hash
     write_tokenizer: Callable[[Path], list[str]] = field(repr=False, default=lambda dest: [])
+
+    @property
+    def family(self):
+        """The model family (llama_export.families) of the config."""
+        from llama_export.families import family_of
+
+        return family_of(self.config)
 
     def tensor_name(self, name: str) -> str:
         """The checkpoint tensor holding a model parameter; a tied lm_head is the embedding."""
@@ -97,11 +102,13 @@ class Checkpoint:
 
 
 def require_supported(model_type, where: Path) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"{where}: unsupported architecture '{model_type}'; llama-export handles LLaMA-family models "
-            f"(model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    """A config's model_type (or a GGUF's architecture) some registered family handles."""
+    from llama_export.families import UnsupportedFamily, family_for
+
+    try:
+        family_for(model_type)
+    except UnsupportedFamily as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def check_sizes(config, where: Path) -> None:
@@ -130,26 +137,10 @@ def check_llama_config(config, where: Path) -> None:
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every parameter a LlamaForCausalLM of this config holds, with its shape, from the config alone."""
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-             "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
-             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
-             "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
-             "mlp.down_proj.weight": (hidden, inter)}
-    if getattr(config, "attention_bias", False):
-        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-                      "self_attn.o_proj.bias": (hidden,)})
-    if getattr(config, "mlp_bias", False):
-        layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (hidden,)})
-    for index in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
-    return shapes
+    """Every parameter the config's family's model holds, with its shape, from the config alone."""
+    from llama_export.families import family_of
+
+    return family_of(config).parameter_shapes(config)
 
 
 def check_weights_match_config(checkpoint: Checkpoint) -> None:

@@ -1,10 +1,10 @@
-"""llama.cpp GGUF files of the llama architecture: metadata becomes a LlamaConfig, tensors are dequantized
-one at a time on demand, and the tokenizer is rebuilt from the metadata into tokenizer.json."""
+"""llama.cpp GGUF files of a registered family's architecture (llama_export.families: llama): metadata becomes the
+family's config, tensor names map through the family's table, tensors are dequantized one at a time on demand, and
+the tokenizer is rebuilt from the metadata into tokenizer.json."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,38 +17,9 @@ from llama_export.exporter.sources.base import (
     check_sizes,
     check_weights_match_config,
     require_finite,
-    require_supported,
 )
 from llama_export.exporter.sources.gguf_blocks import FORMATS as BLOCK_FORMATS
 from llama_export.exporter.sources.gguf_blocks import decode_rows
-
-# GGUF tensor name -> Hugging Face parameter name (per-layer names take the block index).
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-
-
-def hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
-    return None
 
 
 def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -62,11 +33,17 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
-def _config_from_metadata(reader, path: Path):
-    from transformers import LlamaConfig
+def _family(reader, path: Path):
+    from llama_export.families import UnsupportedFamily, family_for_gguf
 
-    arch = _field(reader, "general.architecture")
-    require_supported(arch, path)
+    try:
+        return family_for_gguf(_field(reader, "general.architecture"))
+    except UnsupportedFamily as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def _config_from_metadata(reader, path: Path, family):
+    arch = family.gguf_architecture
     p = f"{arch}."
     try:
         hidden = int(_field(reader, p + "embedding_length"))
@@ -97,7 +74,7 @@ def _config_from_metadata(reader, path: Path):
                      num_hidden_layers=layers, intermediate_size=intermediate, vocab_size=vocab, head_dim=head_dim),
                 path)
     try:
-        return LlamaConfig(
+        return family.config_type()(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate,
@@ -187,18 +164,15 @@ def _open_reader(path: Path):
 
 def open_gguf(path: Path) -> Checkpoint:
     reader = _open_reader(path)
-    config = _config_from_metadata(reader, path)
+    family = _family(reader, path)
+    config = _config_from_metadata(reader, path, family)
     check_llama_config(config, path)
     weights: dict[str, WeightInfo] = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = family.hf_name(tensor.name)
         if name is None:
             continue
-        n_heads = None
-        if name.endswith("q_proj.weight"):
-            n_heads = config.num_attention_heads
-        elif name.endswith("k_proj.weight"):
-            n_heads = config.num_key_value_heads
+        n_heads = family.permuted_heads(name, config)
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         fmt = BLOCK_FORMATS.get(tensor.tensor_type.name)
         weights[name] = WeightInfo(shape=shape, load=_tensor_loader(tensor, n_heads, path),

@@ -1,0 +1,83 @@
+"""What a model family declares (see families/llama.py for LLaMA's)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+class UnsupportedFamily(ValueError):
+    """A config or GGUF architecture no registered family handles."""
+
+    def __init__(self, name, known: list[str]):
+        super().__init__(f"unsupported architecture '{name}'; llama-export handles LLaMA-family models "
+                         f"(model_type {', '.join(known)})")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # the manifest's "architecture"
+    model_types: tuple[str, ...]  # config.json model_type values
+    genai_type: str  # onnxruntime-genai's genai_config.json model.type
+    modeling: str  # the transformers module holding the classes below
+    causal_lm: str  # the *ForCausalLM class, traced and used as verify's reference
+    config_class: str  # the config class a GGUF's metadata becomes (imported from transformers)
+    decoder_layer: str  # one decoder layer: calibration and verify run the model layer by layer
+    norm: str  # the final norm's class
+    rotary: str  # the rotary embedding module (position embeddings handed to each layer)
+    gguf_architecture: str | None = None  # GGUF general.architecture (None: GGUF files are not read)
+    # GGUF tensor name -> Hugging Face parameter name: model-wide tensors, and per layer (blk.N.NAME.weight)
+    gguf_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    gguf_layer_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Per-layer parameters whose rows llama.cpp's converter interleaved for its rotary form, and the config field
+    # giving their head count (the GGUF reader undoes the interleaving)
+    gguf_permuted_rows: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def module(self):
+        return importlib.import_module(self.modeling)
+
+    def causal_lm_class(self):
+        return getattr(self.module(), self.causal_lm)
+
+    def config_type(self):
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
+    def decoder_layer_class(self):
+        return getattr(self.module(), self.decoder_layer)
+
+    def norm_class(self):
+        return getattr(self.module(), self.norm)
+
+    def rotary_class(self):
+        return getattr(self.module(), self.rotary)
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The Hugging Face parameter a GGUF tensor holds (None: a tensor the family does not use)."""
+        if gguf_name in self.gguf_names:
+            return self.gguf_names[gguf_name]
+        match = _GGUF_LAYER.fullmatch(gguf_name)
+        if match and match.group(2) in self.gguf_layer_names:
+            return f"model.layers.{match.group(1)}.{self.gguf_layer_names[match.group(2)]}.weight"
+        return None
+
+    def permuted_heads(self, hf_name: str, config) -> int | None:
+        """The head count to undo llama.cpp's row interleaving with, for a parameter that has it."""
+        for suffix, heads in self.gguf_permuted_rows.items():
+            if hf_name.endswith(suffix):
+                return getattr(config, heads)
+        return None
+
+    def parameter_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """Every parameter the family's model of this config holds, with its shape, from the config alone."""
+        raise NotImplementedError
+
+    def layer_weights(self, shape) -> int:
+        """Weights in the decoder layers' matrices (targets.plan.ModelShape's sizes): what INT4 quantizes."""
+        raise NotImplementedError
