@@ -26,13 +26,22 @@ class Built:
 
 
 def build_elsewhere(options, source: Path, staging: Path, progress: Progress) -> Built:
-    built = call_in_child(__name__, "build_child", (options, source, staging, progress.total, progress.quiet),
-                          "the export's build")
+    from llama_export import families, targets
+
+    # A family or target registered at run time (by a user's script) travels with the request: a fresh
+    # interpreter knows only the built-in ones.
+    registered = ([f for name, f in families.FAMILIES.items() if name not in families.BUILT_IN],
+                  [t for name, t in targets.TARGETS.items() if name not in targets.BUILT_IN])
+    built = call_in_child(__name__, "build_child", (options, source, staging, progress.total, progress.quiet,
+                                                    registered), "the export's build")
     progress.step = built.steps
     return built
 
 
-def build_child(options, source: Path, staging: Path, total_steps: int, quiet: bool) -> Built:
+def build_child(options, source: Path, staging: Path, total_steps: int, quiet: bool, registered) -> Built:
+    from llama_export import families, targets
     from llama_export.exporter.build import build
 
+    families.FAMILIES.update({family.name: family for family in registered[0]})
+    targets.TARGETS.update({target.name: target for target in registered[1]})
     return build(options, source, staging, Progress(total_steps, quiet=quiet))

@@ -62,12 +62,12 @@ class FlatCacheLM(torch.nn.Module):
         return (out.logits, *present)
 
 
-def build_skeleton(config):
+def build_skeleton(config, family=None):
     """The family's causal LM (LlamaForCausalLM) whose parameters hold uninitialized memory; buffers are computed
     for real."""
     from llama_export.families import family_of
 
-    causal_lm = family_of(config).causal_lm_class()
+    causal_lm = (family or family_of(config)).causal_lm_class()
     config = copy.deepcopy(config)
     config._attn_implementation = "sdpa"
     config.use_cache = True
@@ -126,17 +126,20 @@ def _trace_in_child(config, parameter_names: set[str]) -> ir.Model:
         model = ir.serde.deserialize_model(onnx.load_model_from_string(graph))
         model.meta[FROM_CACHE] = True
         return model
-    graph = call_in_child(__name__, "trace_child", (config, sorted(parameter_names)), "tracing")
+    from llama_export.families import family_of
+
+    # The family travels with the request: one registered at run time (by a user's script) is unknown to the child.
+    graph = call_in_child(__name__, "trace_child", (config, sorted(parameter_names), family_of(config)), "tracing")
     if key:
         trace_cache.store(key, graph)
     return ir.serde.deserialize_model(onnx.load_model_from_string(graph))
 
 
-def trace_child(config, parameter_names: list[str]) -> bytes:
+def trace_child(config, parameter_names: list[str], family) -> bytes:
     """The child's side: the graph, serialized, its parameters as references to no file (bound by the parent)."""
     parameter_names = set(parameter_names)
     inputs, outputs = io_names(config.num_hidden_layers)
-    exported = _export(FlatCacheLM(build_skeleton(config)).eval(), _example_inputs(config), inputs, outputs,
+    exported = _export(FlatCacheLM(build_skeleton(config, family)).eval(), _example_inputs(config), inputs, outputs,
                        _dynamic_shapes(config.num_hidden_layers))
     for value in exported.graph.initializers.values():
         if value.name.removeprefix("model.") in parameter_names:

@@ -21,6 +21,7 @@ def register(family: ModelFamily) -> ModelFamily:
 
 
 register(LLAMA)
+BUILT_IN = frozenset(FAMILIES)  # what every interpreter registers on import
 
 
 def model_types() -> list[str]:
@@ -50,5 +51,5 @@ def family_of(config) -> ModelFamily:
     return family_for(model_type or LLAMA.model_types[0])
 
 
-__all__ = ["FAMILIES", "ModelFamily", "UnsupportedFamily", "family_for", "family_for_gguf", "family_of",
+__all__ = ["BUILT_IN", "FAMILIES", "ModelFamily", "UnsupportedFamily", "family_for", "family_for_gguf", "family_of",
            "model_types", "register"]

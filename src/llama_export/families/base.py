@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Mapping
 
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
@@ -32,11 +30,11 @@ class ModelFamily:
     rotary: str  # the rotary embedding module (position embeddings handed to each layer)
     gguf_architecture: str | None = None  # GGUF general.architecture (None: GGUF files are not read)
     # GGUF tensor name -> Hugging Face parameter name: model-wide tensors, and per layer (blk.N.NAME.weight)
-    gguf_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    gguf_layer_names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    gguf_names: dict[str, str] = field(default_factory=dict)
+    gguf_layer_names: dict[str, str] = field(default_factory=dict)
     # Per-layer parameters whose rows llama.cpp's converter interleaved for its rotary form, and the config field
     # giving their head count (the GGUF reader undoes the interleaving)
-    gguf_permuted_rows: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    gguf_permuted_rows: dict[str, str] = field(default_factory=dict)
 
     def module(self):
         return importlib.import_module(self.modeling)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from llama_export.families.base import ModelFamily
 
@@ -48,12 +47,12 @@ LLAMA = LlamaFamily(
     norm="LlamaRMSNorm",
     rotary="LlamaRotaryEmbedding",
     gguf_architecture="llama",
-    gguf_names=MappingProxyType({
+    gguf_names={
         "token_embd.weight": "model.embed_tokens.weight",
         "output_norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight",
-    }),
-    gguf_layer_names=MappingProxyType({
+    },
+    gguf_layer_names={
         "attn_norm": "input_layernorm",
         "attn_q": "self_attn.q_proj",
         "attn_k": "self_attn.k_proj",
@@ -63,7 +62,6 @@ LLAMA = LlamaFamily(
         "ffn_gate": "mlp.gate_proj",
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
-    }),
-    gguf_permuted_rows=MappingProxyType({"q_proj.weight": "num_attention_heads",
-                                         "k_proj.weight": "num_key_value_heads"}),
+    },
+    gguf_permuted_rows={"q_proj.weight": "num_attention_heads", "k_proj.weight": "num_key_value_heads"},
 )

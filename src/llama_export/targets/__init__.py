@@ -19,6 +19,7 @@ def register(target: Target) -> Target:
 
 for _target in (CPU, TENSORRT, *JETSON_TARGETS, *MOBILE_TARGETS):
     register(_target)
+BUILT_IN = frozenset(TARGETS)  # what every interpreter registers on import
 
 
 def get_target(name: str) -> Target:
@@ -27,4 +28,4 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-__all__ = ["TARGETS", "Finished", "Finishing", "Target", "TargetError", "get_target", "register"]
+__all__ = ["BUILT_IN", "TARGETS", "Finished", "Finishing", "Target", "TargetError", "get_target", "register"]

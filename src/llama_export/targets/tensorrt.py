@@ -27,11 +27,16 @@ def tensorrt_quant_options(quant: QuantOptions | None) -> QuantOptions:
                    lm_head_bits=preset.lm_head_bits, quantize_embedding=preset.quantize_embedding)
 
 
-def tensorrt_pipeline(support: ParserSupport):
-    native = "RMSNormalization" in support.ops
+@dataclass(frozen=True)
+class TensorRTPasses:
+    """The passes for a TensorRT version's parser: native LLM ops where it has them, primitives otherwise (a
+    class rather than a closure, so that a target pickles into the build's process)."""
 
-    def pipeline(precision: str, config, quant: QuantOptions | None = None, hints=None):
+    support: ParserSupport
+
+    def __call__(self, precision: str, config, quant: QuantOptions | None = None, hints=None):
         quantize = [QuantizeWeights(tensorrt_quant_options(quant), hints)] if precision == "int4" else []
+        native = "RMSNormalization" in self.support.ops
         ops = [PrepareNativeAttention()] if native else [DecomposeRMSNorm(), DecomposeRotary(), DecomposeAttention()]
         return [
             FoldWeightTransposes(),
@@ -44,10 +49,8 @@ def tensorrt_pipeline(support: ParserSupport):
             ConvertToFloat16(),
             *ops,
             RemoveDeadNodes(),
-            SetOpset(support.opset),
+            SetOpset(self.support.opset),
         ]
-
-    return pipeline
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def _jetson(name: str, module: str, memory_gb: float, support: ParserSupport, pl
         runtime=f"TensorRT {support.version} (engine built on the device)",
         precisions=("int4", "fp16"),
         default_precision="int4",
-        pipeline=tensorrt_pipeline(support),
+        pipeline=TensorRTPasses(support),
         default_block_size=128,
         int4=TENSORRT_INT4,
         memory_gb=memory_gb,
@@ -108,7 +111,7 @@ TENSORRT = TensorRTTarget(
     runtime="TensorRT >= 10.15",
     precisions=("fp16", "int4"),
     default_precision="fp16",
-    pipeline=tensorrt_pipeline(TENSORRT_10_15),
+    pipeline=TensorRTPasses(TENSORRT_10_15),
     default_block_size=128,
     int4=TENSORRT_INT4,
     memory_gb=24.0,  # a desktop card; `plan --memory` for others
