@@ -56,7 +56,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
 
     check_export_memory(options, config, precision, checkpoint, block_size, preset, progress.log)
 
-    from llama_export.exporter.trace import FROM_CACHE, trace_to_onnx
+    from llama_export.exporter.trace import trace_to_onnx
+    from llama_export.names import FROM_CACHE
 
     progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
     model = trace_to_onnx(checkpoint)

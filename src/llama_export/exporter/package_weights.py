@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from llama_export.passes.base import MS_DOMAIN
+from llama_export.names import MS_DOMAIN
 from llama_export.passes.quantization import BlockQuantized, unpack_codes
 from llama_export.passes.quantize import HALF_SUFFIX
 

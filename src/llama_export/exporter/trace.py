@@ -17,23 +17,22 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from llama_export import names
 from llama_export.exporter.errors import UserError
 from llama_export.exporter.sources import Checkpoint
-from llama_export.passes.base import ROW_READER
+from llama_export.names import FROM_CACHE, ROW_READER
 from llama_export.passes.quantize import SOURCE_NAMES
 from llama_export.passes.streamed import RowStreamedTensor
 
 OPSET = 23
-FROM_CACHE = "traced-earlier"  # model.meta key: the graph came from exporter/trace_cache
 UNBOUND = "unbound-weights"  # where the traced graph's parameters point until they are bound to the checkpoint
 # Example sizes for tracing; each dynamic dimension gets a value above 1 so none is specialized away.
 _BATCH, _SEQ, _PAST = 2, 3, 4
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    past, present = names.cache_names(num_layers)
+    return [names.INPUT_IDS, names.ATTENTION_MASK, names.POSITION_IDS, *past], [names.LOGITS, *present]
 
 
 class FlatCacheLM(torch.nn.Module):

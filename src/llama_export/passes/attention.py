@@ -16,7 +16,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from llama_export.passes.base import MS_DOMAIN, GraphPass, replace_value
+from llama_export.names import MS_DOMAIN
+from llama_export.passes.base import GraphPass, replace_value
 from llama_export.passes.evaluate import NotEvaluable, evaluate
 
 

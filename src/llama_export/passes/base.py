@@ -8,12 +8,6 @@ from dataclasses import asdict, dataclass
 
 import onnx_ir as ir
 
-# Value.meta key: f(start, stop) -> rows [start, stop) of the weight in its [out, in] layout, read alone (a source
-# tensor that can be sliced); the quantizer then reads weights in row chunks instead of whole. A pass that changes
-# a weight's values must wrap it too (passes/scaling.py does).
-MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
-ROW_READER = "row_reader"
-
 
 @dataclass
 class PassReport:
@@ -27,13 +21,49 @@ class PassReport:
         return asdict(self)
 
 
-class GraphPass:
-    """Subclasses set `name` and implement `apply`, returning how many sites they rewrote (0: unchanged)."""
+@dataclass
+class SitesResult(ir.passes.PassResult):
+    """onnx-ir's pass result, with how many sites the pass rewrote."""
+
+    sites: int = 0
+
+
+class GraphPass(ir.passes.InPlacePass):
+    """An onnx-ir in-place pass (PassBase: `requires`/`ensures` checked around each call; PassResult). Subclasses
+    set `name` and implement `apply`, returning how many sites they rewrote (0: unchanged)."""
 
     name = "pass"
 
     def apply(self, model: ir.Model) -> int:
         raise NotImplementedError
+
+    def call(self, model: ir.Model) -> SitesResult:
+        sites = self.apply(model)
+        return SitesResult(model, modified=sites > 0, sites=sites)
+
+
+class ReportingPassManager(ir.passes.PassManager):
+    """onnx-ir's PassManager, run once, keeping a report per pass (sites, nodes before and after, seconds). A
+    pass's own error (a user's model the pass must refuse) propagates as it was raised, not wrapped."""
+
+    def __init__(self, passes: list[GraphPass], log=None):
+        super().__init__(passes, steps=1)
+        self.log = log
+        self.reports: list[PassReport] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for graph_pass in self.passes:
+            before, start = count_nodes(model), time.perf_counter()
+            result = graph_pass(model)
+            report = PassReport(graph_pass.name, getattr(result, "sites", int(result.modified)), before,
+                                count_nodes(model), time.perf_counter() - start)
+            self.reports.append(report)
+            modified = modified or result.modified
+            if self.log:
+                self.log(f"  {report.name:<24} {report.sites:>5} sites  {report.nodes_before:>6} -> "
+                         f"{report.nodes_after} nodes")
+        return ir.passes.PassResult(model, modified)
 
 
 def replace_value(old: ir.Value, new: ir.Value) -> None:
@@ -50,15 +80,9 @@ def count_nodes(model: ir.Model) -> int:
 
 
 def run_passes(model: ir.Model, passes: list[GraphPass], log=None) -> list[PassReport]:
-    reports = []
-    for graph_pass in passes:
-        before, start = count_nodes(model), time.perf_counter()
-        sites = graph_pass.apply(model)
-        report = PassReport(graph_pass.name, sites, before, count_nodes(model), time.perf_counter() - start)
-        reports.append(report)
-        if log:
-            log(f"  {report.name:<24} {report.sites:>5} sites  {report.nodes_before:>6} -> {report.nodes_after} nodes")
-    return reports
+    manager = ReportingPassManager(passes, log=log)
+    manager(model)
+    return manager.reports
 
 
 def format_report(reports: list[PassReport]) -> str:

@@ -9,7 +9,8 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import rewrite
 
-from llama_export.passes.base import MS_DOMAIN, GraphPass, count_nodes
+from llama_export.names import MS_DOMAIN
+from llama_export.passes.base import GraphPass, count_nodes
 from llama_export.passes.streamed import RowStreamedTensor
 
 # Folding reads its inputs; above this many elements a value is a weight, and weights are only touched lazily.

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from llama_export.passes.base import MS_DOMAIN, GraphPass, replace_value
+from llama_export.names import MS_DOMAIN
+from llama_export.passes.base import GraphPass, replace_value
 
 
 class FuseRMSNorm(GraphPass):

@@ -13,7 +13,8 @@ from typing import Callable, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from llama_export.passes.base import MS_DOMAIN, ROW_READER, GraphPass, replace_value
+from llama_export.names import INPUT_SCALE, MS_DOMAIN, ROW_READER
+from llama_export.passes.base import GraphPass, replace_value
 from llama_export.passes.quantization import (
     BlockQuantized,
     concatenate_rows,
@@ -23,7 +24,6 @@ from llama_export.passes.quantization import (
     quantize_gptq,
     quantize_rtn,
 )
-from llama_export.passes.scaling import INPUT_SCALE
 
 METHODS = ("rtn", "clip", "gptq")
 DEFAULT_METHOD = "gptq"  # best measured on the default model (README, INT4)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llama_export.passes.base import ROW_READER, GraphPass
+from llama_export.names import INPUT_SCALE, ROW_READER
+from llama_export.passes.base import GraphPass
 from llama_export.passes.quantization import quantize_rtn
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # Value.meta key: the LazyScale applied to a weight's input columns (the quantizer reads it)
-INPUT_SCALE = "input_scale"
 _GAMMA_INPUT = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2, "RMSNormalization": 1}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_export import names
 from llama_export.runtimes.mapped_pages import paged_out_while_loading
 from llama_export.runtimes.streamed_head import StreamedHeadSession, split_head
 
@@ -157,11 +158,11 @@ class OnnxPackage(PackageLayout):
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "position_ids" in self.input_names:
-            feed["position_ids"] = position_ids
+        feed = {names.INPUT_IDS: input_ids, names.ATTENTION_MASK: attention_mask}
+        if names.POSITION_IDS in self.input_names:
+            feed[names.POSITION_IDS] = position_ids
         for (key_name, value_name), i in zip(self.past_names, range(0, len(past), 2)):
             feed[key_name], feed[value_name] = past[i], past[i + 1]
-        output_names = ["logits"] + [name for pair in self.present_names for name in pair]
+        output_names = [names.LOGITS] + [name for pair in self.present_names for name in pair]
         logits, *present = self.session.run(output_names, feed)
         return logits, present

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_export import names
 from llama_export.runtimes.onnx_package import open_session
 from llama_export.runtimes.streamed_head import StreamedHeadSession
 
@@ -21,7 +22,7 @@ def run_reference_steps(model_path: Path, io: dict, ids: list[int]) -> tuple[dic
     outputs = [o.name for o in session.get_outputs()]
     past = {}
     for name, spec in io["inputs"].items():
-        if name.startswith("past_key_values."):
+        if name.startswith(names.PAST_PREFIX):
             dims = [1 if d == "batch" else 0 if d == "past_sequence" else d for d in spec["shape"]]
             past[name] = np.zeros(dims, dtype=np.float16 if "float16" in inputs[name].type else np.float32)
     arrays, length = {}, 0
@@ -30,14 +31,14 @@ def run_reference_steps(model_path: Path, io: dict, ids: list[int]) -> tuple[dic
         if step == "decode":
             step_ids = arrays["prefill/out/logits"][:, -1:].argmax(-1).astype(np.int64)
         count = step_ids.shape[1]
-        feed = {"input_ids": step_ids, "attention_mask": np.ones((1, length + count), np.int64), **past}
-        if "position_ids" in inputs:
-            feed["position_ids"] = np.arange(length, length + count, dtype=np.int64)[None]
+        feed = {names.INPUT_IDS: step_ids, names.ATTENTION_MASK: np.ones((1, length + count), np.int64), **past}
+        if names.POSITION_IDS in inputs:
+            feed[names.POSITION_IDS] = np.arange(length, length + count, dtype=np.int64)[None]
         results = dict(zip(outputs, session.run(outputs, feed)))
         for name, value in feed.items():
             arrays[f"{step}/in/{name}"] = value
-        arrays[f"{step}/out/logits"] = results["logits"].astype(np.float32)
-        past = {name: results[name.replace("past_key_values.", "present.")] for name in past}
+        arrays[f"{step}/out/{names.LOGITS}"] = results[names.LOGITS].astype(np.float32)
+        past = {name: results[name.replace(names.PAST_PREFIX, names.PRESENT_PREFIX)] for name in past}
         length += count
     streamed = ", the fp16 lm_head in float32 row blocks" if isinstance(session, StreamedHeadSession) else ""
     return arrays, list(feed), f"onnxruntime {ort.__version__} (CPU{streamed})"

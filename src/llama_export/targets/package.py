@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from llama_export import names
 from llama_export.families import family_of
 from llama_export.targets.staging import MANIFEST, TOOL, check_output, is_package, output_lock, staged_package  # noqa: F401
 
@@ -46,7 +47,7 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
     """onnxruntime-genai's genai_config.json for a decoder-only llama package, matching the graph: position_ids only
     if it is an input, past and present sharing one buffer when GroupQueryAttention handles the cache; `threads`
     sets the session's intra-op threads (None: genai's default)."""
-    position_ids = "position_ids" in {v.name for v in model.graph.inputs}
+    position_ids = names.POSITION_IDS in {v.name for v in model.graph.inputs}
     past_present_share_buffer = any(n.op_type == "GroupQueryAttention" for n in model.graph)
     context_length = config.max_position_embeddings
     head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -62,16 +63,16 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
                 "head_size": head_size,
                 "hidden_size": config.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    **({"position_ids": "position_ids"} if position_ids else {}),
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
+                    "input_ids": names.INPUT_IDS,
+                    "attention_mask": names.ATTENTION_MASK,
+                    **({"position_ids": names.POSITION_IDS} if position_ids else {}),
+                    "past_key_names": names.PAST_KEY,
+                    "past_value_names": names.PAST_VALUE,
                 },
                 "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
+                    "logits": names.LOGITS,
+                    "present_key_names": names.PRESENT_KEY,
+                    "present_value_names": names.PRESENT_VALUE,
                 },
                 "num_attention_heads": config.num_attention_heads,
                 "num_hidden_layers": config.num_hidden_layers,
