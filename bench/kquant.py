@@ -87,7 +87,7 @@ def package_check(package: Path, expected: dict[str, np.ndarray]) -> dict:
         stored,
         stored_by_name,
     )
-    from llama_export.passes.quantization import BlockQuantized, unpack_codes
+    from llama_export.passes.block_quantized import BlockQuantized, unpack_codes
 
     model = ir.load(package / "model.onnx")
     equal, differ = [], []

@@ -40,7 +40,7 @@ def layer_statistics(layer, hidden, positions, position_embeddings) -> tuple[tor
 
 def quantize_layer(layer, statistics: dict, block: int) -> None:
     """Replaces the layer's linear weights by their GPTQ-quantized values (dequantized), in place."""
-    from llama_export.passes.quantization import quantize_gptq
+    from llama_export.passes.block_quantized import quantize_gptq
 
     for name in LINEARS:
         linear = layer.get_submodule(name)

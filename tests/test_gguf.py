@@ -43,7 +43,7 @@ def test_every_carried_block_format_decodes_to_ggufs_dequantized_values():
     """Random blocks of each format llama-export carries (every bit pattern of codes, scales and minimums; finite
     float16 fields) decode into codes, scales and minimums that dequantize to gguf's own values bit for bit."""
     from llama_export.exporter.sources.gguf_blocks import FORMATS, decode_rows
-    from llama_export.passes.quantization import BlockQuantized
+    from llama_export.passes.block_quantized import BlockQuantized
 
     rng = np.random.default_rng(0)
     float16_fields = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],

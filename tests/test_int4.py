@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from llama_export.exporter.cli import main
 from llama_export.exporter.package_weights import checkpoint_names, matmulnbits_weights, same_bits
-from llama_export.passes.quantization import (
+from llama_export.passes.block_quantized import (
     BlockQuantized,
     pack_codes,
     quantize_clip,
@@ -502,7 +502,8 @@ def test_int4_options_need_int4_precision(tiny_models, tmp_path, capsys):
 def test_split_lm_head_and_its_tied_lookup_compute_the_quantized_table(hidden):
     """A tied table [V, H] read by Gather (embedding) and by the lm_head MatMul: with frequent rows, the first rows
     become 8-bit and the rest 4-bit, and both the lookup and the logits equal those of the two parts dequantized."""
-    from llama_export.passes.quantize import QuantizeWeights, QuantOptions, dividing_block
+    from llama_export.passes.quantize import QuantizeWeights, QuantOptions
+    from llama_export.passes.quantized_graph import dividing_block
 
     vocab, frequent = 320, 100
     table = rng.standard_normal((vocab, hidden)).astype(np.float32)
@@ -565,7 +566,8 @@ def test_edge_layers_are_named_only_in_deep_models():
 
 def test_sensitive_weights_take_finer_blocks_packed_parts_only_when_all_are_named():
     """Three MatMuls: one named weight, one packed from a named and an unnamed tensor, one unnamed."""
-    from llama_export.passes.quantize import SOURCE_NAMES, QuantizeWeights, QuantOptions
+    from llama_export.names import SOURCE_NAMES
+    from llama_export.passes.quantize import QuantizeWeights, QuantOptions
 
     rng = np.random.default_rng(3)
     k, n = 256, 48

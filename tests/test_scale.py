@@ -253,19 +253,22 @@ def test_streamed_reference_equals_the_full_model(tiny_models, variant):
 def test_weights_read_in_row_chunks_write_the_same_bytes(tiny_models, tmp_path, monkeypatch):
     """A vocabulary of 320 in chunks of 64 rows: the embedding and lm_head are read and quantized in five parts."""
     import llama_export.passes.quantize as quantize
+    import llama_export.passes.quantized_graph as quantized_graph
+    import llama_export.passes.quantized_lookup as quantized_lookup
 
     whole = tmp_path / "whole"
     assert main(["--model", str(tiny_models["llama2-gqa"]), "--precision", "int4", "--no-verify", "-q",
                  "-o", str(whole)]) == 0
     reads = []
-    monkeypatch.setattr(quantize, "CHUNK_ROWS", 64)
-    original = quantize._by_row_chunks
+    monkeypatch.setattr(quantized_graph, "CHUNK_ROWS", 64)
+    original = quantized_graph.quantize_by_row_chunks
 
     def recording(weight, rows, quantize_rows, transposed=True):
         reads.append(weight.name)
         return original(weight, rows, quantize_rows, transposed)
 
-    monkeypatch.setattr(quantize, "_by_row_chunks", recording)
+    for module in (quantize, quantized_lookup):  # the lm_head's reads, the embedding table's
+        monkeypatch.setattr(module, "quantize_by_row_chunks", recording)
     chunked = tmp_path / "chunked"
     assert main(["--model", str(tiny_models["llama2-gqa"]), "--precision", "int4", "--no-verify", "-q",
                  "-o", str(chunked)]) == 0

@@ -7,9 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from llama_export.names import INPUT_SCALE
-from llama_export.passes.quantization import quantize_rtn
-from llama_export.passes.quantize import SOURCE_NAMES
+from llama_export.names import INPUT_SCALE, SOURCE_NAMES
+from llama_export.passes.block_quantized import quantize_rtn
 from llama_export.passes.scaling import ScaleNormedInputs, choose_input_scale
 
 K, N, V = 64, 48, 40

@@ -31,3 +31,5 @@ ROW_READER = "row_reader"
 INPUT_SCALE = "input_scale"
 # Model.meta key: the graph came from the trace cache (exporter/trace_cache.py)
 FROM_CACHE = "traced-earlier"
+# Value.meta key: the checkpoint tensors a weight holds, stacked along N (set when the graph's weights are bound)
+SOURCE_NAMES = "checkpoint_names"

@@ -74,7 +74,7 @@ class SourceHints:
         return info.load_quantized() if info is not None and info.load_quantized is not None else None
 
     def prequantized_layout(self, name: str):
-        from llama_export.passes.quantization import layout_template
+        from llama_export.passes.block_quantized import layout_template
 
         info = self.checkpoint.weights.get(name)
         if info is None or info.quantized_bits is None or len(info.shape) != 2:

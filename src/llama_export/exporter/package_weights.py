@@ -13,8 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from llama_export.names import MS_DOMAIN
-from llama_export.passes.quantization import BlockQuantized, unpack_codes
-from llama_export.passes.quantize import HALF_SUFFIX
+from llama_export.passes.block_quantized import BlockQuantized, unpack_codes
+from llama_export.passes.quantized_graph import HALF_SUFFIX
 
 # A packed projection's initializer name (passes/packing.py) -> the checkpoint tensors stacked in it, in order.
 _STACKED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),

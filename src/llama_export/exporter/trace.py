@@ -20,8 +20,7 @@ import torch
 from llama_export import names
 from llama_export.exporter.errors import UserError
 from llama_export.exporter.sources import Checkpoint
-from llama_export.names import FROM_CACHE, ROW_READER
-from llama_export.passes.quantize import SOURCE_NAMES
+from llama_export.names import FROM_CACHE, ROW_READER, SOURCE_NAMES
 from llama_export.passes.streamed import RowStreamedTensor
 
 OPSET = 23

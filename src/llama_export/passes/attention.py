@@ -18,7 +18,7 @@ import onnx_ir.passes.common as common
 
 from llama_export.names import MS_DOMAIN
 from llama_export.passes.base import GraphPass, replace_value
-from llama_export.passes.evaluate import NotEvaluable, evaluate
+from llama_export.passes.subgraph import NotEvaluable, evaluate
 
 
 class FuseRotary(GraphPass):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llama_export.names import MS_DOMAIN, ROW_READER
+from llama_export.names import MS_DOMAIN, ROW_READER, SOURCE_NAMES
 from llama_export.passes.base import GraphPass, replace_value
 from llama_export.passes.cleanup import lazy_transform
-from llama_export.passes.quantize import SOURCE_NAMES
 from llama_export.passes.streamed import RowStreamedTensor
 
 

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from llama_export.names import INPUT_SCALE, ROW_READER
 from llama_export.passes.base import GraphPass
-from llama_export.passes.quantization import quantize_rtn
+from llama_export.passes.block_quantized import quantize_rtn
 
 ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # Value.meta key: the LazyScale applied to a weight's input columns (the quantizer reads it)

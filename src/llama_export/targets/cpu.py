@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, replace
 
+from llama_export.names import SOURCE_NAMES
 from llama_export.passes.activation import FuseSiLU
 from llama_export.passes.attention import FuseGroupQueryAttention, FuseRotary
 from llama_export.passes.cleanup import (
@@ -13,7 +14,7 @@ from llama_export.passes.cleanup import (
 )
 from llama_export.passes.normalization import FuseRMSNorm, FuseSkipRMSNorm
 from llama_export.passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
-from llama_export.passes.quantize import SOURCE_NAMES, QuantizeWeights, QuantOptions
+from llama_export.passes.quantize import QuantizeWeights, QuantOptions
 from llama_export.passes.scaling import ScaleNormedInputs
 from llama_export.targets.base import Target
 from llama_export.targets.presets import CPU_FAST, CPU_FAST_FROM_BLOCK, CPU_FINE, QuantPreset

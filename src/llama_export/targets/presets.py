@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from llama_export.passes.quantize import QuantOptions, dividing_block
+from llama_export.passes.quantize import QuantOptions
+from llama_export.passes.quantized_graph import dividing_block
 
 # A BPE vocabulary numbers tokens in merge order, so its first rows are the frequent tokens: the lm_head's first
 # FREQUENT_LM_HEAD_ROWS stay 8-bit where the rest are 4-bit (README, INT4: layout measurements).

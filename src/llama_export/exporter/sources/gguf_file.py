@@ -128,7 +128,7 @@ def _quantized_loader(tensor, n_heads: int | None, path: Path):
     fmt = BLOCK_FORMATS[kind]
 
     def load():
-        from llama_export.passes.quantization import BlockQuantized
+        from llama_export.passes.block_quantized import BlockQuantized
 
         rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
         codes, scales, minimums = decode_rows(tensor.data, rows, kind)

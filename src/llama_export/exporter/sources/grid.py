@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llama_export.passes.quantization import BlockQuantized
+from llama_export.passes.block_quantized import BlockQuantized
 
 GRID_BITS = 4
 GRID_BLOCK = 32
