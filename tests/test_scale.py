@@ -327,7 +327,7 @@ def test_row_reads_equal_the_whole_tensor(tiny_models, tmp_path):
 def test_gptq_in_column_groups_compensates_within_each_group(monkeypatch):
     """Past GPTQ_GROUP_COLUMNS the Hessian is taken block-diagonal: a group's codes do not depend on another
     group's weights, and the result still beats round-to-nearest (whole-matrix GPTQ does better still)."""
-    from llama_export.passes import quantization
+    from llama_export.passes import block_quantized
 
     rng = np.random.default_rng(0)
     k, n = 256, 24
@@ -335,12 +335,12 @@ def test_gptq_in_column_groups_compensates_within_each_group(monkeypatch):
     x[:, 1::2] += 0.8 * x[:, 0::2]
     w = rng.standard_normal((n, k)).astype(np.float32)
     h = (x.T @ x / len(x)).astype(np.float32)
-    whole = quantization.quantize_gptq(w, h, 4, 32, damp=1.0, act_order=True)
-    monkeypatch.setattr(quantization, "GPTQ_GROUP_COLUMNS", 128)
-    grouped = quantization.quantize_gptq(w, h, 4, 32, damp=1.0, act_order=True)
+    whole = block_quantized.quantize_gptq(w, h, 4, 32, damp=1.0, act_order=True)
+    monkeypatch.setattr(block_quantized, "GPTQ_GROUP_COLUMNS", 128)
+    grouped = block_quantized.quantize_gptq(w, h, 4, 32, damp=1.0, act_order=True)
     changed = w.copy()
     changed[:, 128:] = rng.standard_normal((n, 128))
-    regrouped = quantization.quantize_gptq(changed, h, 4, 32, damp=1.0, act_order=True)
+    regrouped = block_quantized.quantize_gptq(changed, h, 4, 32, damp=1.0, act_order=True)
     np.testing.assert_array_equal(regrouped.codes[:, :128], grouped.codes[:, :128])
     assert not np.array_equal(regrouped.codes[:, 128:], grouped.codes[:, 128:])
 
@@ -348,7 +348,7 @@ def test_gptq_in_column_groups_compensates_within_each_group(monkeypatch):
         diff = q.dequantize() - w
         return float(np.einsum("nk,kl,nl->", diff, h, diff))
 
-    assert error(whole) < error(grouped) < error(quantization.quantize_rtn(w, 4, 32))
+    assert error(whole) < error(grouped) < error(block_quantized.quantize_rtn(w, 4, 32))
 
 
 def test_an_export_that_does_not_fit_in_memory_is_refused_before_it_starts(tiny_models, tmp_path, monkeypatch,
@@ -483,17 +483,17 @@ def test_pages_read_on_another_cpu_are_paged_out(tmp_path):
 def test_gptq_factors_are_computed_once_and_exact():
     """The inverse Hessian's upper factor (triangular inverse by halves) satisfies U^T U = H^-1; a prepared
     Hessian used chunk by chunk gives the codes of the whole matrix quantized at once."""
-    from llama_export.passes import quantization
+    from llama_export.passes import block_quantized
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 600)).astype(np.float32) * rng.uniform(0.5, 3, 600).astype(np.float32)
     h = x.T @ x / 2000
-    upper = quantization._inverse_upper_cholesky(torch.from_numpy(h).double())
+    upper = block_quantized._inverse_upper_cholesky(torch.from_numpy(h).double())
     assert torch.allclose(torch.triu(upper), upper)
     np.testing.assert_allclose((upper.T @ upper).numpy(), np.linalg.inv(h.astype(np.float64)), rtol=1e-8, atol=1e-10)
     w = rng.standard_normal((96, 600)).astype(np.float32)
-    whole = quantization.quantize_gptq(w, h, 4, 32, act_order=True)
-    prepared = quantization.prepare_gptq(h, 32, act_order=True)
-    parts = [quantization.quantize_gptq(w[i:i + 32], prepared, 4) for i in range(0, 96, 32)]
+    whole = block_quantized.quantize_gptq(w, h, 4, 32, act_order=True)
+    prepared = block_quantized.prepare_gptq(h, 32, act_order=True)
+    parts = [block_quantized.quantize_gptq(w[i:i + 32], prepared, 4) for i in range(0, 96, 32)]
     np.testing.assert_array_equal(np.concatenate([p.codes for p in parts]), whole.codes)
     np.testing.assert_array_equal(np.concatenate([p.scales for p in parts]), whole.scales)

@@ -18,7 +18,7 @@ class WeightInfo:
 
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
-    load_quantized: Callable[[], object] | None = None  # the source's own blocks (passes.quantization.BlockQuantized)
+    load_quantized: Callable[[], object] | None = None  # the source's own blocks (block_quantized.BlockQuantized)
     quantized_bits: int | None = None  # their bits, known without reading them
     quantized_block_size: int = 32
     quantized_minimums: bool = False  # d*q + m blocks (GGUF Q4_1)
