@@ -1,11 +1,18 @@
 """Packages the same before and after a change that should not alter them (a refactoring): writes the default
 model's packages for a fixed set of targets and precisions, records every file's SHA-256, and compares two such
 records. Three things vary between two exports of the same graph and are left out of the digests:
-- in the manifest, its creation time, each pass's seconds, and model.onnx's size (see the next point);
+- in the manifest, its creation time, each pass's seconds, and the model file's size (model.onnx or model.ort,
+  with the ORT file's "graph and format" share): the file's own digest checks what it holds;
 - torch.onnx's per-node debug metadata in model.onnx (metadata_props: the Python class path and the stack trace of
   the traced code, file paths included), which names this project's modules where they are;
 - the layout of model.ort: ONNX Runtime writes the same contents at different offsets from one conversion to the
   next, so an ORT file is digested by its contents (every table of its flatbuffer schema, in order).
+
+Each model file is also digested as a graph: every value that is not a graph input or
+output renamed after the node that produces it (or, for an initializer, the first node that reads it), values and
+initializers sorted by those names, and the recorded types of Constant nodes' outputs left out. Two files with the
+same graph digest hold the same nodes, attributes, weights and IO, and differ only in what intermediate values are
+called (onnxscript's rewrite rules keep the replaced value's name; a hand-written rewrite made a new one).
 
     python bench/same_packages.py --work DIR --record before.json      # on the old checkout
     python bench/same_packages.py --work DIR --record after.json       # on the new one, the same DIR
@@ -67,33 +74,93 @@ def digests(package: Path) -> dict[str, str]:
             for report in manifest.get("passes", []):
                 report.pop("seconds", None)
             for name in manifest.get("files", {}):
-                if name.endswith(".onnx"):
+                if name.endswith((".onnx", ".ort")):
                     manifest["files"][name] = "its digest"
+            ort = manifest.get("ort_format", {})
+            if "model_bytes" in ort:
+                ort["model_bytes"] = "its digest"
+                ort.get("size_breakdown", {}).pop("graph and format", None)
             digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         elif path.suffix == ".onnx":
             digest = onnx_digest(path)
+            result[str(path.relative_to(package)) + GRAPH] = onnx_digest(path, canonical=True)
         elif path.suffix == ".ort":
             digest = ort_digest(path)
+            result[str(path.relative_to(package)) + GRAPH] = ort_digest(path, canonical=True)
         else:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         result[str(path.relative_to(package))] = digest
     return result
 
 
-def onnx_digest(path: Path) -> str:
+GRAPH = " (graph)"  # the key of a model file's graph digest in a record
+
+
+def canonical_value_names(nodes, kept) -> dict:
+    """old name -> a name from the graph's structure: 'node:out<i>' for a node's output, else 'node:in<i>' of the
+    first node reading it. `nodes` yields (name, inputs, outputs) in graph order; names in `kept` stay."""
+    names = {}
+    for node, _, outputs in nodes:
+        names.update({value: f"{node}:out{i}" for i, value in enumerate(outputs) if value and value not in kept})
+    for node, inputs, _ in nodes:
+        for i, value in enumerate(inputs):
+            if value and value not in kept and value not in names:
+                names[value] = f"{node}:in{i}"
+    return names
+
+
+def onnx_digest(path: Path, canonical: bool = False) -> str:
     import onnx
 
     model = onnx.load(path, load_external_data=False)
-    for node in model.graph.node:
+    graph = model.graph
+    for node in graph.node:
         del node.metadata_props[:]
+    if canonical:
+        kept = {v.name for v in graph.input} | {v.name for v in graph.output}
+        names = canonical_value_names([(n.name, list(n.input), list(n.output)) for n in graph.node], kept)
+        constants = {n.output[0] for n in graph.node if n.op_type == "Constant"}
+        for node in graph.node:
+            node.input[:] = [names.get(v, v) for v in node.input]
+            node.output[:] = [names.get(v, v) for v in node.output]
+        infos = [v for v in graph.value_info if v.name not in constants]
+        for item in [*infos, *graph.initializer]:
+            item.name = names.get(item.name, item.name)
+        for field, items in (("value_info", infos), ("initializer", list(graph.initializer))):
+            ordered = [proto_copy(item) for item in sorted(items, key=lambda item: item.name)]
+            graph.ClearField(field)
+            getattr(graph, field).extend(ordered)
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def ort_digest(path: Path) -> str:
+def proto_copy(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def ort_digest(path: Path, canonical: bool = False) -> str:
     from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
 
-    session = InferenceSession.GetRootAs(path.read_bytes(), 0)
-    return hashlib.sha256(repr(flatbuffer_contents(session)).encode()).hexdigest()
+    contents = flatbuffer_contents(InferenceSession.GetRootAs(path.read_bytes(), 0))
+    if canonical:
+        graph = contents["Model"]["Graph"]
+        nodes = [(n["Name"], n["Inputs"], n["Outputs"]) for n in graph["Nodes"]]
+        names = canonical_value_names(nodes, set(graph["Inputs"]) | set(graph["Outputs"]))
+        graph = renamed(graph, {old: new.encode() for old, new in names.items()})
+        for field in ("NodeArgs", "Initializers"):
+            graph[field] = sorted(graph[field], key=lambda item: item["Name"])
+        contents["Model"]["Graph"] = graph
+    return hashlib.sha256(repr(contents).encode()).hexdigest()
+
+
+def renamed(contents, names: dict):
+    """Every string in a flatbuffer's contents that `names` maps, replaced."""
+    if isinstance(contents, dict):
+        return {key: renamed(value, names) for key, value in contents.items()}
+    if isinstance(contents, list):
+        return [renamed(value, names) for value in contents]
+    return names.get(contents, contents) if isinstance(contents, bytes) else contents
 
 
 def flatbuffer_contents(table):
@@ -138,15 +205,20 @@ def union_member(union, kind: int):
     return member
 
 
-def compare(before: dict, after: dict) -> list[str]:
-    differences = []
+def compare(before: dict, after: dict) -> tuple[list[str], list[str]]:
+    """(files that differ, model files that differ only in their intermediate values' names)."""
+    differences, renamed_only = [], []
     for name in sorted(set(before) | set(after)):
         old, new = before.get(name, {}), after.get(name, {})
-        for file in sorted(set(old) | set(new)):
-            if old.get(file) != new.get(file):
+        for file in sorted(f for f in set(old) | set(new) if not f.endswith(GRAPH)):
+            if old.get(file) == new.get(file):
+                continue
+            if file in old and file in new and old.get(file + GRAPH) and old.get(file + GRAPH) == new.get(file + GRAPH):
+                renamed_only.append(f"{name}/{file}: the same graph, intermediate values named differently")
+            else:
                 state = "only before" if file not in new else "only after" if file not in old else "differs"
                 differences.append(f"{name}/{file}: {state}")
-    return differences
+    return differences, renamed_only
 
 
 def main() -> None:
@@ -160,12 +232,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.compare:
         before, after = (json.loads(p.read_text()) for p in args.compare)
-        differences = compare(before, after)
-        for line in differences:
+        differences, renamed_only = compare(before, after)
+        for line in renamed_only + differences:
             print(line)
-        files = sum(len(v) for v in before.values())
-        print(f"{len(before)} packages, {files} files: " + (f"{len(differences)} differ" if differences else
-                                                            "all the same (what is left out: see --help)"))
+        files = sum(1 for v in before.values() for f in v if not f.endswith(GRAPH))
+        same = files - len(differences) - len(renamed_only)
+        print(f"{len(before)} packages, {files} files: {same} the same, {len(renamed_only)} the same graph with "
+              f"values renamed, {len(differences)} differ (what is left out: see --help)")
         sys.exit(1 if differences else 0)
     if not (args.work and args.record):
         parser.error("--work and --record, or --compare")

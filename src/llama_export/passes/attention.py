@@ -15,21 +15,51 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from llama_export.names import MS_DOMAIN
-from llama_export.passes.base import GraphPass, replace_value
+from llama_export.passes.base import GraphPass, RulesPass, constant_scalar, replace_value
 from llama_export.passes.subgraph import NotEvaluable, evaluate
 
 
-class FuseRotary(GraphPass):
-    """rotate-half arithmetic -> ONNX RotaryEmbedding (onnxscript's opset-23 fusion)."""
+class RotateHalf(RewriteRuleClassBase):
+    """x * cos + rotate_half(x) * sin, as transformers traces LLaMA's rotary embedding: cos and sin of the
+    frequencies repeated twice along the last axis, unsqueezed at the heads axis; rotate_half(x) the concatenation
+    of minus the second half of each head and the first half."""
+
+    def __init__(self):
+        super().__init__(remove_nodes=False)  # the cos/sin tables also feed the other projection's rotation
+
+    def pattern(self, op, x, freqs, start1, end1, start2, end2, axis1, axis2):
+        repeated = op.Concat(freqs, freqs, axis=-1)
+        cos, sin = op.Unsqueeze(op.Cos(repeated), axis1), op.Unsqueeze(op.Sin(repeated), axis2)
+        first, second = op.Slice(x, start1, end1, [3], [1]), op.Slice(x, start2, end2, [3], [1])
+        return op.Add(op.Mul(x, cos), op.Mul(op.Concat(op.Neg(second), first, axis=-1), sin))
+
+    def check(self, op, x, start1, end1, start2, end2, axis1, axis2, **_) -> MatchResult:
+        result = MatchResult()
+        if constant_scalar(axis1) != 1 or constant_scalar(axis2) != 1:
+            return result.fail("cos/sin are not unsqueezed at the heads axis", axis1)
+        if x.shape is None or len(x.shape) != 4 or not all(isinstance(d, int) for d in (x.shape[1], x.shape[3])):
+            return result.fail("x is not [batch, heads, sequence, head size] with static heads and head size", x)
+        half = x.shape[3] // 2
+        end = constant_scalar(end2)
+        halves = (constant_scalar(start1), constant_scalar(end1), constant_scalar(start2)) == (0, half, half)
+        if not halves or not isinstance(end, int) or end < x.shape[3]:
+            return result.fail("x is not split into its two halves", x)
+        return result
+
+    def rewrite(self, op, x, freqs, **_):
+        return op.RotaryEmbedding(x, op.Cos(freqs), op.Sin(freqs), interleaved=0, num_heads=x.shape[1])
+
+
+class FuseRotary(RulesPass):
+    """rotate-half arithmetic -> ONNX RotaryEmbedding (opset 23)."""
 
     name = "fuse-rotary"
 
-    def apply(self, model: ir.Model) -> int:
-        from onnxscript.rewriter.rules.fusion import _rotary_embedding
-
-        return _rotary_embedding.fuse_rotary_embedding(model)
+    def rules(self) -> list:
+        return [RotateHalf.rule()]
 
 
 def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:

@@ -42,6 +42,34 @@ class GraphPass(ir.passes.InPlacePass):
         return SitesResult(model, modified=sites > 0, sites=sites)
 
 
+class RulesPass(GraphPass):
+    """A pass stated as onnxscript rewrite rules (a pattern, a check that says why a match fails, a rewrite). The
+    rules are built afresh on each run: a rule's matcher keeps the graph it last looked at, and a module-level rule
+    would keep every exported graph reachable. `commute` also tries the swapped inputs of Add and Mul."""
+
+    commute = False
+    domains: tuple[str, ...] = ()  # opsets the rewrites introduce
+
+    def rules(self) -> list:
+        raise NotImplementedError
+
+    def apply(self, model: ir.Model) -> int:
+        from onnxscript.rewriter import RewriteRuleSet
+
+        sites = RewriteRuleSet(self.rules(), commute=self.commute).apply_to_model(model)
+        for domain in self.domains if sites else ():
+            model.opset_imports.setdefault(domain, 1)
+        return sites
+
+
+def constant_scalar(value: ir.Value | None) -> int | float | None:
+    """The single element of a constant (initializer or Constant node's output), else None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    return tensor.numpy().item()
+
+
 class ReportingPassManager(ir.passes.PassManager):
     """onnx-ir's PassManager, run once, keeping a report per pass (sites, nodes before and after, seconds). A
     pass's own error (a user's model the pass must refuse) propagates as it was raised, not wrapped."""
@@ -96,12 +124,15 @@ def forget_rewriter_matches() -> int:
     """Clears what onnxscript's rewrite rules remember of their last match; returns how many matchers held one.
     The rules are module-level objects and each matcher keeps the graph, node and values it last matched: the
     exported graph, and through its lazy initializers the calibration statistics, would stay reachable after the
-    package is written. (onnxscript has no public way to reset them; if its matchers change, nothing is done.)"""
+    package is written. Our own rules are built per run (RulesPass); this is for onnxscript's default rules, which
+    the simplify pass uses. onnxscript has no public way to reset a matcher, so this sets the attributes its
+    matchers hold today; if they change, nothing is done."""
     try:
-        from onnxscript.rewriter import _basics, _matcher
+        from onnxscript.rewriter import MatchResult
+        from onnxscript.rewriter.pattern import PatternMatcher
     except ImportError:
         return 0
-    kinds, pending = set(), [_matcher.PatternMatcher]
+    kinds, pending = set(), [PatternMatcher]
     while pending:  # the concrete classes: an isinstance check on every live object warns on some of torch's
         kind = pending.pop()
         kinds.add(kind)
@@ -110,7 +141,7 @@ def forget_rewriter_matches() -> int:
     for matcher in gc.get_objects():
         if type(matcher) in kinds:
             held = any(getattr(matcher, name, None) is not None for name in ("_current_node", "_graph"))
-            for name, empty in (("_match", _basics.MatchResult), ("_current_node", None), ("_graph", None)):
+            for name, empty in (("_match", MatchResult), ("_current_node", None), ("_graph", None)):
                 if hasattr(matcher, name):
                     setattr(matcher, name, empty() if empty else None)
             cleared += held
