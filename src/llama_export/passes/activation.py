@@ -19,7 +19,6 @@ class SiLUAsQuickGelu(RewriteRuleClassBase):
 class FuseSiLU(RulesPass):
     name = "fuse-silu"
     commute = True  # Sigmoid(x) * x as well
-    domains = (MS_DOMAIN,)
 
     def rules(self) -> list:
         return [SiLUAsQuickGelu.rule()]

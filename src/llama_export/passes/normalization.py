@@ -110,7 +110,6 @@ def _same_3d_shape(a: ir.Value, b: ir.Value) -> bool:
 
 class FuseSkipRMSNorm(RulesPass):
     name = "fuse-skip-rms-norm"
-    domains = (MS_DOMAIN,)
 
     def rules(self) -> list:
         return [SkipRMSNorm.rule(), PlainRMSNorm.rule()]
