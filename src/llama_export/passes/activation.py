@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import RewriteRuleClassBase
 
 from llama_export.names import MS_DOMAIN
@@ -20,5 +21,5 @@ class FuseSiLU(RulesPass):
     name = "fuse-silu"
     commute = True  # Sigmoid(x) * x as well
 
-    def rules(self) -> list:
+    def rules(self, model: ir.Model) -> list:
         return [SiLUAsQuickGelu.rule()]

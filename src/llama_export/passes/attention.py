@@ -3,22 +3,22 @@
 Upstream of an opset-23 `Attention` the tracer leaves: rotary embedding of Q and K, the KV-cache Concat, the
 repetition of K/V heads for grouped queries, and a mask built from `attention_mask`. GroupQueryAttention does all of
 that in one kernel, with rotary tables indexed by position and the cache handled by the runtime. Nothing here trusts
-node names: structure is matched by walking producers, and what structure cannot show (the mask is causal with
+node names: structure is an onnxscript pattern, and what structure cannot show (the mask is causal with
 padding, the head repetition is repeat-interleave, the rotary tables) is proven by running those subgraphs on sample
 inputs. A site that fails any check is left as it was."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
+from onnxscript.rewriter.pattern import OrValue
 
 from llama_export.names import MS_DOMAIN
-from llama_export.passes.base import GraphPass, RulesPass, constant_scalar, replace_value
+from llama_export.passes.base import RulesPass, constant_scalar, replace_value
 from llama_export.passes.subgraph import NotEvaluable, evaluate
 
 
@@ -57,132 +57,17 @@ class FuseRotary(RulesPass):
     """rotate-half arithmetic -> ONNX RotaryEmbedding (opset 23)."""
 
     name = "fuse-rotary"
+    keep_names = True
 
-    def rules(self) -> list:
+    def rules(self, model: ir.Model) -> list:
         return [RotateHalf.rule()]
-
-
-def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is not None and node.op_type == op_type and node.domain == domain:
-        return node
-    return None
-
-
-def _sole_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
-    uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    node = uses[0][0]
-    return node if node.op_type == op_type and node.domain == "" else None
-
-
-def _perm(node: ir.Node) -> list[int]:
-    return list(node.attributes.get_ints("perm", []))
-
-
-def _heads_projection(value: ir.Value) -> ir.Value | None:
-    """[B,S,N*D] -> Reshape [B,S,N,D] -> Transpose [B,N,S,D]: the projection's output, or None."""
-    transpose = _producer(value, "Transpose")
-    if transpose is None or _perm(transpose) != [0, 2, 1, 3]:
-        return None
-    reshape = _producer(transpose.inputs[0], "Reshape")
-    if reshape is None:
-        return None
-    flat = reshape.inputs[0]
-    if flat.shape is None or len(flat.shape) != 3 or not isinstance(flat.shape[2], int):
-        return None
-    return flat
-
-
-def _rotary(value: ir.Value, head_dim: int) -> ir.Node | None:
-    node = _producer(value, "RotaryEmbedding")
-    if node is None or len(node.inputs) != 3 or node.attributes.get_int("interleaved", 0) != 0:
-        return None
-    if node.attributes.get_int("rotary_embedding_dim", head_dim) not in (0, head_dim):
-        return None
-    return node
-
-
-def _cache_concat(value: ir.Value) -> ir.Node | None:
-    """The KV-cache Concat(past, new, axis=2) behind a head-repetition chain of shape-only ops."""
-    while True:
-        concat = _producer(value, "Concat")
-        if concat is not None:
-            break
-        node = value.producer()
-        if node is None or node.domain != "" or node.op_type not in ("Reshape", "Expand", "Unsqueeze", "Slice"):
-            return None
-        value = node.inputs[0]
-    axis = concat.attributes.get_int("axis", 0)
-    if len(concat.inputs) != 2 or axis not in (2, -2) or not concat.inputs[0].is_graph_input():
-        return None
-    return concat
-
-
-@dataclass
-class AttentionSite:
-    attention: ir.Node
-    query: ir.Value  # [B,S,H*D]
-    key: ir.Value  # [B,S,Hkv*D]
-    value: ir.Value
-    key_concat: ir.Node
-    value_concat: ir.Node
-    rotary: ir.Node  # the query's; the key's uses the same tables (checked)
-    output: ir.Value  # [B,S,H*D], what the attention block hands to o_proj
-    num_heads: int
-    kv_heads: int
-    head_dim: int
-
-
-def _match(node: ir.Node) -> AttentionSite | None:
-    if node.op_type != "Attention" or node.domain != "" or len(node.inputs) not in (3, 4):
-        return None
-    if any(len(o.uses()) or o.is_graph_output() for o in node.outputs[1:]):
-        return None
-    if node.attributes.get_int("is_causal", 0) or node.attributes.get_float("softcap", 0.0):
-        return None
-    if node.attributes.get_int("qk_matmul_output_mode", 0):
-        return None
-    q_rotated, k_repeated, v_repeated = node.inputs[:3]
-    if q_rotated.shape is None or len(q_rotated.shape) != 4:
-        return None
-    num_heads, head_dim = q_rotated.shape[1], q_rotated.shape[3]
-    if not isinstance(num_heads, int) or not isinstance(head_dim, int):
-        return None
-    q_rotary = _rotary(q_rotated, head_dim)
-    key_concat, value_concat = _cache_concat(k_repeated), _cache_concat(v_repeated)
-    if q_rotary is None or key_concat is None or value_concat is None:
-        return None
-    k_rotary = _rotary(key_concat.inputs[1], head_dim)
-    if k_rotary is None:
-        return None
-    query = _heads_projection(q_rotary.inputs[0])
-    key = _heads_projection(k_rotary.inputs[0])
-    value = _heads_projection(value_concat.inputs[1])
-    if query is None or key is None or value is None:
-        return None
-    kv_heads = key.shape[2] // head_dim
-    if query.shape[2] != num_heads * head_dim or value.shape[2] != kv_heads * head_dim or num_heads % kv_heads:
-        return None
-    out_transpose = _sole_consumer(node.outputs[0], "Transpose")
-    if out_transpose is None or _perm(out_transpose) != [0, 2, 1, 3]:
-        return None
-    out_reshape = _sole_consumer(out_transpose.outputs[0], "Reshape")
-    if out_reshape is None:
-        return None
-    output = out_reshape.outputs[0]
-    if output.shape is None or len(output.shape) != 3 or output.shape[2] != num_heads * head_dim:
-        return None
-    return AttentionSite(node, query, key, value, key_concat, value_concat, q_rotary, output, num_heads, kv_heads,
-                         head_dim)
 
 
 # Sample sizes for proving subgraphs: batch 2 (row 0 left-padded), 3 new tokens after 4 cached ones.
 _B, _S, _P = 2, 3, 4
 
 
-def _sample_feeds(model: ir.Model) -> dict[str, np.ndarray]:
+def _sample_feeds(graph: ir.Graph) -> dict[str, np.ndarray]:
     mask = np.ones((_B, _P + _S), dtype=np.int64)
     mask[0, :2] = 0
     feeds = {
@@ -190,18 +75,16 @@ def _sample_feeds(model: ir.Model) -> dict[str, np.ndarray]:
         "attention_mask": mask,
         "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, _P:],
     }
-    for value in model.graph.inputs:
+    for value in graph.inputs:
         if value.name not in feeds and value.shape is not None and len(value.shape) == 4:
             kv_heads, head_dim = value.shape[1], value.shape[3]
             feeds[value.name] = np.zeros((_B, kv_heads, _P, head_dim), dtype=np.float32)
     return feeds
 
 
-def _mask_is_causal_with_padding(model: ir.Model, site: AttentionSite, feeds) -> bool:
-    if len(site.attention.inputs) < 4 or site.attention.inputs[3] is None:
-        return False
+def _mask_is_causal_with_padding(model: ir.Model, mask: ir.Value, feeds) -> bool:
     try:
-        (mask,) = evaluate(model, [site.attention.inputs[3]], feeds)
+        (mask,) = evaluate(model, [mask], feeds)
     except NotEvaluable:
         return False
     rows = np.arange(_S)[:, None] + _P
@@ -212,20 +95,17 @@ def _mask_is_causal_with_padding(model: ir.Model, site: AttentionSite, feeds) ->
     return bool(np.all(mask[allowed] == 0) and np.all(mask[~allowed] < -1e4))
 
 
-def _repeats_heads(model: ir.Model, site: AttentionSite, feeds) -> bool:
-    """The K/V fed to Attention are the cache with each KV head repeated num_heads/kv_heads times in place."""
-    group = site.num_heads // site.kv_heads
-    rng = np.random.default_rng(0)
-    pairs = ((site.key_concat, site.attention.inputs[1]), (site.value_concat, site.attention.inputs[2]))
-    for concat, repeated in pairs:
-        cache = rng.standard_normal((_B, site.kv_heads, _P + _S, site.head_dim)).astype(np.float32)
-        try:
-            (result,) = evaluate(model, [repeated], {**feeds, concat.outputs[0].name: cache})
-        except NotEvaluable:
-            return False
-        if not np.array_equal(result, np.repeat(cache, group, axis=1)):
-            return False
-    return True
+def _repeats_heads(model: ir.Model, cache: ir.Value, repeated: ir.Value, heads: int, feeds) -> bool:
+    """What Attention reads is the cache with each KV head repeated heads/kv_heads times in place."""
+    if not _static_dims(cache, 4, 1, 3):
+        return False
+    kv_heads, head_dim = cache.shape[1], cache.shape[3]
+    sample = np.random.default_rng(0).standard_normal((_B, kv_heads, _P + _S, head_dim)).astype(np.float32)
+    try:
+        (result,) = evaluate(model, [repeated], {**feeds, cache.name: sample})
+    except NotEvaluable:
+        return False
+    return bool(np.array_equal(result, np.repeat(sample, heads // kv_heads, axis=1)))
 
 
 def _rotary_tables(model: ir.Model, rotary: ir.Node, positions: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -240,84 +120,182 @@ def _rotary_tables(model: ir.Model, rotary: ir.Node, positions: int) -> tuple[np
     return np.ascontiguousarray(cos[0], dtype=np.float32), np.ascontiguousarray(sin[0], dtype=np.float32)
 
 
-class FuseGroupQueryAttention(GraphPass):
+def _static_dims(value: ir.Value, rank: int, *axes: int) -> bool:
+    shape = value.shape
+    return shape is not None and len(shape) == rank and all(isinstance(shape[axis], int) for axis in axes)
+
+
+HEADS_FIRST = [0, 2, 1, 3]  # [B, S, N, D] <-> [B, N, S, D]
+
+
+class GroupQueryAttentionRule(RewriteRuleClassBase):
+    """Q/K/V projections split into heads, rotary on Q and K, the cache Concat, K/V heads repeated for grouped
+    queries (absent when every query head has its own), Attention with a mask, heads merged back. The check proves
+    by running the subgraphs what the pattern cannot show: the mask is causal with padding, the repetition is
+    repeat-interleave, and Q's and K's rotary tables are equal. The rewrite reads the cos/sin caches and the
+    sequence lengths the pass shares between sites.
+
+    The pattern's one output is the merged heads; the cache Concats' outputs (graph outputs) are replaced by
+    GroupQueryAttention's present outputs after the rewrite (`shared.presents`). An output list holding them would
+    make onnxscript's matcher try every pair of Concat nodes in the graph at every node.)"""
+
+    def __init__(self, shared: GroupQueryAttentionInputs):
+        # the matched nodes are removed once nothing reads them (the cache Concats feed graph outputs until then)
+        super().__init__("group-query-attention", remove_nodes=False)
+        self.shared = shared
+        self.tables = None  # what the check proved for the site the rewrite follows
+
+    def pattern(self, op, query, key, value, past_key, past_value, query_shape, key_shape, value_shape, q_cos,
+                q_sin, k_cos, k_sin, key_axis, value_axis, mask, output_shape, key_unsqueeze, key_expand,
+                key_repeat, value_unsqueeze, value_expand, value_repeat):
+        q_heads = op.Transpose(op.Reshape(query, query_shape), perm=HEADS_FIRST)
+        k_heads = op.Transpose(op.Reshape(key, key_shape), perm=HEADS_FIRST)
+        v_heads = op.Transpose(op.Reshape(value, value_shape), perm=HEADS_FIRST)
+        q_rotated = op.RotaryEmbedding(q_heads, q_cos, q_sin, _outputs=["q_rotated"])
+        k_rotated = op.RotaryEmbedding(k_heads, k_cos, k_sin, _outputs=["k_rotated"])
+        present_key = op.Concat(past_key, k_rotated, axis=key_axis, _outputs=["present_key"])
+        present_value = op.Concat(past_value, v_heads, axis=value_axis, _outputs=["present_value"])
+        keys = OrValue([op.Reshape(op.Expand(op.Unsqueeze(present_key, key_unsqueeze), key_expand), key_repeat),
+                        present_key])
+        values = OrValue([op.Reshape(op.Expand(op.Unsqueeze(present_value, value_unsqueeze), value_expand),
+                                     value_repeat), present_value])
+        attention = op.Attention(q_rotated, keys, values, mask, _outputs=["attention"])
+        output = op.Reshape(op.Transpose(attention, perm=HEADS_FIRST), output_shape, _outputs=["output"])
+        return output
+
+    def check(self, context, query, key, value, past_key, past_value, key_axis, value_axis, mask, q_rotated,
+              k_rotated, attention, output, present_key, present_value, **_) -> MatchResult:
+        result = MatchResult()
+        node = attention.producer()
+        if node.attributes.get_int("is_causal", 0) or node.attributes.get_float("softcap", 0.0):
+            return result.fail("causal flag or softcap on Attention (the mask input is what is proven)", attention)
+        if node.attributes.get_int("qk_matmul_output_mode", 0):
+            return result.fail("Attention outputs its scores", attention)
+        if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+            return result.fail("Attention's own cache or score outputs are read", attention)
+        if not (past_key.is_graph_input() and past_value.is_graph_input()):
+            return result.fail("the cache Concat does not start from a graph input", past_key)
+        if key_axis.as_int() not in (2, -2) or value_axis.as_int() not in (2, -2):
+            return result.fail("the cache Concat is not along the sequence axis", past_key)
+        if not _static_dims(q_rotated, 4, 1, 3):
+            return result.fail("Q is not [batch, heads, sequence, head size] with static heads and size", q_rotated)
+        heads, head_dim = q_rotated.shape[1], q_rotated.shape[3]
+        if not all(_static_dims(x, 3, 2) for x in (query, key, value, output)):
+            return result.fail("a projection is not [batch, sequence, hidden] with static hidden", query)
+        kv_heads = key.shape[2] // head_dim
+        if (query.shape[2] != heads * head_dim or value.shape[2] != kv_heads * head_dim or kv_heads == 0
+                or heads % kv_heads or output.shape[2] != heads * head_dim):
+            return result.fail("the projections' widths do not divide into the attention's heads", key)
+        for rotated in (q_rotated, k_rotated):
+            rotary = rotated.producer()
+            if rotary.attributes.get_int("interleaved", 0) != 0:
+                return result.fail("interleaved rotary (GroupQueryAttention here takes the rotate-half form)", rotated)
+            if rotary.attributes.get_int("rotary_embedding_dim", head_dim) not in (0, head_dim):
+                return result.fail("rotary over part of the head", rotated)
+        shared, model = self.shared, context.model
+        if not shared.has_attention_mask():
+            return result.fail("the graph has no attention_mask input to derive sequence lengths from")
+        feeds = shared.feeds()
+        if not _mask_is_causal_with_padding(model, mask, feeds):
+            return result.fail("the mask is not causal with padding from attention_mask", mask)
+        for cache, repeated in ((present_key, node.inputs[1]), (present_value, node.inputs[2])):
+            if not _repeats_heads(model, cache, repeated, heads, feeds):
+                return result.fail("the K/V heads are not repeated in place for the query heads", repeated)
+        q_tables = _rotary_tables(model, q_rotated.producer(), shared.max_positions)
+        k_tables = _rotary_tables(model, k_rotated.producer(), shared.max_positions)
+        if q_tables is None or k_tables is None:
+            return result.fail("the rotary tables do not follow from position_ids alone", q_rotated)
+        if not all(np.array_equal(a, b) for a, b in zip(q_tables, k_tables)):
+            return result.fail("Q and K are rotated by different tables", k_rotated)
+        self.tables = q_tables
+        return result
+
+    def rewrite(self, op, query, key, value, past_key, past_value, q_rotated, attention, present_key,
+                present_value, **_):
+        heads, head_dim = q_rotated.shape[1], q_rotated.shape[3]
+        cos_cache, sin_cache = self.shared.rotary_caches(*self.tables)
+        seqlens_k, total_length = self.shared.lengths()
+        scale = attention.producer().attributes.get_float("scale", 1.0 / math.sqrt(head_dim))
+        output, new_key, new_value = op.GroupQueryAttention(
+            query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+            num_heads=heads, kv_num_heads=key.shape[2] // head_dim, do_rotary=1, rotary_interleaved=0, scale=scale,
+            _domain=MS_DOMAIN, _outputs=3)
+        self.shared.presents = [(present_key, new_key), (present_value, new_value)]
+        return output
+
+
+class GroupQueryAttentionInputs:
+    """What every fused site of one graph reads: the sequence lengths derived from attention_mask, and the cos/sin
+    caches (one pair per distinct table), each made when the first site needs it."""
+
+    def __init__(self, graph: ir.Graph, max_positions: int):
+        self.graph, self.max_positions = graph, max_positions
+        self._feeds, self._lengths, self._caches = None, None, {}
+        self.presents: list[tuple[ir.Value, ir.Value]] = []  # (cache Concat's output, GQA's) of the last rewrite
+
+    def has_attention_mask(self) -> bool:
+        return any(v.name == "attention_mask" for v in self.graph.inputs)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        if self._feeds is None:
+            self._feeds = _sample_feeds(self.graph)
+        return self._feeds
+
+    def rotary_caches(self, cos: np.ndarray, sin: np.ndarray) -> tuple[ir.Value, ir.Value]:
+        key = (cos.tobytes(), sin.tobytes())
+        if key not in self._caches:
+            suffix = "" if not self._caches else f"_{len(self._caches)}"
+            self._caches[key] = (self._initializer(f"cos_cache{suffix}", cos),
+                                 self._initializer(f"sin_cache{suffix}", sin))
+        return self._caches[key]
+
+    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.FLOAT)
+        self.graph.register_initializer(value)
+        return value
+
+    def lengths(self) -> tuple[ir.Value, ir.Value]:
+        """seqlens_k = sum(attention_mask) - 1 per row, total_sequence_length = attention_mask's width (int32),
+        computed at the top of the graph."""
+        if self._lengths is None:
+            mask = next(v for v in self.graph.inputs if v.name == "attention_mask")
+            axis = ir.tensor(np.array([1], dtype=np.int64))
+            one = ir.tensor(np.array(1, dtype=np.int64))
+            nodes = [
+                axes := ir.node("Constant", [], attributes={"value": axis}),
+                total := ir.node("ReduceSum", [mask, axes.outputs[0]], attributes={"keepdims": 0}),
+                unit := ir.node("Constant", [], attributes={"value": one}),
+                last := ir.node("Sub", [total.outputs[0], unit.outputs[0]]),
+                seqlens := ir.node("Cast", [last.outputs[0]], attributes={"to": ir.DataType.INT32}),
+                shape := ir.node("Shape", [mask], attributes={"start": 1, "end": 2}),
+                width := ir.node("Cast", [shape.outputs[0]], attributes={"to": ir.DataType.INT32}),
+            ]
+            self.graph.insert_before(next(iter(self.graph)), nodes)
+            seqlens.outputs[0].name, width.outputs[0].name = "seqlens_k", "total_sequence_length"
+            seqlens.outputs[0].dtype = width.outputs[0].dtype = ir.DataType.INT32
+            self._lengths = seqlens.outputs[0], width.outputs[0]
+        return self._lengths
+
+
+class FuseGroupQueryAttention(RulesPass):
     name = "fuse-gqa"
 
     def __init__(self, max_positions: int):
         self.max_positions = max_positions
 
+    def rules(self, model: ir.Model) -> list:
+        self.shared = GroupQueryAttentionInputs(model.graph, self.max_positions)
+        return [GroupQueryAttentionRule.rule(self.shared)]
+
+    def replaced(self, graph: ir.Graph, replacement) -> None:
+        for old, new in self.shared.presents:
+            replace_value(old, new)
+        self.shared.presents = []
+
     def apply(self, model: ir.Model) -> int:
-        graph = model.graph
-        sites = [site for node in list(graph) if (site := _match(node)) is not None]
-        if not sites or "attention_mask" not in {v.name for v in graph.inputs}:
-            return 0
-        feeds = _sample_feeds(model)
-        proven, tables = [], {}
-        for site in sites:
-            if not (_mask_is_causal_with_padding(model, site, feeds) and _repeats_heads(model, site, feeds)):
-                continue
-            k_rotary = site.key_concat.inputs[1].producer()
-            both = [_rotary_tables(model, r, self.max_positions) for r in (site.rotary, k_rotary)]
-            if both[0] is None or both[1] is None or not all(np.array_equal(a, b) for a, b in zip(*both)):
-                continue
-            key = (both[0][0].tobytes(), both[0][1].tobytes())
-            tables.setdefault(key, both[0])
-            proven.append((site, key))
-        if not proven:
-            return 0
-        seqlens_k, total_length = self._length_inputs(graph)
-        caches = {}
-        for i, (key, (cos, sin)) in enumerate(tables.items()):
-            suffix = "" if i == 0 else f"_{i}"
-            caches[key] = (self._initializer(graph, f"cos_cache{suffix}", cos),
-                           self._initializer(graph, f"sin_cache{suffix}", sin))
-        for site, key in proven:
-            self._rewrite(graph, site, seqlens_k, total_length, *caches[key])
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
-        common.RemoveUnusedNodesPass()(model)
-        return len(proven)
-
-    @staticmethod
-    def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape, value.type = ir.Shape(array.shape), ir.TensorType(ir.DataType.FLOAT)
-        graph.register_initializer(value)
-        return value
-
-    @staticmethod
-    def _length_inputs(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
-        """seqlens_k = sum(attention_mask) - 1 per row, total_sequence_length = attention_mask's width (int32)."""
-        mask = next(v for v in graph.inputs if v.name == "attention_mask")
-        axis = ir.tensor(np.array([1], dtype=np.int64))
-        one = ir.tensor(np.array(1, dtype=np.int64))
-        nodes = [
-            axes := ir.node("Constant", [], attributes={"value": axis}),
-            total := ir.node("ReduceSum", [mask, axes.outputs[0]], attributes={"keepdims": 0}),
-            unit := ir.node("Constant", [], attributes={"value": one}),
-            last := ir.node("Sub", [total.outputs[0], unit.outputs[0]]),
-            seqlens := ir.node("Cast", [last.outputs[0]], attributes={"to": ir.DataType.INT32}),
-            shape := ir.node("Shape", [mask], attributes={"start": 1, "end": 2}),
-            width := ir.node("Cast", [shape.outputs[0]], attributes={"to": ir.DataType.INT32}),
-        ]
-        graph.insert_before(next(iter(graph)), nodes)
-        seqlens.outputs[0].name, width.outputs[0].name = "seqlens_k", "total_sequence_length"
-        seqlens.outputs[0].dtype = width.outputs[0].dtype = ir.DataType.INT32
-        return seqlens.outputs[0], width.outputs[0]
-
-    @staticmethod
-    def _rewrite(graph, site: AttentionSite, seqlens_k, total_length, cos_cache, sin_cache) -> None:
-        scale = site.attention.attributes.get_float("scale", 1.0 / math.sqrt(site.head_dim))
-        past_key, past_value = site.key_concat.inputs[0], site.value_concat.inputs[0]
-        gqa = ir.node(
-            "GroupQueryAttention",
-            [site.query, site.key, site.value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache],
-            attributes={"num_heads": site.num_heads, "kv_num_heads": site.kv_heads, "do_rotary": 1,
-                        "rotary_interleaved": 0, "scale": scale},
-            domain=MS_DOMAIN,
-            num_outputs=3,
-        )
-        graph.insert_before(site.attention, gqa)
-        output, present_key, present_value = gqa.outputs
-        replace_value(site.output, output)
-        replace_value(site.key_concat.outputs[0], present_key)
-        replace_value(site.value_concat.outputs[0], present_value)
+        sites = super().apply(model)
+        self.shared = None
+        if sites:  # the mask, repetition and rotary-table subgraphs nothing reads any more
+            common.RemoveUnusedNodesPass()(model)
+        return sites

@@ -44,19 +44,55 @@ class GraphPass(ir.passes.InPlacePass):
 
 class RulesPass(GraphPass):
     """A pass stated as onnxscript rewrite rules (a pattern, a check that says why a match fails, a rewrite). The
-    rules are built afresh on each run: a rule's matcher keeps the graph it last looked at, and a module-level rule
-    would keep every exported graph reachable. `commute` also tries the swapped inputs of Add and Mul."""
+    rules are built afresh on each run, for the model at hand: a rule's matcher keeps the graph it last looked at,
+    and a module-level rule would keep every exported graph reachable. `commute` also tries the swapped inputs of
+    Add and Mul.
+
+    onnxscript finds and checks each match and builds its replacement (`RewriteRule.try_rewrite`); the
+    replacement is put in here, as the hand-written passes did it: new values are named by the graph as they are
+    added, a replaced graph output keeps its name, and the traced ops' debug metadata is not copied onto the fused
+    node. `keep_names` gives a replacement the replaced value's name instead, as onnxscript's own loop does (set
+    where the pass used that loop before, so packages stay byte-identical: bench/same_packages.py)."""
 
     commute = False
+    keep_names = False
 
-    def rules(self) -> list:
+    def rules(self, model: ir.Model) -> list:
         raise NotImplementedError
 
-    def apply(self, model: ir.Model) -> int:
-        from onnxscript.rewriter import RewriteRuleSet
+    def replaced(self, graph: ir.Graph, replacement) -> None:
+        """Called after each replacement (onnxscript's ReplacementSubgraph) is in the graph: for a rewrite that
+        replaces more than its pattern's outputs or leaves something to tidy."""
 
-        # the rewriter imports the opsets its rewrites use (a contrib op's domain at version 1)
-        return RewriteRuleSet(self.rules(), commute=self.commute).apply_to_model(model)
+    def apply(self, model: ir.Model) -> int:
+        from onnxscript.optimizer import basic_constant_propagation, remove_unused_nodes
+
+        rules = self.rules(model)
+        if self.commute:
+            rules = [variant for rule in rules for variant in rule.commute()]
+        graph, sites = model.graph, 0
+        for node in graph:
+            for rule in rules:
+                replacement = rule.try_rewrite(model, graph, node)
+                if replacement is None:
+                    continue
+                for initializer in replacement.new_initializers:
+                    graph.register_initializer(initializer)
+                basic_constant_propagation(replacement.new_nodes)
+                if self.keep_names:
+                    for old, new in zip(replacement.match.outputs, replacement.new_outputs):
+                        new.name = old.name if old.name is not None else new.name
+                graph.insert_after(node, replacement.new_nodes)
+                for old, new in zip(replacement.match.outputs, replacement.new_outputs):
+                    replace_value(old, new)
+                if rule.remove_nodes:
+                    graph.remove(replacement.match.nodes, safe=True)
+                self.replaced(graph, replacement)
+                sites += 1
+                break
+        if sites and not all(rule.remove_nodes for rule in rules):
+            remove_unused_nodes(model)
+        return sites
 
 
 def constant_scalar(value: ir.Value | None) -> int | float | None:

@@ -2,7 +2,7 @@
 RMSNormalization, RotaryEmbedding and Attention become the primitive ops they are defined by. Norm statistics,
 rotary arithmetic and softmax are computed in fp32 whatever the activations' type. A node outside what a
 decomposition covers (partial or interleaved rotary, causal flag without a mask, cache inputs) is left as it is,
-and the target's op check names it.
+and the target's op check names it. Each decomposition is an onnxscript rewrite rule.
 
 Also here: the attribute tidy a native TensorRT `Attention` needs (the parser refuses some attributes even at
 their default values), with softmax pinned to fp32."""
@@ -11,33 +11,29 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from llama_export.passes.base import GraphPass, replace_value
+from llama_export.passes.base import GraphPass, RulesPass
 
 FLOAT = ir.DataType.FLOAT
 
 
 class _Builder:
-    """Inserts nodes before `anchor`, typing each output as it goes."""
+    """The rewriter's op builder, typing each output as it goes (the package records every value's type) and
+    naming constants after the node they replace."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node):
-        self.graph, self.anchor, self.count = graph, anchor, 0
+    def __init__(self, op, anchor: ir.Node):
+        self.rewriter, self.anchor = op, anchor
 
     def op(self, op_type: str, inputs: list, dtype: ir.DataType, shape=None, **attributes) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes=attributes)
-        self.graph.insert_before(self.anchor, node)
-        out = node.outputs[0]
+        out = getattr(self.rewriter, op_type)(*inputs, **attributes)
         out.shape = shape
         if dtype is not None:
             out.type = ir.TensorType(dtype)
-        self.count += 1
         return out
 
     def const(self, array: np.ndarray, name: str) -> ir.Value:
-        value = ir.Value(name=f"{self.anchor.name or 'node'}.{name}", const_value=ir.tensor(array),
-                         shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-        self.graph.register_initializer(value)
-        return value
+        return self.rewriter.initializer(ir.tensor(array), f"{self.anchor.name or 'node'}.{name}")
 
     def cast(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
         if value.dtype == dtype:
@@ -51,118 +47,127 @@ def _last_dim(value: ir.Value) -> int | None:
     return value.shape[-1]
 
 
-class DecomposeRMSNorm(GraphPass):
+class RMSNormAsPrimitives(RewriteRuleClassBase):
     """RMSNormalization(x, scale) -> x / sqrt(mean(x*x) + eps) in fp32, cast back, times scale."""
 
+    def pattern(self, op, x, scale):
+        return op.RMSNormalization(x, scale, _outputs=["normalized"])
+
+    def check(self, context, x, normalized, **_) -> MatchResult:
+        axis = normalized.producer().attributes.get_int("axis", -1)
+        if x.shape is None or axis not in (-1, len(x.shape) - 1):
+            return MatchResult().fail("the norm is not over the last axis of a known rank", x)
+        return MatchResult()
+
+    def rewrite(self, op, x, scale, normalized, **_):
+        eps = normalized.producer().attributes.get_float("epsilon", 1e-5)
+        b = _Builder(op, normalized.producer())
+        x32 = b.cast(x, FLOAT)
+        squares = b.op("Mul", [x32, x32], FLOAT, x.shape)
+        axes = b.const(np.array([-1], dtype=np.int64), "axes")
+        mean = b.op("ReduceMean", [squares, axes], FLOAT, None, keepdims=1)
+        rms = b.op("Sqrt", [b.op("Add", [mean, b.const(np.array(eps, dtype=np.float32), "epsilon")], FLOAT)], FLOAT)
+        normalized_x = b.cast(b.op("Div", [x32, rms], FLOAT, x.shape), x.dtype)
+        return b.op("Mul", [normalized_x, scale], x.dtype, x.shape)
+
+
+class DecomposeRMSNorm(RulesPass):
     name = "decompose-rms-norm"
 
-    def apply(self, model: ir.Model) -> int:
-        graph, sites = model.graph, 0
-        for node in list(graph):
-            if node.op_type != "RMSNormalization" or node.domain != "" or len(node.inputs) != 2:
-                continue
-            x, scale = node.inputs
-            rank = len(x.shape) if x.shape is not None else None
-            axis = node.attributes.get_int("axis", -1)
-            if rank is None or axis not in (-1, rank - 1) or scale is None:
-                continue
-            eps = node.attributes.get_float("epsilon", 1e-5)
-            b = _Builder(graph, node)
-            x32 = b.cast(x, FLOAT)
-            squares = b.op("Mul", [x32, x32], FLOAT, x.shape)
-            axes = b.const(np.array([-1], dtype=np.int64), "axes")
-            mean = b.op("ReduceMean", [squares, axes], FLOAT, None, keepdims=1)
-            rms = b.op("Sqrt", [b.op("Add", [mean, b.const(np.array(eps, dtype=np.float32), "epsilon")], FLOAT)],
-                       FLOAT)
-            normalized = b.cast(b.op("Div", [x32, rms], FLOAT, x.shape), x.dtype)
-            result = b.op("Mul", [normalized, scale], x.dtype, x.shape)
-            replace_value(node.outputs[0], result)
-            graph.remove(node, safe=True)
-            sites += 1
-        return sites
+    def rules(self, model: ir.Model) -> list:
+        return [RMSNormAsPrimitives.rule()]
 
 
-class DecomposeRotary(GraphPass):
-    """RotaryEmbedding (non-interleaved, full head, 4-D [B, N, S, H]) -> x*cos + rotate_half(x)*sin on the halves."""
+class RotaryAsPrimitives(RewriteRuleClassBase):
+    """RotaryEmbedding (non-interleaved, full head, 4-D [B, N, S, H]) -> x*cos + rotate_half(x)*sin on the halves;
+    with a position input, the tables are gathered at those positions first."""
 
+    def pattern(self, op, x, cos, sin):
+        return op.RotaryEmbedding(x, cos, sin, _allow_other_inputs=True, _outputs=["rotated"])
+
+    def check(self, context, x, rotated, **_) -> MatchResult:
+        node, head = rotated.producer(), _last_dim(x)
+        if x.shape is None or len(x.shape) != 4 or head is None or head % 2:
+            return MatchResult().fail("x is not [batch, heads, sequence, head size] with an even static head", x)
+        if node.attributes.get_int("interleaved", 0) != 0:
+            return MatchResult().fail("interleaved rotary", rotated)
+        if node.attributes.get_int("rotary_embedding_dim", 0) not in (0, head):
+            return MatchResult().fail("rotary over part of the head", rotated)
+        return MatchResult()
+
+    def rewrite(self, op, x, cos, sin, rotated, **_):
+        node = rotated.producer()
+        positions = node.inputs[3] if len(node.inputs) > 3 else None
+        head = _last_dim(x)
+        half = head // 2
+        b = _Builder(op, node)
+        if positions is not None:  # tables indexed by position: [max, H/2] -> [B, S, H/2]
+            cos = b.op("Gather", [cos, positions], cos.dtype, None, axis=0)
+            sin = b.op("Gather", [sin, positions], sin.dtype, None, axis=0)
+        heads_axis = b.const(np.array([1], dtype=np.int64), "heads_axis")
+        cos = b.cast(b.op("Unsqueeze", [cos, heads_axis], cos.dtype), x.dtype)
+        sin = b.cast(b.op("Unsqueeze", [sin, heads_axis], sin.dtype), x.dtype)
+        last = b.const(np.array([3], dtype=np.int64), "last_axis")
+        bounds = [b.const(np.array([v], dtype=np.int64), f"bound{v}") for v in (0, half, head)]
+        x1 = b.op("Slice", [x, bounds[0], bounds[1], last], x.dtype)
+        x2 = b.op("Slice", [x, bounds[1], bounds[2], last], x.dtype)
+        first = b.op("Sub", [b.op("Mul", [x1, cos], x.dtype), b.op("Mul", [x2, sin], x.dtype)], x.dtype)
+        second = b.op("Add", [b.op("Mul", [x2, cos], x.dtype), b.op("Mul", [x1, sin], x.dtype)], x.dtype)
+        return b.op("Concat", [first, second], x.dtype, x.shape, axis=3)
+
+
+class DecomposeRotary(RulesPass):
     name = "decompose-rotary"
 
-    def apply(self, model: ir.Model) -> int:
-        graph, sites = model.graph, 0
-        for node in list(graph):
-            if node.op_type != "RotaryEmbedding" or node.domain != "":
-                continue
-            x, cos, sin = node.inputs[:3]
-            positions = node.inputs[3] if len(node.inputs) > 3 else None
-            head = _last_dim(x)
-            if (x.shape is None or len(x.shape) != 4 or head is None or head % 2
-                    or node.attributes.get_int("interleaved", 0) != 0
-                    or node.attributes.get_int("rotary_embedding_dim", 0) not in (0, head)):
-                continue
-            half = head // 2
-            b = _Builder(graph, node)
-            if positions is not None:  # tables indexed by position: [max, H/2] -> [B, S, H/2]
-                cos = b.op("Gather", [cos, positions], cos.dtype, None, axis=0)
-                sin = b.op("Gather", [sin, positions], sin.dtype, None, axis=0)
-            heads_axis = b.const(np.array([1], dtype=np.int64), "heads_axis")
-            cos = b.cast(b.op("Unsqueeze", [cos, heads_axis], cos.dtype), x.dtype)
-            sin = b.cast(b.op("Unsqueeze", [sin, heads_axis], sin.dtype), x.dtype)
-            last = b.const(np.array([3], dtype=np.int64), "last_axis")
-            bounds = [b.const(np.array([v], dtype=np.int64), f"bound{v}") for v in (0, half, head)]
-            x1 = b.op("Slice", [x, bounds[0], bounds[1], last], x.dtype)
-            x2 = b.op("Slice", [x, bounds[1], bounds[2], last], x.dtype)
-            first = b.op("Sub", [b.op("Mul", [x1, cos], x.dtype), b.op("Mul", [x2, sin], x.dtype)], x.dtype)
-            second = b.op("Add", [b.op("Mul", [x2, cos], x.dtype), b.op("Mul", [x1, sin], x.dtype)], x.dtype)
-            result = b.op("Concat", [first, second], x.dtype, x.shape, axis=3)
-            replace_value(node.outputs[0], result)
-            graph.remove(node, safe=True)
-            sites += 1
-        return sites
+    def rules(self, model: ir.Model) -> list:
+        return [RotaryAsPrimitives.rule()]
 
 
-class DecomposeAttention(GraphPass):
+class AttentionAsPrimitives(RewriteRuleClassBase):
     """Attention(Q, K, V, mask) with the cache outside it -> softmax(Q*scale @ K^T + mask) @ V, softmax in fp32."""
 
+    def pattern(self, op, q, k, v):
+        return op.Attention(q, k, v, _allow_other_inputs=True, _outputs=["attention"])
+
+    def check(self, context, attention, **_) -> MatchResult:
+        node = attention.producer()
+        inputs = list(node.inputs)
+        q, k, v = inputs[:3]
+        if len(inputs) > 4 or any(x is None or x.shape is None or len(x.shape) != 4 for x in (q, k, v)):
+            return MatchResult().fail("not 4-D Q, K, V with at most a mask besides", attention)
+        if _last_dim(q) is None or q.shape[1] != k.shape[1] or not isinstance(q.shape[1], int):
+            return MatchResult().fail("grouped heads must arrive repeated (the traced graph repeats them)", k)
+        if node.attributes.get_int("is_causal", 0) or node.attributes.get_float("softcap", 0.0):
+            return MatchResult().fail("causal flag or softcap", attention)
+        if node.attributes.get_int("qk_matmul_output_mode", 0):
+            return MatchResult().fail("Attention outputs its scores", attention)
+        if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+            return MatchResult().fail("Attention's cache or score outputs are read", attention)
+        return MatchResult()
+
+    def rewrite(self, op, q, k, v, attention, **_):
+        node = attention.producer()
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        scale = node.attributes.get_float("scale", 1.0 / float(np.sqrt(_last_dim(q))))
+        dtype = q.dtype
+        b = _Builder(op, node)
+        scaled = b.op("Mul", [q, b.const(np.array(scale, dtype=dtype.numpy()), "scale")], dtype, q.shape)
+        keys_t = b.op("Transpose", [k], dtype, None, perm=[0, 1, 3, 2])
+        scores = b.cast(b.op("MatMul", [scaled, keys_t], dtype), FLOAT)
+        if mask is not None and mask.dtype == ir.DataType.BOOL:
+            lowest = b.const(np.array(np.finfo(np.float32).min, dtype=np.float32), "masked")
+            scores = b.op("Where", [mask, scores, lowest], FLOAT)
+        elif mask is not None:
+            scores = b.op("Add", [scores, b.cast(mask, FLOAT)], FLOAT)
+        probs = b.cast(b.op("Softmax", [scores], FLOAT, None, axis=-1), dtype)
+        return b.op("MatMul", [probs, v], dtype, attention.shape)
+
+
+class DecomposeAttention(RulesPass):
     name = "decompose-attention"
 
-    def apply(self, model: ir.Model) -> int:
-        graph, sites = model.graph, 0
-        for node in list(graph):
-            if node.op_type != "Attention" or node.domain != "" or not self._covered(node):
-                continue
-            q, k, v = node.inputs[:3]
-            mask = node.inputs[3] if len(node.inputs) > 3 else None
-            scale = node.attributes.get_float("scale", 1.0 / float(np.sqrt(_last_dim(q))))
-            dtype = q.dtype
-            b = _Builder(graph, node)
-            scaled = b.op("Mul", [q, b.const(np.array(scale, dtype=dtype.numpy()), "scale")], dtype, q.shape)
-            keys_t = b.op("Transpose", [k], dtype, None, perm=[0, 1, 3, 2])
-            scores = b.cast(b.op("MatMul", [scaled, keys_t], dtype), FLOAT)
-            if mask is not None and mask.dtype == ir.DataType.BOOL:
-                lowest = b.const(np.array(np.finfo(np.float32).min, dtype=np.float32), "masked")
-                scores = b.op("Where", [mask, scores, lowest], FLOAT)
-            elif mask is not None:
-                scores = b.op("Add", [scores, b.cast(mask, FLOAT)], FLOAT)
-            probs = b.cast(b.op("Softmax", [scores], FLOAT, None, axis=-1), dtype)
-            result = b.op("MatMul", [probs, v], dtype, node.outputs[0].shape)
-            replace_value(node.outputs[0], result)
-            graph.remove(node, safe=True)
-            sites += 1
-        return sites
-
-    @staticmethod
-    def _covered(node: ir.Node) -> bool:
-        inputs = list(node.inputs)
-        q, k, v = (inputs + [None] * 3)[:3]
-        if len(inputs) > 4 or any(x is None or x.shape is None or len(x.shape) != 4 for x in (q, k, v)):
-            return False
-        if _last_dim(q) is None or q.shape[1] != k.shape[1] or not isinstance(q.shape[1], int):
-            return False  # grouped heads must arrive repeated (the traced graph repeats them)
-        if node.attributes.get_int("is_causal", 0) or node.attributes.get_float("softcap", 0.0):
-            return False
-        if node.attributes.get_int("qk_matmul_output_mode", 0):
-            return False
-        return all(not out.uses() and not out.is_graph_output() for out in node.outputs[1:])
+    def rules(self, model: ir.Model) -> list:
+        return [AttentionAsPrimitives.rule()]
 
 
 class PrepareNativeAttention(GraphPass):

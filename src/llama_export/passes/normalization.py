@@ -53,8 +53,9 @@ def _stash_type(x: ir.Value, compute_type: ir.Attr | None) -> int:
 
 class FuseRMSNorm(RulesPass):
     name = "fuse-rms-norm"
+    keep_names = True
 
-    def rules(self) -> list:
+    def rules(self, model: ir.Model) -> list:
         return [RMSNormArithmetic.rule(scale_first=True), RMSNormArithmetic.rule(scale_first=False)]
 
 
@@ -111,5 +112,5 @@ def _same_3d_shape(a: ir.Value, b: ir.Value) -> bool:
 class FuseSkipRMSNorm(RulesPass):
     name = "fuse-skip-rms-norm"
 
-    def rules(self) -> list:
+    def rules(self, model: ir.Model) -> list:
         return [SkipRMSNorm.rule(), PlainRMSNorm.rule()]
