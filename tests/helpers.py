@@ -177,3 +177,15 @@ def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matr
     writer.write_tensors_to_file()
     writer.close()
     return state
+
+
+def unsorted_nodes(graph) -> list[str]:
+    """Nodes (of an onnx_ir graph) that read a value no earlier node, graph input or initializer made: ONNX
+    requires topological order, and tools other than ONNX Runtime (onnx.checker, parsers) reject a graph without."""
+    known = {v.name for v in graph.inputs} | set(graph.initializers) | {""}
+    unsorted = []
+    for node in graph:
+        if any(v is not None and v.name not in known for v in node.inputs):
+            unsorted.append(node.name)
+        known |= {v.name for v in node.outputs}
+    return unsorted

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
+from helpers import unsorted_nodes
 
 from llama_export.runtimes import OnnxPackage, generate
 from llama_export.runtimes.tokenizer import PackageTokenizer
@@ -40,6 +42,12 @@ def test_default_package_verifies(default_package):
     assert manifest["source"]["content_hash"] == (
         "sha256:" + __import__("hashlib").sha256(
             b"SmolLM2-135M-Instruct.Q4_1.gguf" + open(manifest["source"]["path"], "rb").read()).hexdigest())
+
+
+@pytest.mark.parametrize("package", ["default_package", "default_int4_package"])
+def test_package_graph_is_in_topological_order(package, request):
+    model = ir.load(request.getfixturevalue(package) / "model.onnx")
+    assert unsorted_nodes(model.graph) == []
 
 
 def test_verify_command_writes_json(default_package, tmp_path):

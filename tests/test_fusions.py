@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from helpers import make_hf_model
+from helpers import make_hf_model, unsorted_nodes
 
 from llama_export.exporter.sources import open_checkpoint
 from llama_export.exporter.trace import trace_to_onnx
@@ -87,6 +87,7 @@ def test_fused_graph_has_the_onnxruntime_kernels(traced):
     for gone in ("Attention", "RotaryEmbedding", "RMSNormalization", "Softmax", "Sigmoid"):
         assert gone not in ops
     assert ops.count("MatMul") <= 4 * LAYERS + 1
+    assert unsorted_nodes(traced["model"].graph) == []
     for node in traced["model"].graph:
         if node.op_type == "SkipSimplifiedLayerNormalization":  # unnamed: ONNX Runtime neither computes nor keeps them
             assert node.outputs[1].name == node.outputs[2].name == ""

@@ -125,7 +125,7 @@ class PackGateUp(GraphPass):
             sizes = ir.tensor(np.array([gate_columns, up_columns], dtype=np.int64))
             split_sizes = ir.node("Constant", [], attributes={"value": sizes})
             split = ir.node("Split", [packed, split_sizes.outputs[0]], attributes={"axis": -1}, num_outputs=2)
-            graph.insert_before(product, [split_sizes, split])
+            graph.insert_after(packed.producer(), [split_sizes, split])  # before SiLU(gate), which reads it
             for new, old in zip(split.outputs, (gate_mm.outputs[0], up_mm.outputs[0])):
                 replace_value(old, new)
             _drop(graph, [gate_mm, up_mm])
