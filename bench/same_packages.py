@@ -8,11 +8,12 @@ records. Three things vary between two exports of the same graph and are left ou
 - the layout of model.ort: ONNX Runtime writes the same contents at different offsets from one conversion to the
   next, so an ORT file is digested by its contents (every table of its flatbuffer schema, in order).
 
-Each model file is also digested as a graph: every value that is not a graph input or
-output renamed after the node that produces it (or, for an initializer, the first node that reads it), values and
-initializers sorted by those names, and the recorded types of Constant nodes' outputs left out. Two files with the
-same graph digest hold the same nodes, attributes, weights and IO, and differ only in what intermediate values are
-called (onnxscript's rewrite rules keep the replaced value's name; a hand-written rewrite made a new one).
+Each model file is also digested as a graph: every node named by its place in the graph, every value that is not
+a graph input or output after the node that produces it (or, for an initializer, the first node that reads it),
+values and initializers sorted by those names, and the recorded types of Constant nodes' outputs left out. Two files
+with the same graph digest hold the same nodes in the same order, with the same attributes, weights and IO, and
+differ only in what nodes and intermediate values are called (a rewrite that builds a node anew instead of keeping
+it names it anew).
 
     python bench/same_packages.py --work DIR --record before.json      # on the old checkout
     python bench/same_packages.py --work DIR --record after.json       # on the new one, the same DIR
@@ -96,16 +97,18 @@ def digests(package: Path) -> dict[str, str]:
 GRAPH = " (graph)"  # the key of a model file's graph digest in a record
 
 
-def canonical_value_names(nodes, kept) -> dict:
-    """old name -> a name from the graph's structure: 'node:out<i>' for a node's output, else 'node:in<i>' of the
-    first node reading it. `nodes` yields (name, inputs, outputs) in graph order; names in `kept` stay."""
+def canonical_names(nodes, kept) -> dict:
+    """old name -> a name from the graph's structure: 'node<i>' for the i-th node, '<its node>:out<j>' for a
+    node's output, else '<node>:in<j>' of the first node reading it. `nodes` yields (name, inputs, outputs) in graph
+    order; value names in `kept` stay."""
     names = {}
-    for node, _, outputs in nodes:
-        names.update({value: f"{node}:out{i}" for i, value in enumerate(outputs) if value and value not in kept})
-    for node, inputs, _ in nodes:
-        for i, value in enumerate(inputs):
+    for i, (node, _, outputs) in enumerate(nodes):
+        names[node] = f"node{i}"
+        names.update({value: f"node{i}:out{j}" for j, value in enumerate(outputs) if value and value not in kept})
+    for i, (_, inputs, _) in enumerate(nodes):
+        for j, value in enumerate(inputs):
             if value and value not in kept and value not in names:
-                names[value] = f"{node}:in{i}"
+                names[value] = f"node{i}:in{j}"
     return names
 
 
@@ -118,9 +121,10 @@ def onnx_digest(path: Path, canonical: bool = False) -> str:
         del node.metadata_props[:]
     if canonical:
         kept = {v.name for v in graph.input} | {v.name for v in graph.output}
-        names = canonical_value_names([(n.name, list(n.input), list(n.output)) for n in graph.node], kept)
+        names = canonical_names([(n.name, list(n.input), list(n.output)) for n in graph.node], kept)
         constants = {n.output[0] for n in graph.node if n.op_type == "Constant"}
         for node in graph.node:
+            node.name = names[node.name]
             node.input[:] = [names.get(v, v) for v in node.input]
             node.output[:] = [names.get(v, v) for v in node.output]
         infos = [v for v in graph.value_info if v.name not in constants]
@@ -146,7 +150,7 @@ def ort_digest(path: Path, canonical: bool = False) -> str:
     if canonical:
         graph = contents["Model"]["Graph"]
         nodes = [(n["Name"], n["Inputs"], n["Outputs"]) for n in graph["Nodes"]]
-        names = canonical_value_names(nodes, set(graph["Inputs"]) | set(graph["Outputs"]))
+        names = canonical_names(nodes, set(graph["Inputs"]) | set(graph["Outputs"]))
         graph = renamed(graph, {old: new.encode() for old, new in names.items()})
         for field in ("NodeArgs", "Initializers"):
             graph[field] = sorted(graph[field], key=lambda item: item["Name"])
@@ -214,7 +218,7 @@ def compare(before: dict, after: dict) -> tuple[list[str], list[str]]:
             if old.get(file) == new.get(file):
                 continue
             if file in old and file in new and old.get(file + GRAPH) and old.get(file + GRAPH) == new.get(file + GRAPH):
-                renamed_only.append(f"{name}/{file}: the same graph, intermediate values named differently")
+                renamed_only.append(f"{name}/{file}: the same graph, nodes and intermediate values named differently")
             else:
                 state = "only before" if file not in new else "only after" if file not in old else "differs"
                 differences.append(f"{name}/{file}: {state}")
@@ -238,7 +242,7 @@ def main() -> None:
         files = sum(1 for v in before.values() for f in v if not f.endswith(GRAPH))
         same = files - len(differences) - len(renamed_only)
         print(f"{len(before)} packages, {files} files: {same} the same, {len(renamed_only)} the same graph with "
-              f"values renamed, {len(differences)} differ (what is left out: see --help)")
+              f"names changed, {len(differences)} differ (what is left out: see --help)")
         sys.exit(1 if differences else 0)
     if not (args.work and args.record):
         parser.error("--work and --record, or --compare")

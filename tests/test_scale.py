@@ -118,9 +118,8 @@ def test_the_writer_asks_for_layers_in_order_so_each_is_calibrated_once(deep_tie
 
 
 def test_nothing_of_the_export_stays_reachable_when_verify_starts(deep_tied, tmp_path, monkeypatch):
-    """By verify, the graph and the calibration statistics are garbage: onnxscript's module-level rewrite rules
-    kept the last graph they matched (and through its lazy weights the calibration stream) until the matchers were
-    cleared."""
+    """By verify, the graph and the calibration statistics are garbage: a rewrite rule's matcher keeps the last
+    graph it matched (and through its lazy weights the calibration stream), so no rule object may outlive a run."""
     import gc
 
     import onnx_ir as ir

@@ -22,7 +22,7 @@ from llama_export.exporter.pipeline import (
 from llama_export.exporter.progress import Progress
 from llama_export.exporter.sources import open_checkpoint
 from llama_export.exporter.sources.grid import GRID_BLOCK, mark_grid_weights
-from llama_export.passes import forget_rewriter_matches, format_report, run_passes
+from llama_export.passes import format_report, run_passes
 from llama_export.passes.quantize import QuantizeWeights
 from llama_export.targets import get_target
 from llama_export.targets import package as pkg
@@ -90,7 +90,6 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     progress.end(f"{sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) / 1e6:.0f} MB")
 
     quant = hints = None  # the calibration stream and its last layer's state
-    forget_rewriter_matches()
     export_memory.hand_back_freed_memory()
     return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
                  weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,

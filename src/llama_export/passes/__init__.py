@@ -1,5 +1,5 @@
 """Graph-to-graph passes over onnx-ir models. Each pass reports how many sites it rewrote."""
 
-from llama_export.passes.base import GraphPass, PassReport, forget_rewriter_matches, format_report, run_passes
+from llama_export.passes.base import GraphPass, PassReport, format_report, run_passes
 
-__all__ = ["GraphPass", "PassReport", "forget_rewriter_matches", "run_passes", "format_report"]
+__all__ = ["GraphPass", "PassReport", "run_passes", "format_report"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import asdict, dataclass
 
@@ -65,7 +64,7 @@ class RulesPass(GraphPass):
         replaces more than its pattern's outputs or leaves something to tidy."""
 
     def apply(self, model: ir.Model) -> int:
-        from onnxscript.optimizer import basic_constant_propagation, remove_unused_nodes
+        from onnxscript.optimizer import remove_unused_nodes
 
         rules = self.rules(model)
         if self.commute:
@@ -78,7 +77,6 @@ class RulesPass(GraphPass):
                     continue
                 for initializer in replacement.new_initializers:
                     graph.register_initializer(initializer)
-                basic_constant_propagation(replacement.new_nodes)
                 if self.keep_names:
                     for old, new in zip(replacement.match.outputs, replacement.new_outputs):
                         new.name = old.name if old.name is not None else new.name
@@ -151,31 +149,3 @@ def format_report(reports: list[PassReport]) -> str:
     for r in reports:
         lines.append(f"{r.name:<24} {r.sites:>6} {r.nodes_before:>13} {r.nodes_after:>12} {r.seconds:>8.2f}")
     return "\n".join(lines)
-
-
-def forget_rewriter_matches() -> int:
-    """Clears what onnxscript's rewrite rules remember of their last match; returns how many matchers held one.
-    The rules are module-level objects and each matcher keeps the graph, node and values it last matched: the
-    exported graph, and through its lazy initializers the calibration statistics, would stay reachable after the
-    package is written. Our own rules are built per run (RulesPass); this is for onnxscript's default rules, which
-    the simplify pass uses. onnxscript has no public way to reset a matcher, so this sets the attributes its
-    matchers hold today; if they change, nothing is done."""
-    try:
-        from onnxscript.rewriter import MatchResult
-        from onnxscript.rewriter.pattern import PatternMatcher
-    except ImportError:
-        return 0
-    kinds, pending = set(), [PatternMatcher]
-    while pending:  # the concrete classes: an isinstance check on every live object warns on some of torch's
-        kind = pending.pop()
-        kinds.add(kind)
-        pending += kind.__subclasses__()
-    cleared = 0
-    for matcher in gc.get_objects():
-        if type(matcher) in kinds:
-            held = any(getattr(matcher, name, None) is not None for name in ("_current_node", "_graph"))
-            for name, empty in (("_match", MatchResult), ("_current_node", None), ("_graph", None)):
-                if hasattr(matcher, name):
-                    setattr(matcher, name, empty() if empty else None)
-            cleared += held
-    return cleared

@@ -39,6 +39,36 @@ class FoldConstants(GraphPass):
         return before - count_nodes(model)
 
 
+# onnxscript's default rewrite rules (what `onnxscript.rewriter.rewrite` applies when given none), in its order,
+# from its public rules module.
+DEFAULT_RULE_NAMES = (
+    "sub_0_rule", "div_by_1_rule", "dropout_zero_rule", "dropout_inference_rule", "two_reshapes_matmul_reshape_rule",
+    "one_reshape_matmul_reshape_rule", "cast_constant_of_shape_rule", "cast_constant_of_shape_without_value_rule",
+    "collapse_slice_rule", "collapse_slice2_rule", "materialize_reshape_shape_rule", "min_min_rule", "max_max_rule",
+    "min_max_rule", "max_min_rule", "successive_clip_relu_rule", "successive_relu_clip_rule", "successive_relu_rule",
+    "successive_clip_rule", "cast_cast_rule", "no_op_cast_rule", "no_op_expand_rule", "flatten_to_reshape_rule",
+    "reshape_reshape_rule", "slice_split_rule", "no_op_transpose_rule", "transpose_transpose_rule",
+    "unsqueeze_unsqueeze_rule", "squeeze_reshape_1d_rule", "no_op_dynamic_scatter_nd_rule",
+    "no_op_static_scatter_nd_rule", "normalize_pad_format_conv_rule", "normalize_pad_format_conv_integer_rule",
+    "fuse_pad_into_conv_rule", "fuse_pad_into_conv_integer_rule", "fuse_batchnorm_into_conv_rule",
+    "fuse_batchnorm_into_conv_transpose_rule", "fuse_batchnorm_into_gemm_rule", "remove_optional_bias_from_conv_rule",
+    "remove_optional_bias_from_conv_transpose_rule", "remove_optional_bias_from_qlinear_conv_rule",
+    "remove_optional_bias_from_gemm_rule",
+)
+
+
+def default_rules() -> list:
+    """Copies of onnxscript's default rules, made per run: a rule's matcher keeps the graph it last looked at, and
+    the module's own rule objects would keep the exported graph (and through its lazy weights the calibration
+    stream) reachable after the package is written."""
+    import copy
+
+    from onnxscript.rewriter.rules import common as rules
+
+    identities = [*rules.mul_by_1_rule.commute(), *rules.add_0_rule.commute()]  # x*1, 1*x, x+0, 0+x
+    return identities + [copy.deepcopy(getattr(rules, name)) for name in DEFAULT_RULE_NAMES]
+
+
 class SimplifyPatterns(GraphPass):
     """onnxscript's default rewrite rules (no-op removal, slice collapsing...) so the fusions see canonical forms."""
 
@@ -46,7 +76,7 @@ class SimplifyPatterns(GraphPass):
 
     def apply(self, model: ir.Model) -> int:
         before = count_nodes(model)
-        rewrite(model)
+        rewrite(model, default_rules())
         FoldConstants().apply(model)  # the fusions' matchers read constant values, not Constant nodes
         return before - count_nodes(model)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from llama_export.names import MS_DOMAIN, ROW_READER, SOURCE_NAMES
-from llama_export.passes.base import GraphPass, replace_value
+from llama_export.passes.base import GraphPass, RulesPass, replace_value
 from llama_export.passes.cleanup import lazy_transform
 from llama_export.passes.streamed import RowStreamedTensor
 
@@ -24,8 +25,8 @@ def _weight_matmuls(activation: ir.Value) -> list[ir.Node]:
     return found
 
 
-def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Value:
-    """One MatMul over the concatenated weights, inserted before the first of `matmuls`."""
+def _packed_weight(matmuls: list[ir.Node], name: str) -> ir.Value:
+    """The MatMuls' weights side by side, concatenated when the weight is written (not registered)."""
     tensors = [m.inputs[1].const_value for m in matmuls]
     rows = tensors[0].shape[0]
     columns = sum(t.shape[1] for t in tensors)
@@ -44,14 +45,24 @@ def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Val
         weight.meta[SOURCE_NAMES] = [name for names in sources for name in names]
     if stacked:  # the stacked rows straight from the source: no transposed copy to build and undo
         weight.meta[ROW_READER] = stacked
+    return weight
+
+
+def _type_packed_output(packed: ir.Value, matmuls: list[ir.Node]) -> None:
+    out_shape = matmuls[0].outputs[0].shape
+    if out_shape is not None:
+        packed.shape = ir.Shape([*list(out_shape)[:-1], packed.producer().inputs[1].shape[1]])
+    packed.type = matmuls[0].outputs[0].type
+
+
+def _packed_matmul(graph: ir.Graph, matmuls: list[ir.Node], name: str) -> ir.Value:
+    """One MatMul over the concatenated weights, inserted before the first of `matmuls`."""
+    weight = _packed_weight(matmuls, name)
     graph.register_initializer(weight)
     packed = ir.node("MatMul", [matmuls[0].inputs[0], weight])
     order = {id(node): i for i, node in enumerate(graph)}
     graph.insert_before(min(matmuls, key=lambda m: order[id(m)]), packed)
-    out_shape = matmuls[0].outputs[0].shape
-    if out_shape is not None:
-        packed.outputs[0].shape = ir.Shape([*list(out_shape)[:-1], columns])
-    packed.outputs[0].type = matmuls[0].outputs[0].type
+    _type_packed_output(packed.outputs[0], matmuls)
     return packed.outputs[0]
 
 
@@ -103,56 +114,55 @@ class PackQKV(GraphPass):
         return sites
 
 
-class PackGateUp(GraphPass):
-    """gate/up projections of a SwiGLU MLP, SiLU(x @ Wg) * (x @ Wu) -> one MatMul, Split, SiLU(gate) * up."""
+class GateUpProjections(RewriteRuleClassBase):
+    """SiLU(x @ Wg) * (x @ Wu), the SwiGLU MLP as traced (SiLU written out as g * Sigmoid(g)) -> one MatMul over
+    [Wg | Wu], Split, SiLU(gate) * up. (The gate and up projections alone do not say which is which: a pattern of
+    the two MatMuls would match any pair reading the same activation, so the pattern runs to their product.)"""
+
+    def pattern(self, op, x, gate_weight, up_weight):
+        gate = op.MatMul(x, gate_weight, _outputs=["gate"])
+        up = op.MatMul(x, up_weight, _outputs=["up"])
+        return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+
+    def check(self, context, gate_weight, up_weight, **_) -> MatchResult:
+        result = MatchResult()
+        for weight in (gate_weight, up_weight):
+            if not weight.is_initializer() or weight.const_value is None or len(weight.const_value.shape) != 2:
+                return result.fail("a projection's weight is not a 2-D initializer", weight)
+        if gate_weight.const_value.dtype != up_weight.const_value.dtype:
+            return result.fail("the two weights differ in type", up_weight)
+        return result
+
+    def rewrite(self, op, x, gate_weight, up_weight, gate, up, **_):
+        matmuls = [gate.producer(), up.producer()]
+        packed_weight = _packed_weight(matmuls, gate_weight.name.replace("gate_proj", "gate_up_proj"))
+        weight = op.initializer(packed_weight.const_value, packed_weight.name)
+        weight.meta.update(packed_weight.meta)
+        packed = op.MatMul(x, weight)
+        _type_packed_output(packed, matmuls)
+        sizes = ir.tensor(np.array([gate_weight.shape[1], up_weight.shape[1]], dtype=np.int64))
+        new_gate, new_up = op.Split(packed, op.Constant(value=sizes), axis=-1, _outputs=2)
+        sigmoid = op.Sigmoid(new_gate)
+        silu = op.Mul(new_gate, sigmoid)
+        for value, like in ((new_gate, gate), (new_up, up), (sigmoid, gate), (silu, gate)):
+            value.shape, value.type = like.shape, like.type
+        return op.Mul(silu, new_up)
+
+
+class PackGateUp(RulesPass):
+    """gate/up projections of a SwiGLU MLP -> one MatMul, Split, SiLU(gate) * up."""
 
     name = "pack-gate-up"
+    commute = True  # either operand order of both Muls
 
-    def apply(self, model: ir.Model) -> int:
-        graph, sites = model.graph, 0
-        for silu_mul in list(graph):
-            match = self._match(silu_mul)
-            if match is None:
-                continue
-            gate_mm, up_mm, product = match
-            activation = gate_mm.inputs[0]
-            if up_mm.inputs[0] is not activation or not {gate_mm, up_mm} <= set(_weight_matmuls(activation)):
-                continue
-            gate_columns = gate_mm.inputs[1].const_value.shape[1]
-            up_columns = up_mm.inputs[1].const_value.shape[1]
-            name = gate_mm.inputs[1].name.replace("gate_proj", "gate_up_proj")
-            packed = _packed_matmul(graph, [gate_mm, up_mm], name)
-            sizes = ir.tensor(np.array([gate_columns, up_columns], dtype=np.int64))
-            split_sizes = ir.node("Constant", [], attributes={"value": sizes})
-            split = ir.node("Split", [packed, split_sizes.outputs[0]], attributes={"axis": -1}, num_outputs=2)
-            graph.insert_after(packed.producer(), [split_sizes, split])  # before SiLU(gate), which reads it
-            for new, old in zip(split.outputs, (gate_mm.outputs[0], up_mm.outputs[0])):
-                replace_value(old, new)
-            _drop(graph, [gate_mm, up_mm])
-            sites += 1
-        return sites
+    def rules(self, model: ir.Model) -> list:
+        return [GateUpProjections.rule()]
 
-    @staticmethod
-    def _match(node: ir.Node):
-        """node = Mul(Mul(g, Sigmoid(g)), u) with g and u from MatMuls (either operand order)."""
-        if node.op_type != "Mul" or node.domain != "":
-            return None
-        for silu, up in (node.inputs, reversed(node.inputs)):
-            silu_node = silu.producer() if silu is not None else None
-            if silu_node is None or silu_node.op_type != "Mul" or len(silu.uses()) != 1:
-                continue
-            a, b = silu_node.inputs
-            for gate, sig in ((a, b), (b, a)):
-                sig_node = sig.producer() if sig is not None else None
-                if sig_node is None or sig_node.op_type != "Sigmoid" or sig_node.inputs[0] is not gate:
-                    continue
-                gate_mm, up_mm = gate.producer(), up.producer() if up is not None else None
-                if gate_mm is None or up_mm is None or gate_mm.op_type != "MatMul" or up_mm.op_type != "MatMul":
-                    continue
-                if len(gate.uses()) != 2 or len(up.uses()) != 1:
-                    continue
-                return gate_mm, up_mm, node
-        return None
+    def replaced(self, graph: ir.Graph, replacement) -> None:
+        for node in replacement.match.nodes:  # the separate weights, read by nothing now
+            weight = node.inputs[1] if node.op_type == "MatMul" else None
+            if weight is not None and not weight.uses() and weight.name in graph.initializers:
+                graph.initializers.pop(weight.name)
 
 
 class RemoveUnusedInputs(GraphPass):
