@@ -122,7 +122,8 @@ class GateUpProjections(RewriteRuleClassBase):
     def pattern(self, op, x, gate_weight, up_weight):
         gate = op.MatMul(x, gate_weight, _outputs=["gate"])
         up = op.MatMul(x, up_weight, _outputs=["up"])
-        return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+        silu = op.Mul(gate, op.Sigmoid(gate, _outputs=["sigmoid"]), _outputs=["silu"])
+        return op.Mul(silu, up, _outputs=["product"])
 
     def check(self, context, gate_weight, up_weight, **_) -> MatchResult:
         result = MatchResult()
@@ -133,7 +134,7 @@ class GateUpProjections(RewriteRuleClassBase):
             return result.fail("the two weights differ in type", up_weight)
         return result
 
-    def rewrite(self, op, x, gate_weight, up_weight, gate, up, **_):
+    def rewrite(self, op, x, gate_weight, up_weight, gate, up, sigmoid, silu, product, **_):
         matmuls = [gate.producer(), up.producer()]
         packed_weight = _packed_weight(matmuls, gate_weight.name.replace("gate_proj", "gate_up_proj"))
         weight = op.initializer(packed_weight.const_value, packed_weight.name)
@@ -142,11 +143,22 @@ class GateUpProjections(RewriteRuleClassBase):
         _type_packed_output(packed, matmuls)
         sizes = ir.tensor(np.array([gate_weight.shape[1], up_weight.shape[1]], dtype=np.int64))
         new_gate, new_up = op.Split(packed, op.Constant(value=sizes), axis=-1, _outputs=2)
-        sigmoid = op.Sigmoid(new_gate)
-        silu = op.Mul(new_gate, sigmoid)
-        for value, like in ((new_gate, gate), (new_up, up), (sigmoid, gate), (silu, gate)):
-            value.shape, value.type = like.shape, like.type
-        return op.Mul(silu, new_up)
+        for new, old in ((new_gate, gate), (new_up, up)):
+            new.shape, new.type = old.shape, old.type
+        # SiLU(gate) * up again, on the split, as it was: operand order, names and types (the same computation)
+        renamed = {gate: new_gate, up: new_up}
+        new_sigmoid = _same_as(op.Sigmoid(new_gate), sigmoid)
+        renamed[sigmoid] = new_sigmoid
+        new_silu = _same_as(op.Mul(*(renamed[v] for v in silu.producer().inputs)), silu)
+        renamed[silu] = new_silu
+        return _same_as(op.Mul(*(renamed[v] for v in product.producer().inputs)), product)
+
+
+def _same_as(new: ir.Value, old: ir.Value) -> ir.Value:
+    """`new` named, typed and shaped as `old`, its node named as old's: a rebuilt node of the same computation."""
+    new.name, new.shape, new.type = old.name, old.shape, old.type
+    new.producer().name = old.producer().name
+    return new
 
 
 class PackGateUp(RulesPass):
