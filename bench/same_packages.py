@@ -3,8 +3,9 @@ model's packages for a fixed set of targets and precisions, records every file's
 records. Three things vary between two exports of the same graph and are left out of the digests:
 - in the manifest, its creation time, each pass's seconds, and the model file's size (model.onnx or model.ort,
   with the ORT file's "graph and format" share): the file's own digest checks what it holds;
-- torch.onnx's per-node debug metadata in model.onnx (metadata_props: the Python class path and the stack trace of
-  the traced code, file paths included), which names this project's modules where they are;
+- torch.onnx's debug metadata in model.onnx (each node's metadata_props: the Python class path and the stack trace
+  of the traced code, file paths included; the graph's `pkg.torch.*` entries), which packages written before the
+  exporter dropped it hold;
 - the layout of model.ort: ONNX Runtime writes the same contents at different offsets from one conversion to the
   next, so an ORT file is digested by its contents (every table of its flatbuffer schema, in order).
 
@@ -119,6 +120,9 @@ def onnx_digest(path: Path, canonical: bool = False) -> str:
     graph = model.graph
     for node in graph.node:
         del node.metadata_props[:]
+    own_entries = [entry for entry in graph.metadata_props if not entry.key.startswith("pkg.torch.")]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(own_entries)
     if canonical:
         kept = {v.name for v in graph.input} | {v.name for v in graph.output}
         names = canonical_names([(n.name, list(n.input), list(n.output)) for n in graph.node], kept)

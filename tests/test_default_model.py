@@ -45,9 +45,13 @@ def test_default_package_verifies(default_package):
 
 
 @pytest.mark.parametrize("package", ["default_package", "default_int4_package"])
-def test_package_graph_is_in_topological_order(package, request):
-    model = ir.load(request.getfixturevalue(package) / "model.onnx")
+def test_package_graph_is_in_topological_order_without_torch_debug_records(package, request):
+    folder = request.getfixturevalue(package)
+    model = ir.load(folder / "model.onnx")
     assert unsorted_nodes(model.graph) == []
+    assert not any(node.metadata_props for node in model.graph)  # stack traces with this machine's paths
+    assert not [key for key in model.graph.metadata_props if key.startswith("pkg.torch.")]
+    assert b"site-packages" not in (folder / "model.onnx").read_bytes()
 
 
 def test_verify_command_writes_json(default_package, tmp_path):

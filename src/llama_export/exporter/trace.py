@@ -139,6 +139,11 @@ def trace_child(config, parameter_names: list[str], family) -> bytes:
     inputs, outputs = io_names(config.num_hidden_layers)
     exported = _export(FlatCacheLM(build_skeleton(config, family)).eval(), _example_inputs(config), inputs, outputs,
                        _dynamic_shapes(config.num_hidden_layers))
+    # torch's debug records (each node's Python stack trace with this machine's file paths, module scopes; the
+    # exported program's signature) have no use in a package and would ship with it
+    for node in exported.graph.all_nodes():
+        node.metadata_props.clear()
+    exported.graph.metadata_props.clear()
     for value in exported.graph.initializers.values():
         if value.name.removeprefix("model.") in parameter_names:
             tensor = value.const_value
