@@ -3,9 +3,9 @@
 Upstream of an opset-23 `Attention` the tracer leaves: rotary embedding of Q and K, the KV-cache Concat, the
 repetition of K/V heads for grouped queries, and a mask built from `attention_mask`. GroupQueryAttention does all of
 that in one kernel, with rotary tables indexed by position and the cache handled by the runtime. Nothing here trusts
-node names: structure is an onnxscript pattern, and what structure cannot show (the mask is causal with
-padding, the head repetition is repeat-interleave, the rotary tables) is proven by running those subgraphs on sample
-inputs. A site that fails any check is left as it was."""
+node names: the structure is an onnxscript pattern, and what structure cannot show (the mask is causal with
+padding, the head repetition is repeat-interleave, the rotary tables) the rule's check proves by running those
+subgraphs on sample inputs. A site that fails any check is left as it was."""
 
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
     sequence lengths the pass shares between sites.
 
     The pattern's one output is the merged heads; the cache Concats' outputs (graph outputs) are replaced by
-    GroupQueryAttention's present outputs after the rewrite (`shared.presents`). An output list holding them would
-    make onnxscript's matcher try every pair of Concat nodes in the graph at every node.)"""
+    GroupQueryAttention's present outputs after the rewrite (`shared.presents`): with them among the pattern's
+    outputs, onnxscript's matcher would try every pair of Concat nodes in the graph at every node."""
 
     def __init__(self, shared: GroupQueryAttentionInputs):
         # the matched nodes are removed once nothing reads them (the cache Concats feed graph outputs until then)
