@@ -57,16 +57,20 @@ DEFAULT_RULE_NAMES = (
 )
 
 
-def default_rules() -> list:
+def default_rules() -> list | None:
     """Copies of onnxscript's default rules, made per run: a rule's matcher keeps the graph it last looked at, and
     the module's own rule objects would keep the exported graph (and through its lazy weights the calibration
-    stream) reachable after the package is written."""
+    stream) reachable after the package is written. None where a module rule already holds a graph (something
+    else in this process ran them): copying would copy that graph; the module's rules are used then."""
     import copy
 
     from onnxscript.rewriter.rules import common as rules
 
     identities = [*rules.mul_by_1_rule.commute(), *rules.add_0_rule.commute()]  # x*1, 1*x, x+0, 0+x
-    return identities + [copy.deepcopy(getattr(rules, name)) for name in DEFAULT_RULE_NAMES]
+    try:
+        return identities + [copy.deepcopy(getattr(rules, name)) for name in DEFAULT_RULE_NAMES]
+    except RecursionError:
+        return None
 
 
 class SimplifyPatterns(GraphPass):
@@ -76,7 +80,7 @@ class SimplifyPatterns(GraphPass):
 
     def apply(self, model: ir.Model) -> int:
         before = count_nodes(model)
-        rewrite(model, default_rules())
+        rewrite(model, default_rules())  # None: onnxscript's own
         FoldConstants().apply(model)  # the fusions' matchers read constant values, not Constant nodes
         return before - count_nodes(model)
 
