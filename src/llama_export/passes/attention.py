@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 from onnxscript.rewriter.pattern import OrValue
 
@@ -294,8 +293,6 @@ class FuseGroupQueryAttention(RulesPass):
         self.shared.presents = []
 
     def apply(self, model: ir.Model) -> int:
-        sites = super().apply(model)
-        self.shared = None
-        if sites:  # the mask, repetition and rotary-table subgraphs nothing reads any more
-            common.RemoveUnusedNodesPass()(model)
+        sites = super().apply(model)  # which also removes what nothing reads now (the rule keeps matched nodes)
+        self.shared = None  # the graph is not kept reachable through the pass
         return sites

@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 
 @dataclass
@@ -64,8 +65,6 @@ class RulesPass(GraphPass):
         replaces more than its pattern's outputs or leaves something to tidy."""
 
     def apply(self, model: ir.Model) -> int:
-        from onnxscript.optimizer import remove_unused_nodes
-
         rules = self.rules(model)
         if self.commute:
             rules = [variant for rule in rules for variant in rule.commute()]
@@ -88,8 +87,8 @@ class RulesPass(GraphPass):
                 self.replaced(graph, replacement)
                 sites += 1
                 break
-        if sites and not all(rule.remove_nodes for rule in rules):
-            remove_unused_nodes(model)
+        if sites and not all(rule.remove_nodes for rule in rules):  # matched nodes left for this
+            common.RemoveUnusedNodesPass()(model)
         return sites
 
 

@@ -79,9 +79,14 @@ def _stacked_rows(readers, counts: list[int]):
 
 
 def _drop(graph: ir.Graph, matmuls: list[ir.Node]) -> None:
+    weights = [node.inputs[1] for node in matmuls]  # before removal, which detaches a node's inputs
     for node in matmuls:
-        weight = node.inputs[1]
         graph.remove(node, safe=True)
+    _drop_unread_weights(graph, weights)
+
+
+def _drop_unread_weights(graph: ir.Graph, weights: list[ir.Value]) -> None:
+    for weight in weights:
         if not weight.uses() and weight.name in graph.initializers:
             graph.initializers.pop(weight.name)
 
@@ -171,10 +176,8 @@ class PackGateUp(RulesPass):
         return [GateUpProjections.rule()]
 
     def replaced(self, graph: ir.Graph, replacement) -> None:
-        for node in replacement.match.nodes:  # the separate weights, read by nothing now
-            weight = node.inputs[1] if node.op_type == "MatMul" else None
-            if weight is not None and not weight.uses() and weight.name in graph.initializers:
-                graph.initializers.pop(weight.name)
+        """The separate weights, read by nothing now."""
+        _drop_unread_weights(graph, [replacement.match.bindings[name] for name in ("gate_weight", "up_weight")])
 
 
 class RemoveUnusedInputs(GraphPass):
