@@ -62,7 +62,7 @@ def export_parser() -> Parser:
                             "numbers, other languages)")
     quant.add_argument("--calibration-tokens", type=_positive, default=None, metavar="N",
                        help="tokens of the calibration text used, in 256-token windows spread over it (default: "
-                            "2048); more cost time in every layer")
+                            "8192, all of the built-in set); more cost time in every layer")
     quant.add_argument("--requantize", action="store_true",
                        help="quantize every matrix with METHOD even where the source's own blocks could be carried "
                             "over (a GGUF's, or a float copy of a 4-bit model's grid)")

@@ -2,7 +2,8 @@
 
 Weights stream one tensor at a time and calibration one decoder layer at a time, so the peak is the largest of:
 - a layer being calibrated and quantized: its float32 weights, its input statistics (X^T X, one K x K matrix per
-  distinct input), and GPTQ's working copies of its largest matrix;
+  distinct input), the calibration text's hidden states going in and coming out, and GPTQ's working copies of its
+  largest matrix;
 - a float table (embedding or lm_head) read whole and converted, where it stays float (fp32, fp16, TensorRT
   targets) and the source cannot read its rows alone; otherwise tables are read and written in row chunks;
 - verify: ONNX Runtime holding the whole package as the copies it packs (the mapped file's pages are handed back:
@@ -53,7 +54,8 @@ def carried_bytes_per_weight(checkpoint) -> float | None:
 
 
 def estimate(config, precision: str, calibrated: bool, verify: bool, float_tables: bool,
-             int4_bytes: float = INT4_BYTES) -> ExportMemory:
+             int4_bytes: float = INT4_BYTES, calibration_tokens: int | None = None) -> ExportMemory:
+    """calibration_tokens: None for the default (exporter.calibrate.CALIBRATION_TOKENS)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -63,7 +65,12 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
     layer = 4 * GPTQ_COPIES * largest_matrix
     if calibrated:
         statistics = 4 * (2 * hidden * hidden + (heads * head_dim) ** 2 + inter * inter)
-        layer += 4 * layer_weights + statistics
+        if calibration_tokens is None:
+            from llama_export.exporter import calibrate
+
+            calibration_tokens = calibrate.CALIBRATION_TOKENS
+        hidden_states = 2 * 4 * calibration_tokens * hidden
+        layer += 4 * layer_weights + statistics + hidden_states
     table = TABLE_COPIES * 4 * config.vocab_size * hidden if float_tables else 0
     weight_bytes = {"fp32": 4, "fp16": 2, "int4": int4_bytes}.get(precision, 4)
     package = weight_bytes * (config.num_hidden_layers * layer_weights

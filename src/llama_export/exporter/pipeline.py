@@ -174,7 +174,8 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
     float_tables = read_whole and (precision != "int4" or not preset.quantize_embedding
                                    or not options.quantize_embedding)
     int4_bytes = max(export_memory.INT4_BYTES, export_memory.carried_bytes_per_weight(checkpoint) or 0)
-    need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables, int4_bytes).peak
+    need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables, int4_bytes,
+                                  options.calibration_tokens).peak
     free = export_memory.available_bytes()
     log(f"      export memory: about {need / GIB:.1f} GiB at the peak"
         + (f" ({free / GIB:.1f} GiB free)" if free is not None else ""))

@@ -74,7 +74,10 @@ class QuantOptions:
     # Float zero points fit any block range, but ONNX Runtime's CPU MatMulNBits runs far slower with them (README,
     # INT4: zero points): integer ones, packed into 4 bits, are the default.
     float_zero_points: bool = False
-    damp: float = 1.0  # GPTQ: diagonal loading, in units of the mean input energy (measured best on a short text)
+    # GPTQ: diagonal loading, in units of the mean input energy; each the best measured over the held-out kinds
+    # (README, INT4: methods)
+    damp: float = 0.1
+    lm_head_damp: float = 1.0
     # Checkpoint tensors (by name) that the MatMulNBits form quantizes in `sensitive_block_size`-blocks when the
     # layers' blocks are larger: the caller names the matrices whose error costs the most (see the pipeline).
     sensitive_weights: frozenset[str] = frozenset()
@@ -203,7 +206,8 @@ class QuantizeWeights(GraphPass):
                     hessian /= s[None, :]
                 integer = not opts.float_zero_points
                 if opts.method == "gptq" and hessian is not None:  # once for all row chunks
-                    hessian = prepare_gptq(hessian, block, opts.damp, act_order=True)
+                    hessian = prepare_gptq(hessian, block, opts.lm_head_damp if lm_head else opts.damp,
+                                           act_order=True)
 
                 def quantize(w):
                     if opts.method == "gptq" and hessian is not None:

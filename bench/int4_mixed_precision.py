@@ -1,0 +1,195 @@
+"""Keeping the most sensitive matrices at 8 bits: how much of a block-128 INT4 model must be 8-bit for every
+held-out kind to come within a perplexity target. The default model's Hugging Face folder, each layer matrix
+quantized as the cpu target does (calibration statistics of the float model, input scaling of norm-fed matrices,
+GPTQ at the default damping; the lm_head 8-bit in 64-blocks), dequantized into transformers' model (PyTorch, not
+packages: the whole model is held, which this 135M model allows). The units are each layer's packed q/k/v, o,
+packed gate/up and down. A unit's sensitivity is the drop of mean KL divergence from fp32 on calibration windows
+when it alone is 8-bit; units are taken greedily by that drop per weight until a fraction of the layer weights is
+8-bit, and each mix is scored on the held-out kinds. llama.cpp's Q4_K_M choice (down and v in its "more bits"
+layers, 8-bit here) is scored beside them.
+
+    python bench/int4_mixed_precision.py --work DIR [--block-size 128] [--fractions 0.1 0.2 0.3] [--json FILE]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import default_model_as_hf_folder  # noqa: E402
+from bench.heldout_quality import HELDOUT  # noqa: E402
+
+UNITS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
+         "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
+NORM_FED = {"qkv", "gate_up"}  # input-scaled, as passes/scaling.py does on the ONNX Runtime targets
+WINDOW = 256
+SENSITIVITY_WINDOWS = 8
+BATCH = 4
+
+
+def quantized(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scaled: bool, head=False) -> np.ndarray:
+    """w [N, K] quantized as the package would hold it, dequantized back to the float model's input space (the
+    lm_head symmetric, as the cpu target's 8-bit head is)."""
+    from llama_export.passes.block_quantized import prepare_gptq, quantize_gptq
+    from llama_export.passes.quantize import QuantOptions
+    from llama_export.passes.scaling import choose_input_scale
+
+    s = choose_input_scale(w, hessian, block) if scaled else None
+    if s is not None:
+        w, hessian = w * s, hessian / s[:, None] / s[None, :]
+    options = QuantOptions()
+    prepared = prepare_gptq(hessian.astype(np.float32), block, options.lm_head_damp if head else options.damp,
+                            act_order=True)
+    q = quantize_gptq(w, prepared, bits, block, symmetric=head).dequantize()
+    return (q / s if s is not None else q).astype(np.float32)
+
+
+class Mixes:
+    """The float model, every unit's 4- and 8-bit weights, and the windows it is scored on."""
+
+    def __init__(self, folder: Path, block: int):
+        from transformers import AutoModelForCausalLM
+
+        from llama_export.exporter import texts
+        from llama_export.exporter.calibrate import CalibrationStream, calibration_text, tokenize
+        from llama_export.exporter.evaluate import windows_of
+        from llama_export.exporter.sources import open_checkpoint
+
+        checkpoint = open_checkpoint(folder)
+        self.layers = checkpoint.config.num_hidden_layers
+        stream = CalibrationStream(checkpoint, calibration_text(checkpoint))
+        self.weights = {}
+        for i in range(self.layers):
+            for unit, parts in UNITS.items():
+                names = [f"model.layers.{i}.{p}.weight" for p in parts]
+                hessian = stream.get(names[0])
+                w = np.concatenate([checkpoint.weights[n].load() for n in names]).astype(np.float32)
+                for bits in (4, 8):
+                    self.weights[i, unit, bits] = quantized(w, hessian, bits, block, unit in NORM_FED)
+            print(f"layer {i + 1}/{self.layers} quantized", flush=True)
+        head = "lm_head.weight" if "lm_head.weight" in checkpoint.weights else "model.embed_tokens.weight"
+        self.head = quantized(checkpoint.weights[head].load().astype(np.float32), stream.get("lm_head.weight"), 8,
+                              64, True, head=True)
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.params = dict(self.model.named_parameters())
+        self.float = {n: p.detach().clone() for n, p in self.params.items()}
+        self.rows = {u: [self.params[f"model.layers.0.{p}.weight"].shape[0] for p in parts]
+                     for u, parts in UNITS.items()}
+        self.sizes = {u: sum(self.rows[u]) * self.params[f"model.layers.0.{UNITS[u][0]}.weight"].shape[1]
+                      for u in UNITS}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.write_tokenizer(Path(tmp))
+            render = texts.chat_renderer(Path(tmp))
+            named = {"heldout.txt": HELDOUT.read_text(encoding="utf-8")}
+            named.update({kind: texts.read("heldout", kind, render) for kind in texts.KINDS})
+            calibration = calibration_text(checkpoint)
+        self.heldout = {n: windows_of(tokenize(checkpoint, t), WINDOW) for n, t in named.items()}
+        whole = [w for w in windows_of(tokenize(checkpoint, calibration), WINDOW) if len(w) == WINDOW]
+        spread = np.linspace(0, len(whole) - 1, SENSITIVITY_WINDOWS).round().astype(int)
+        self.calibration = [whole[i] for i in spread]
+        self.use_float()
+        self.reference = {n: self.log_probs(w) for n, w in self.heldout.items()}
+        self.calibration_reference = self.log_probs(self.calibration)
+
+    def use_float(self) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.float[name])
+
+    def use(self, eight: set, v_only: set = frozenset()) -> None:
+        """Every unit 4-bit but those in `eight` (and the value rows of the q/k/v units of layers in `v_only`)."""
+        with torch.no_grad():
+            for i in range(self.layers):
+                for unit, parts in UNITS.items():
+                    w = self.weights[i, unit, 8 if (i, unit) in eight else 4]
+                    if unit == "qkv" and i in v_only:
+                        w = w.copy()
+                        w[-self.rows[unit][-1]:] = self.weights[i, unit, 8][-self.rows[unit][-1]:]
+                    bounds = np.cumsum([0] + self.rows[unit])
+                    for part, start, stop in zip(parts, bounds, bounds[1:]):
+                        self.params[f"model.layers.{i}.{part}.weight"].copy_(torch.from_numpy(w[start:stop]))
+            self.model.model.embed_tokens.weight.copy_(torch.from_numpy(self.head))
+            self.model.lm_head.weight.copy_(torch.from_numpy(self.head))
+
+    def log_probs(self, windows: list[list[int]]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [torch.log_softmax(self.model(torch.tensor([w])).logits[0].float(), -1) for w in windows]
+
+    def scores(self, windows, reference) -> tuple[float, float]:
+        """Perplexity change over fp32 (%), mean KL(fp32 || quantized) per position."""
+        nll = reference_nll = kl = 0.0
+        count = 0
+        for w, ours, theirs in zip(windows, self.log_probs(windows), reference):
+            targets = torch.tensor(w[1:])[:, None]
+            nll -= float(ours[:-1].gather(-1, targets).sum())
+            reference_nll -= float(theirs[:-1].gather(-1, targets).sum())
+            kl += float((theirs.exp() * (theirs - ours)).sum())
+            count += len(w) - 1
+        return (np.exp((nll - reference_nll) / count) - 1) * 100, kl / sum(len(w) for w in windows)
+
+    def heldout_scores(self) -> dict[str, tuple[float, float]]:
+        return {n: self.scores(w, self.reference[n]) for n, w in self.heldout.items()}
+
+    def sensitivities(self) -> dict[tuple, float]:
+        self.use(set())
+        base = self.scores(self.calibration, self.calibration_reference)[1]
+        drops = {}
+        for i in range(self.layers):
+            for unit in UNITS:
+                self.use({(i, unit)})
+                drops[i, unit] = base - self.scores(self.calibration, self.calibration_reference)[1]
+            print(f"layer {i + 1}/{self.layers} sensitivities measured", flush=True)
+        return drops
+
+
+def llama_cpp_more_bits(layers: int) -> list[int]:
+    """The layers llama.cpp's Q4_K_M gives more bits (use_more_bits in its quantizer)."""
+    return [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="working folder, reused between runs")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.3])
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the scores as JSON")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    mixes = Mixes(default_model_as_hf_folder(args.work / "hf"), args.block_size)
+    total = mixes.layers * sum(mixes.sizes.values())
+    results = {}
+
+    def score(label: str, eight: set, v_only: set = frozenset()) -> None:
+        mixes.use(eight, v_only)
+        weights = sum(mixes.sizes[u] for _, u in eight) + len(v_only) * mixes.sizes["qkv"] * \
+            mixes.rows["qkv"][-1] // sum(mixes.rows["qkv"])
+        results[label] = {"eight_bit_fraction": weights / total, "scores": mixes.heldout_scores()}
+        cells = "  ".join(f"{n} {p:+.1f}% {k:.3f}" for n, (p, k) in results[label]["scores"].items())
+        print(f"{label:<40} {weights / total:5.1%} 8-bit  {cells}", flush=True)
+
+    score("all 4-bit", set())
+    drops = mixes.sensitivities()
+    ranked = sorted(drops, key=lambda unit: -drops[unit] / mixes.sizes[unit[1]])
+    for fraction in args.fractions:
+        chosen, used = set(), 0
+        for unit in ranked:
+            if used + mixes.sizes[unit[1]] <= fraction * total:
+                chosen.add(unit)
+                used += mixes.sizes[unit[1]]
+        score(f"most sensitive, up to {fraction:.0%}", chosen)
+    more = llama_cpp_more_bits(mixes.layers)
+    score("llama.cpp Q4_K_M layers: down and v", {(i, "down") for i in more}, set(more))
+    if args.json:
+        args.json.write_text(json.dumps({"block_size": args.block_size, "results": results,
+                                         "sensitivity": {f"{i}.{u}": d for (i, u), d in drops.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
