@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import default_model_as_hf_folder  # noqa: E402
-from bench.heldout_quality import HELDOUT  # noqa: E402
+from bench.heldout_quality import HeldoutQuality  # noqa: E402
 
 UNITS = {"qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "o": ["self_attn.o_proj"],
          "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
@@ -51,19 +50,20 @@ def quantized(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scaled:
 
 
 class Mixes:
-    """The float model, every unit's 4- and 8-bit weights, and the windows it is scored on."""
+    """The float model, every unit's 4- and 8-bit weights, and the windows it is scored on (the held-out ones and
+    their fp32 logits from bench/heldout_quality.py; a spread of calibration windows for the sensitivities)."""
 
     def __init__(self, folder: Path, block: int):
         from transformers import AutoModelForCausalLM
 
-        from llama_export.exporter import texts
         from llama_export.exporter.calibrate import CalibrationStream, calibration_text, tokenize
         from llama_export.exporter.evaluate import windows_of
         from llama_export.exporter.sources import open_checkpoint
 
         checkpoint = open_checkpoint(folder)
         self.layers = checkpoint.config.num_hidden_layers
-        stream = CalibrationStream(checkpoint, calibration_text(checkpoint))
+        text = calibration_text(checkpoint)
+        stream = CalibrationStream(checkpoint, text)
         self.weights = {}
         for i in range(self.layers):
             for unit, parts in UNITS.items():
@@ -79,29 +79,15 @@ class Mixes:
 
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.params = dict(self.model.named_parameters())
-        self.float = {n: p.detach().clone() for n, p in self.params.items()}
         self.rows = {u: [self.params[f"model.layers.0.{p}.weight"].shape[0] for p in parts]
                      for u, parts in UNITS.items()}
         self.sizes = {u: sum(self.rows[u]) * self.params[f"model.layers.0.{UNITS[u][0]}.weight"].shape[1]
                       for u in UNITS}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.write_tokenizer(Path(tmp))
-            render = texts.chat_renderer(Path(tmp))
-            named = {"heldout.txt": HELDOUT.read_text(encoding="utf-8")}
-            named.update({kind: texts.read("heldout", kind, render) for kind in texts.KINDS})
-            calibration = calibration_text(checkpoint)
-        self.heldout = {n: windows_of(tokenize(checkpoint, t), WINDOW) for n, t in named.items()}
-        whole = [w for w in windows_of(tokenize(checkpoint, calibration), WINDOW) if len(w) == WINDOW]
+        self.heldout = HeldoutQuality(folder)
+        whole = [w for w in windows_of(tokenize(checkpoint, text), WINDOW) if len(w) == WINDOW]
         spread = np.linspace(0, len(whole) - 1, SENSITIVITY_WINDOWS).round().astype(int)
         self.calibration = [whole[i] for i in spread]
-        self.use_float()
-        self.reference = {n: self.log_probs(w) for n, w in self.heldout.items()}
-        self.calibration_reference = self.log_probs(self.calibration)
-
-    def use_float(self) -> None:
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(self.float[name])
+        self.calibration_reference = self.logits(self.calibration)  # the float model's, before any use()
 
     def use(self, eight: set, v_only: set = frozenset()) -> None:
         """Every unit 4-bit but those in `eight` (and the value rows of the q/k/v units of layers in `v_only`)."""
@@ -118,33 +104,33 @@ class Mixes:
             self.model.model.embed_tokens.weight.copy_(torch.from_numpy(self.head))
             self.model.lm_head.weight.copy_(torch.from_numpy(self.head))
 
-    def log_probs(self, windows: list[list[int]]) -> list[torch.Tensor]:
+    def logits(self, windows: list[list[int]]) -> list[np.ndarray]:
         with torch.no_grad():
-            return [torch.log_softmax(self.model(torch.tensor([w])).logits[0].float(), -1) for w in windows]
-
-    def scores(self, windows, reference) -> tuple[float, float]:
-        """Perplexity change over fp32 (%), mean KL(fp32 || quantized) per position."""
-        nll = reference_nll = kl = 0.0
-        count = 0
-        for w, ours, theirs in zip(windows, self.log_probs(windows), reference):
-            targets = torch.tensor(w[1:])[:, None]
-            nll -= float(ours[:-1].gather(-1, targets).sum())
-            reference_nll -= float(theirs[:-1].gather(-1, targets).sum())
-            kl += float((theirs.exp() * (theirs - ours)).sum())
-            count += len(w) - 1
-        return (np.exp((nll - reference_nll) / count) - 1) * 100, kl / sum(len(w) for w in windows)
+            return [self.model(torch.tensor([w])).logits[0].float().numpy() for w in windows]
 
     def heldout_scores(self) -> dict[str, tuple[float, float]]:
-        return {n: self.scores(w, self.reference[n]) for n, w in self.heldout.items()}
+        """Per held-out text: perplexity change over fp32 (%), mean KL(fp32 || quantized) per position."""
+        from llama_export.exporter.evaluate import scores
+
+        result = {}
+        for name, windows in self.heldout.windows.items():
+            s = scores(windows, self.logits(windows), self.heldout.reference[name])
+            result[name] = ((s["perplexity"] / s["reference_perplexity"] - 1) * 100, s["mean_kl"])
+        return result
 
     def sensitivities(self) -> dict[tuple, float]:
+        from llama_export.exporter.evaluate import scores
+
+        def calibration_kl() -> float:
+            return scores(self.calibration, self.logits(self.calibration), self.calibration_reference)["mean_kl"]
+
         self.use(set())
-        base = self.scores(self.calibration, self.calibration_reference)[1]
+        base = calibration_kl()
         drops = {}
         for i in range(self.layers):
             for unit in UNITS:
                 self.use({(i, unit)})
-                drops[i, unit] = base - self.scores(self.calibration, self.calibration_reference)[1]
+                drops[i, unit] = base - calibration_kl()
             print(f"layer {i + 1}/{self.layers} sensitivities measured", flush=True)
         return drops
 

@@ -2,8 +2,8 @@
 
 Weights stream one tensor at a time and calibration one decoder layer at a time, so the peak is the largest of:
 - a layer being calibrated and quantized: its float32 weights, its input statistics (X^T X, one K x K matrix per
-  distinct input), the calibration text's hidden states going in and coming out, and GPTQ's working copies of its
-  largest matrix;
+  distinct input), the calibration text's hidden states (going in, coming out in pieces, and the pieces joined),
+  and GPTQ's working copies of its largest matrix;
 - a float table (embedding or lm_head) read whole and converted, where it stays float (fp32, fp16, TensorRT
   targets) and the source cannot read its rows alone; otherwise tables are read and written in row chunks;
 - verify: ONNX Runtime holding the whole package as the copies it packs (the mapped file's pages are handed back:
@@ -69,7 +69,7 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
             from llama_export.exporter import calibrate
 
             calibration_tokens = calibrate.CALIBRATION_TOKENS
-        hidden_states = 2 * 4 * calibration_tokens * hidden
+        hidden_states = 3 * 4 * calibration_tokens * hidden
         layer += 4 * layer_weights + statistics + hidden_states
     table = TABLE_COPIES * 4 * config.vocab_size * hidden if float_tables else 0
     weight_bytes = {"fp32": 4, "fp16": 2, "int4": int4_bytes}.get(precision, 4)
