@@ -7,7 +7,8 @@ to the fp32 PyTorch one; then perplexity and KL divergence on the held-out text 
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
 
 llama-export builds from the same Hugging Face folder as the builder and, at block 32, also from the GGUF itself
-(its Q4_1/Q8_0 blocks carried over). The folder holds the GGUF's Q4_1 values, whose grid llama-export carries at
+(its Q4_1/Q8_0 blocks carried over), and at block 128 also with 30% of the layer weights at 8 bits
+(--eight-bit-share 0.3). The folder holds the GGUF's Q4_1 values, whose grid llama-export carries at
 block 32; "HF, GPTQ" quantizes it again (--requantize), so its quantizer does the work. The builder's packages are
 also run with llama-export's genai session options (its thread setting), to tell what the graphs do from what the
 settings do."""
@@ -26,6 +27,7 @@ from bench._common import default_model_as_hf_folder, with_session_options  # no
 from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
+EIGHT_BIT_SHARE = 0.3  # --eight-bit-share of the mixed 4/8-bit block-128 package
 HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
 
 
@@ -54,6 +56,12 @@ def build(work: Path) -> dict[str, Path]:
             packages["llama-export b32 (HF, GPTQ)"] = requantized
         packages[f"builder b{block}"] = genai
         packages[f"builder b{block}, our options"] = with_session_options(genai, ours, work / f"genai-b{block}-ours")
+    mixed = work / f"ours-int4-hf-b128-eight-{EIGHT_BIT_SHARE}"
+    if not (mixed / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "llama_export", "--model", str(hf), "--precision", "int4",
+                        "--block-size", "128", "--eight-bit-share", str(EIGHT_BIT_SHARE), "-q", "--force",
+                        "--no-verify", "-o", str(mixed)], check=True)
+    packages[f"llama-export b128 (HF), {EIGHT_BIT_SHARE:.0%} 8-bit"] = mixed
     gguf = work / "ours-int4-gguf-b32"
     if not (gguf / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "llama_export", "--model", str(default_model_path()), "--precision",
@@ -92,10 +100,10 @@ def main() -> None:
 
     print(f"\nINT4 cpu packages, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, median of "
           f"{args.runs}; perplexity on {HELDOUT.name} (fp32 PyTorch: {reference:.3f})")
-    print(f"{'package':<26} {'decode tok/s':>12} {'size MB':>8} {'perplexity':>11} {'vs fp32':>8}")
+    print(f"{'package':<34} {'decode tok/s':>12} {'size MB':>8} {'perplexity':>11} {'vs fp32':>8}")
     for name in names:
         ppl = perplexity[name]
-        print(f"{name:<26} {statistics.median(rates[name]):>12.1f} {size_mb(packages[name]):>8.1f} {ppl:>11.3f} "
+        print(f"{name:<34} {statistics.median(rates[name]):>12.1f} {size_mb(packages[name]):>8.1f} {ppl:>11.3f} "
               f"{(ppl / reference - 1) * 100:>+7.1f}%")
     for block in (32, 128):
         ours, theirs = f"llama-export b{block} (HF)", f"builder b{block}"
@@ -108,6 +116,10 @@ def main() -> None:
               f"{statistics.median(rates[ours]) / statistics.median(rates[same]):.2f}x "
               f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[same]):.2f}x)")
 
+    mixed, pure = f"llama-export b128 (HF), {EIGHT_BIT_SHARE:.0%} 8-bit", "llama-export b128 (HF)"
+    size = size_mb(packages[mixed]) / size_mb(packages[pure])
+    print(f"block 128 with {EIGHT_BIT_SHARE:.0%} 8-bit: decode {paired_ratio(rates[mixed], rates[pure]):.2f}x the all "
+          f"4-bit package (median of the rounds' ratios), size {size:.2f}x")
     gguf, theirs = "llama-export b32 (GGUF)", "builder b32"
     print(f"GGUF block 32: size {size_mb(packages[gguf]) / size_mb(packages[theirs]):.2f}x the builder's block 32")
 

@@ -37,6 +37,9 @@ VARIANTS = {
     "b128 gptq, 4-bit lm_head": ["--block-size", "128", "--lm-head-bits", "4"],
     "b128 clip": ["--block-size", "128", "--quant", "clip"],
     "b128 rtn": ["--block-size", "128", "--quant", "rtn"],
+    "b128 gptq, 8-bit 20%": ["--block-size", "128", "--eight-bit-share", "0.2"],
+    "b128 gptq, 8-bit 30%": ["--block-size", "128", "--eight-bit-share", "0.3"],
+    "b128 gptq, 8-bit 35%": ["--block-size", "128", "--eight-bit-share", "0.35"],
 }
 
 

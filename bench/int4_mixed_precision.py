@@ -6,7 +6,8 @@ packages: the whole model is held, which this 135M model allows). The units are 
 packed gate/up and down. A unit's sensitivity is the drop of mean KL divergence from fp32 on calibration windows
 when it alone is 8-bit; units are taken greedily by that drop per weight until a fraction of the layer weights is
 8-bit, and each mix is scored on the held-out kinds. llama.cpp's Q4_K_M choice (down and v in its "more bits"
-layers, 8-bit here) is scored beside them.
+layers, 8-bit here) is scored beside them, and so is the exporter's own choice (--eight-bit-share: a Fisher-weighted
+4-bit error from one streamed gradient pass, exporter/sensitivity.py), which is what a package gets.
 
     python bench/int4_mixed_precision.py --work DIR [--block-size 128] [--fractions 0.1 0.2 0.3] [--json FILE]"""
 
@@ -60,9 +61,9 @@ class Mixes:
         from llama_export.exporter.evaluate import windows_of
         from llama_export.exporter.sources import open_checkpoint
 
-        checkpoint = open_checkpoint(folder)
+        checkpoint = self.checkpoint = open_checkpoint(folder)
         self.layers = checkpoint.config.num_hidden_layers
-        text = calibration_text(checkpoint)
+        text = self.text = calibration_text(checkpoint)
         stream = CalibrationStream(checkpoint, text)
         self.weights = {}
         for i in range(self.layers):
@@ -135,6 +136,28 @@ class Mixes:
         return drops
 
 
+def streamed_scores(mixes: Mixes, block: int) -> dict[tuple, float]:
+    """The exporter's own sensitivities (--eight-bit-share: exporter/sensitivity.py), by (layer, unit)."""
+    from llama_export.exporter.sensitivity import sensitivities
+
+    unit_of = {parts[0]: unit for unit, parts in UNITS.items()}
+    scores = {}
+    for group in sensitivities(mixes.checkpoint, mixes.text, block):
+        _, _, layer, module, name, _ = group.names[0].split(".")
+        scores[int(layer), unit_of[f"{module}.{name}"]] = group.score
+    return scores
+
+
+def greedy(scores: dict[tuple, float], sizes: dict[str, int], budget: float) -> set:
+    """Units by score per weight while they fit in `budget` weights."""
+    chosen, used = set(), 0
+    for unit in sorted(scores, key=lambda unit: -scores[unit] / sizes[unit[1]]):
+        if used + sizes[unit[1]] <= budget:
+            chosen.add(unit)
+            used += sizes[unit[1]]
+    return chosen
+
+
 def llama_cpp_more_bits(layers: int) -> list[int]:
     """The layers llama.cpp's Q4_K_M gives more bits (use_more_bits in its quantizer)."""
     return [i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2]
@@ -162,19 +185,20 @@ def main() -> None:
 
     score("all 4-bit", set())
     drops = mixes.sensitivities()
-    ranked = sorted(drops, key=lambda unit: -drops[unit] / mixes.sizes[unit[1]])
     for fraction in args.fractions:
-        chosen, used = set(), 0
-        for unit in ranked:
-            if used + mixes.sizes[unit[1]] <= fraction * total:
-                chosen.add(unit)
-                used += mixes.sizes[unit[1]]
-        score(f"most sensitive, up to {fraction:.0%}", chosen)
+        score(f"most sensitive, up to {fraction:.0%}", greedy(drops, mixes.sizes, fraction * total))
+    streamed = streamed_scores(mixes, args.block_size)
+    ranks = [np.argsort(np.argsort([scores[u] for u in drops])) for scores in (drops, streamed)]
+    print(f"rank correlation (Spearman) of the exporter's scores with the measured drops: "
+          f"{np.corrcoef(*ranks)[0, 1]:.2f}", flush=True)
+    for fraction in args.fractions:
+        score(f"exporter's choice, up to {fraction:.0%}", greedy(streamed, mixes.sizes, fraction * total))
     more = llama_cpp_more_bits(mixes.layers)
     score("llama.cpp Q4_K_M layers: down and v", {(i, "down") for i in more}, set(more))
     if args.json:
         args.json.write_text(json.dumps({"block_size": args.block_size, "results": results,
-                                         "sensitivity": {f"{i}.{u}": d for (i, u), d in drops.items()}}, indent=1))
+                                         "sensitivity": {f"{i}.{u}": d for (i, u), d in drops.items()},
+                                         "streamed": {f"{i}.{u}": d for (i, u), d in streamed.items()}}, indent=1))
 
 
 if __name__ == "__main__":

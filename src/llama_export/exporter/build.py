@@ -50,7 +50,11 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     if context > config.max_position_embeddings:
         raise UserError(f"--context {context} is longer than the model's {config.max_position_embeddings} positions")
     shape = ModelShape.from_config(config, checkpoint.name)
-    preset = target.int4_preset(block_size).for_export(block_size, options.lm_head_bits, config.vocab_size)
+    try:
+        preset = target.int4_preset(block_size).for_export(block_size, options.lm_head_bits, config.vocab_size,
+                                                           options.eight_bit_share if precision == "int4" else 0.0)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     target.preflight(shape, precision, block_size, context, preset, float_embedding=not options.quantize_embedding,
                      log=progress.log)
 
@@ -82,7 +86,9 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     pkg.write_json(staging / "genai_config.json",
                    pkg.genai_config(model, config, context, target.model_file, threads=target.genai_threads))
     weight_bytes = target.weights_summary(model)
-    requantized = requantization_errors(passes, progress.log)
+    quantization = requantization_errors(passes, progress.log)
+    if quant is not None and quant.eight_bit_weights:
+        quantization["eight_bit_matrices"] = sorted(quant.eight_bit_weights)
     del passes
     del model
     if not checkpoint.write_tokenizer(staging):
@@ -93,7 +99,7 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     export_memory.hand_back_freed_memory()
     return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
                  weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
-                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **requantized})
+                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **quantization})
 
 
 def requantization_errors(passes, log) -> dict:

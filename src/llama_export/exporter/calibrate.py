@@ -64,6 +64,20 @@ def tokenize(checkpoint: Checkpoint, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def calibration_windows(checkpoint: Checkpoint, text: str, tokens: int) -> np.ndarray:
+    """[windows, WINDOW] token ids: at most `tokens` of the text in whole windows, evenly spaced over it so that
+    every kind of text is represented."""
+    ids = tokenize(checkpoint, text)
+    usable = len(ids) // WINDOW * WINDOW or len(ids)
+    if usable < 16:
+        raise UserError("the calibration text is too short (fewer than 16 tokens)")
+    windows = np.array(ids[:usable]).reshape(-1, min(WINDOW, usable))
+    keep = max(1, tokens // windows.shape[1])
+    if len(windows) > keep:
+        windows = windows[np.linspace(0, len(windows) - 1, keep).round().astype(int)]
+    return windows
+
+
 class SourceHints:
     """passes.quantize.WeightHints over a checkpoint and its calibration statistics (a dict, or a
     CalibrationStream that computes them one decoder layer at a time as they are asked for)."""
@@ -207,14 +221,7 @@ class CalibrationStream:
         rotary = self.checkpoint.family.rotary_class()
         if self.layer is not None and self.log:
             self.log(f"      calibration starts over from the first layer (layer {self.layer} was passed)")
-        ids = tokenize(self.checkpoint, self.text)
-        usable = len(ids) // WINDOW * WINDOW or len(ids)
-        if usable < 16:
-            raise UserError("the calibration text is too short (fewer than 16 tokens)")
-        windows = np.array(ids[:usable]).reshape(-1, min(WINDOW, usable))
-        keep = max(1, self.tokens // windows.shape[1])
-        if len(windows) > keep:  # evenly spaced over the text, so every kind of text is represented
-            windows = windows[np.linspace(0, len(windows) - 1, keep).round().astype(int)]
+        windows = calibration_windows(self.checkpoint, self.text, self.tokens)
         self.hidden = embed(self.checkpoint, windows)
         self.positions = torch.arange(windows.shape[1]).unsqueeze(0)
         self.position_embeddings = rotary(config)(self.hidden, self.positions)

@@ -54,8 +54,10 @@ def carried_bytes_per_weight(checkpoint) -> float | None:
 
 
 def estimate(config, precision: str, calibrated: bool, verify: bool, float_tables: bool,
-             int4_bytes: float = INT4_BYTES, calibration_tokens: int | None = None) -> ExportMemory:
-    """calibration_tokens: None for the default (exporter.calibrate.CALIBRATION_TOKENS)."""
+             int4_bytes: float = INT4_BYTES, calibration_tokens: int | None = None,
+             eight_bit_choice: bool = False) -> ExportMemory:
+    """calibration_tokens: None for the default (exporter.calibrate.CALIBRATION_TOKENS); eight_bit_choice: the
+    sensitivity pass of --eight-bit-share runs first (exporter/sensitivity.py)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -71,6 +73,14 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
             calibration_tokens = calibrate.CALIBRATION_TOKENS
         hidden_states = 3 * 4 * calibration_tokens * hidden
         layer += 4 * layer_weights + statistics + hidden_states
+    if eight_bit_choice:
+        from llama_export.exporter.sensitivity import HEAD_ROWS, SENSITIVITY_WINDOWS
+
+        tokens = SENSITIVITY_WINDOWS * 256
+        # a layer's weights, their gradients and rounding errors; the hidden states' gradient and a window's
+        # activations; the lm_head's row chunk with its logits, noise and probabilities
+        sensitivity = 3 * 4 * layer_weights + 3 * 4 * tokens * hidden + 4 * HEAD_ROWS * (hidden + 3 * tokens)
+        layer = max(layer, sensitivity)
     table = TABLE_COPIES * 4 * config.vocab_size * hidden if float_tables else 0
     weight_bytes = {"fp32": 4, "fp16": 2, "int4": int4_bytes}.get(precision, 4)
     package = weight_bytes * (config.num_hidden_layers * layer_weights

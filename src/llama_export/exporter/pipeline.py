@@ -41,6 +41,7 @@ class ExportOptions:
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
     requantize: bool = False  # quantize every matrix here, even where the source's blocks could be carried
+    eight_bit_share: float = 0.0  # at most this share of the layer weights at 8 bits, the most sensitive ones
     gates: Gates = Gates()  # verify's opt-in quality gates
 
 
@@ -175,7 +176,7 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
                                    or not options.quantize_embedding)
     int4_bytes = max(export_memory.INT4_BYTES, export_memory.carried_bytes_per_weight(checkpoint) or 0)
     need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables, int4_bytes,
-                                  options.calibration_tokens).peak
+                                  options.calibration_tokens, eight_bit_choice=bool(preset.eight_bit_share)).peak
     free = export_memory.available_bytes()
     log(f"      export memory: about {need / GIB:.1f} GiB at the peak"
         + (f" ({free / GIB:.1f} GiB free)" if free is not None else ""))
@@ -227,20 +228,45 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     from llama_export.passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
+    quantized_here = not carried(checkpoint, preset, carried_block_size(options, block_size))
+    text = None
+    if quantized_here and (method != "rtn" or preset.eight_bit_share):
+        text = read_calibration_text(options.calibration_text) if options.calibration_text else \
+            calibration_text(checkpoint)
+    eight_bit = frozenset()
+    if preset.eight_bit_share:
+        if not quantized_here:
+            raise UserError(f"--eight-bit-share: every matrix of {checkpoint.path} is carried over in its own blocks, "
+                            "so none is quantized here; add --requantize to choose 8-bit matrices")
+        eight_bit = choose_eight_bit(checkpoint, text, block_size, options, preset.eight_bit_share, log)
     try:
         quant = preset.quant_options(block_size, method, options.symmetric, options.quantize_embedding,
                                      edge_layer_weights(checkpoint.weights, checkpoint.config.num_hidden_layers),
-                                     carry_any_source_blocks=options.block_size is None)
+                                     carry_any_source_blocks=options.block_size is None, eight_bit_weights=eight_bit)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     hessians = None
-    if method != "rtn" and not carried(checkpoint, preset, carried_block_size(options, block_size)):
-        text = read_calibration_text(options.calibration_text) if options.calibration_text else \
-            calibration_text(checkpoint)
+    if method != "rtn" and quantized_here:
         log(f"      calibrating on {options.calibration_text or 'the built-in texts'} ({method}), one decoder layer "
             "at a time as the package is written")
         hessians = CalibrationStream(checkpoint, text, log=log, tokens=options.calibration_tokens)
     return quant, SourceHints(checkpoint, hessians)
+
+
+def choose_eight_bit(checkpoint: Checkpoint, text: str, block_size: int, options: ExportOptions, share: float,
+                     log) -> frozenset[str]:
+    """The layer matrices kept at 8 bits: the most sensitive within `share` of the layer weights."""
+    from llama_export.exporter.sensitivity import eight_bit_weights, sensitivities
+
+    log(f"      choosing the matrices kept at 8 bits (up to {share:.0%} of the layer weights) by their 4-bit error's "
+        f"cost on {options.calibration_text or 'the built-in texts'}, one decoder layer at a time")
+    groups = sensitivities(checkpoint, text, block_size, options.symmetric, log=log)
+    chosen = eight_bit_weights(groups, share)
+    total = sum(g.weights for g in groups)
+    kept = sum(g.weights for g in groups if set(g.names) <= chosen)
+    log(f"      8 bits for {len(chosen)} of {sum(len(g.names) for g in groups)} layer matrices "
+        f"({kept / total:.1%} of the layer weights)")
+    return chosen
 
 
 def build_manifest(checkpoint, target: str, precision: str, io: dict, reports) -> dict:

@@ -82,6 +82,9 @@ class QuantOptions:
     # layers' blocks are larger: the caller names the matrices whose error costs the most (see the pipeline).
     sensitive_weights: frozenset[str] = frozenset()
     sensitive_block_size: int = 32
+    # Checkpoint tensors (by name) that the MatMulNBits form keeps at 8 bits (symmetric, in the layers' blocks):
+    # the caller names the matrices whose 4-bit error costs the most (exporter/sensitivity.py).
+    eight_bit_weights: frozenset[str] = frozenset()
     # The source's own blocks (a GGUF's) are carried over when they are in `block_size`-blocks; with this, in
     # blocks of any size (no block size was asked for: a K-quant file's 16- and 32-blocks are kept as they are).
     carry_any_source_blocks: bool = False
@@ -142,7 +145,7 @@ class QuantizeWeights(GraphPass):
                 continue
             k, n = weight.const_value.shape
             lm_head = id(node.outputs[0]) in outputs
-            bits = self.options.lm_head_bits if lm_head else self.options.bits
+            bits = self.options.lm_head_bits if lm_head else self._layer_bits(weight)
             if bits is None:
                 continue
             mixed = self._mixed_source_parts(list(weight.meta.get(SOURCE_NAMES, [])), bits, (n, k))
@@ -189,7 +192,7 @@ class QuantizeWeights(GraphPass):
                     if opts.quantize_embedding:
                         block = dividing_block(block, k)
             if symmetric is None:
-                symmetric = opts.symmetric or (lm_head and self.options.quantize_embedding and bits == 8)
+                symmetric = opts.symmetric or (bits == 8 and (not lm_head or self.options.quantize_embedding))
             if rows is not None:
                 n = len(range(n)[rows])
 
@@ -226,6 +229,15 @@ class QuantizeWeights(GraphPass):
             zero_dtype = None if symmetric else np.float32 if opts.float_zero_points else np.uint8
             template = layout_template(n, k, bits, block, zero_dtype)
         return Once(compute), template
+
+    def _layer_bits(self, weight: ir.Value) -> int:
+        """8 for a layer matrix whose every stacked part the caller named (MatMulNBits form only), else the
+        layers' bits."""
+        names = weight.meta.get(SOURCE_NAMES, [])
+        wanted = self.options.eight_bit_weights
+        if names and all(n in wanted for n in names) and self.options.form == "matmulnbits":
+            return 8
+        return self.options.bits
 
     def _sensitive(self, names: list[str], lm_head: bool) -> bool:
         """A layer matrix whose every stacked part the caller named for finer blocks (MatMulNBits form only)."""

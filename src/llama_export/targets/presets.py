@@ -48,10 +48,18 @@ class QuantPreset:
     # A source's own blocks carried over: their widths, and whether only the decoder layers' (the tables stay float)
     carried_bits: tuple[int, ...] = (4, 8)
     carried_layers_only: bool = False
+    eight_bit_share: float = 0.0  # at most this share of the layer weights at 8 bits (--eight-bit-share)
 
-    def for_export(self, block_size: int, lm_head_bits: int | None, vocab_size: int) -> QuantPreset:
+    def for_export(self, block_size: int, lm_head_bits: int | None, vocab_size: int,
+                   eight_bit_share: float = 0.0) -> QuantPreset:
         """This preset with the lm_head width settled: the one asked for (every row), else the preset's, split only
-        where the vocabulary has rows past the frequent ones, 8-bit from WIDE_LM_HEAD_FROM_BLOCK up."""
+        where the vocabulary has rows past the frequent ones, 8-bit from WIDE_LM_HEAD_FROM_BLOCK up; and the share
+        of layer weights kept at 8 bits (MatMulNBits form only)."""
+        if eight_bit_share:
+            if self.form != "matmulnbits":
+                raise ValueError(f"--eight-bit-share: the {self.name} INT4 form has no 8-bit matrices (4-bit "
+                                 "DequantizeLinear only); leave it out for this target")
+            return replace(self, eight_bit_share=eight_bit_share).for_export(block_size, lm_head_bits, vocab_size)
         if self.lm_head_bits is None:
             return self
         if lm_head_bits is not None:
@@ -62,8 +70,10 @@ class QuantPreset:
         return replace(self, lm_head_bits=bits, frequent_head_rows=0)
 
     def quant_options(self, block_size: int, method: str, symmetric: bool, quantize_embedding: bool,
-                      edge_weights: frozenset[str], carry_any_source_blocks: bool) -> QuantOptions:
-        """The quantizer's options (a settled preset: see for_export)."""
+                      edge_weights: frozenset[str], carry_any_source_blocks: bool,
+                      eight_bit_weights: frozenset[str] = frozenset()) -> QuantOptions:
+        """The quantizer's options (a settled preset: see for_export; `eight_bit_weights` chosen within its
+        eight_bit_share)."""
         return QuantOptions(block_size=block_size, symmetric=symmetric or self.symmetric_only, method=method,
                             form=self.form, lm_head_bits=self.lm_head_bits, lm_head_block_size=self.lm_head_block,
                             lm_head_frequent_rows=self.frequent_head_rows,
@@ -71,7 +81,7 @@ class QuantPreset:
                             half_minimums=self.half_minimums,
                             sensitive_weights=edge_weights if self.edge_layer_block else frozenset(),
                             sensitive_block_size=self.edge_layer_block or EDGE_LAYER_BLOCK,
-                            carry_any_source_blocks=carry_any_source_blocks)
+                            carry_any_source_blocks=carry_any_source_blocks, eight_bit_weights=eight_bit_weights)
 
     def head_block(self, block_size: int, hidden: int) -> int:
         """The lm_head's block size along the hidden dimension."""
@@ -84,11 +94,14 @@ class QuantPreset:
         return bits / 8 + (self.scale_bytes + (0 if symmetric or bits == 8 else 0.5)) / block
 
     def layer_bytes(self, layer_weights: int, num_layers: int, block_size: int) -> float:
-        """The decoder layers' matrices, the edge layers in their finer blocks."""
+        """The decoder layers' matrices, the edge layers in their finer blocks, the 8-bit share (symmetric) at most
+        as large as it may be."""
         fine = layer_weights * len(edge_layers(num_layers)) / num_layers if self.edge_layer_block else 0
         fine_block = min(block_size, self.edge_layer_block or block_size)
-        return ((layer_weights - fine) * self.bytes_per_weight(4, block_size)
-                + fine * self.bytes_per_weight(4, fine_block))
+        eight = layer_weights * self.eight_bit_share
+        return ((layer_weights - fine - eight) * self.bytes_per_weight(4, block_size)
+                + fine * self.bytes_per_weight(4, fine_block)
+                + eight * self.bytes_per_weight(8, block_size, symmetric=True))
 
     def table_bytes(self, vocab: int, hidden: int, tied: bool, block_size: int, float_embedding: bool,
                     float_bytes: int = 4) -> float:

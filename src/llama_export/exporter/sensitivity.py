@@ -1,0 +1,207 @@
+"""Which decoder-layer matrices lose the most to 4-bit blocks: the choice behind --eight-bit-share, which keeps
+them at 8 bits.
+
+A group of matrices that read the same input (q/k/v, gate/up; o and down alone: the units the targets pack into
+one MatMul) scores sum over windows w of sum_ij (dL_w/dW_ij * E_ij)^2, where E is the matrix's 4-bit
+round-to-nearest error and L_w the log-likelihood of tokens sampled from the float model itself on calibration
+window w: E weighted by the diagonal of the Fisher information, a second-order estimate of the KL divergence the
+error adds at the model's output. Layer-local measures (how much a layer's own output moves) miss how later layers
+amplify an error and ranked the default model's matrices far worse (README, INT4: mixed 4/8 bits).
+
+It streams as calibration does: a forward pass writes every layer's input hidden states to a temporary file, the
+gradient at the output comes from the lm_head read in row chunks, and a backward pass loads one layer at a time."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama_export.exporter.calibrate import (
+    WINDOW,
+    WINDOWS_AT_ONCE,
+    calibration_windows,
+    embed,
+    float_tensor,
+    load_layer,
+)
+from llama_export.exporter.errors import UserError
+from llama_export.exporter.progress import format_seconds
+from llama_export.exporter.sources import Checkpoint
+
+# Calibration windows the scores are summed over: 8 ranked the default model's matrices as well as 16 did
+SENSITIVITY_WINDOWS = 8
+HEAD_ROWS = 8192  # lm_head rows read at once
+
+
+@dataclass(frozen=True)
+class MatrixGroup:
+    names: tuple[str, ...]  # checkpoint tensors reading one input
+    weights: int
+    score: float
+
+
+def eight_bit_weights(groups: list[MatrixGroup], share: float) -> frozenset[str]:
+    """The matrices to keep at 8 bits: groups taken by score per weight while they fit in `share` of all the
+    layers' weights."""
+    budget = share * sum(g.weights for g in groups)
+    chosen, used = [], 0
+    for group in sorted(groups, key=lambda g: -g.score / g.weights):
+        if used + group.weights <= budget:
+            chosen.append(group)
+            used += group.weights
+    return frozenset(name for group in chosen for name in group.names)
+
+
+def sensitivities(checkpoint: Checkpoint, text: str, block_size: int, symmetric: bool = False, log=None,
+                  windows: int = SENSITIVITY_WINDOWS) -> list[MatrixGroup]:
+    config = copy.deepcopy(checkpoint.config)
+    config._attn_implementation = "sdpa"  # causal without an explicit mask
+    ids = calibration_windows(checkpoint, text, windows * WINDOW)
+    layers = config.num_hidden_layers
+    steps = _Steps(layers, log)
+    with tempfile.TemporaryDirectory(prefix="llama-export-sensitivity-") as tmp:
+        path = Path(tmp) / "hidden.f32"
+        need = (layers + 1) * ids.size * config.hidden_size * 4
+        if shutil.disk_usage(tmp).free < need:
+            raise UserError(f"--eight-bit-share: the hidden states need {need / 2**30:.1f} GiB in {tmp} and "
+                            f"{shutil.disk_usage(tmp).free / 2**30:.1f} GiB are free; point TMPDIR at a larger disk")
+        hidden = embed(checkpoint, ids)
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        position_embeddings = checkpoint.family.rotary_class()(config)(hidden, positions)
+        run = dict(attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
+        with open(path, "wb") as states_file:  # written, not mapped: a full disk is an error here, not a crash
+            states_file.write(hidden.numpy().tobytes())
+            for index in range(layers):
+                layer = load_layer(checkpoint, index, config)
+                with torch.no_grad():
+                    hidden = torch.cat([_output(layer(hidden[s:s + WINDOWS_AT_ONCE], **run))
+                                        for s in range(0, len(hidden), WINDOWS_AT_ONCE)])
+                states_file.write(hidden.numpy().tobytes())
+                steps.done("forward")
+        del hidden
+        states = np.memmap(path, np.float32, "r", shape=(layers + 1, *ids.shape, config.hidden_size))
+        gradient = _output_gradient(checkpoint, config, torch.from_numpy(np.array(states[layers])))
+        groups = []
+        for index in reversed(range(layers)):
+            layer_groups, gradient = _layer_scores(checkpoint, config, index, states, gradient, run, block_size,
+                                                   symmetric)
+            groups += layer_groups
+            steps.done("backward")
+        del states
+    return groups
+
+
+class _Steps:
+    """Progress lines with the time left, one a layer and pass; a layer's backward step counts as three forward
+    ones (a forward and its backward through the layer)."""
+
+    def __init__(self, layers: int, log):
+        self.layers, self.log, self.units, self.started = layers, log, 0, time.perf_counter()
+        self.passes = {"forward": 0, "backward": 0}
+
+    def done(self, what: str) -> None:
+        self.passes[what] += 1
+        self.units += 1 if what == "forward" else 3
+        if self.log:
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / self.units * (4 * self.layers - self.units)
+            self.log(f"      8-bit choice: layer {self.passes[what]}/{self.layers} {what} "
+                     f"({format_seconds(elapsed)} so far, about {format_seconds(left)} left)")
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _output_gradient(checkpoint: Checkpoint, config, last: torch.Tensor) -> torch.Tensor:
+    """d(sum of -log p(y))/d(last hidden state), y sampled from the float model's own distribution."""
+    norm = checkpoint.family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
+    with torch.no_grad():
+        norm.weight.copy_(float_tensor(checkpoint.weight("model.norm.weight").load()))
+    last = last.clone().requires_grad_(True)
+    normed = norm(last)
+    flat = normed.detach().reshape(-1, config.hidden_size)
+    head = checkpoint.weight("lm_head.weight" if "lm_head.weight" in checkpoint.weights
+                             else "model.embed_tokens.weight")
+    labels, normalizer = sampled_tokens(flat, head)
+    with torch.no_grad():
+        gradient = torch.zeros_like(flat)
+        for start, rows in head.row_chunks(HEAD_ROWS):
+            weights = float_tensor(rows)
+            probabilities = torch.exp(flat @ weights.T - normalizer[:, None])
+            hit = ((labels >= start) & (labels < start + len(weights))).nonzero()[:, 0]
+            probabilities[hit, labels[hit] - start] -= 1
+            gradient += probabilities @ weights
+    normed.backward(gradient.reshape(normed.shape))
+    return last.grad
+
+
+def sampled_tokens(flat: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token sampled at each position of `flat` (final normed hidden states) from the distribution the lm_head
+    (a WeightInfo) gives, and the log of its normalizer: Gumbel-max over the head's row chunks, so the head is
+    never whole in memory; the same every run."""
+    generator = torch.Generator().manual_seed(0)
+    normalizer = torch.full((len(flat),), -torch.inf)
+    best = torch.full((len(flat),), -torch.inf)
+    labels = torch.zeros(len(flat), dtype=torch.long)
+    with torch.no_grad():
+        for start, rows in head.row_chunks(HEAD_ROWS):
+            logits = flat @ float_tensor(rows).T
+            normalizer = torch.logaddexp(normalizer, torch.logsumexp(logits, -1))
+            uniform = torch.rand(logits.shape, generator=generator).clamp_(min=1e-20)
+            value, index = (logits - torch.log(-torch.log(uniform))).max(-1)
+            better = value > best
+            best, labels = torch.where(better, value, best), torch.where(better, index + start, labels)
+    return labels, normalizer
+
+
+def _layer_scores(checkpoint, config, index, states, gradient, run, block_size, symmetric):
+    """The layer's groups with their scores, and the gradient at the layer's input (one window at a time: a
+    window's own gradient is what the Fisher estimate squares)."""
+    from llama_export.passes.block_quantized import quantize_rtn
+
+    layer = load_layer(checkpoint, index, config)
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    errors = {}
+    for name, module in linears.items():
+        weight = module.weight.detach()
+        errors[name] = torch.from_numpy(quantize_rtn(weight.numpy(), 4, block_size, symmetric).dequantize()) - weight
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+    readers: dict[int, list[str]] = {}  # an input tensor's id -> the matrices reading it
+    keep = []  # holds the inputs so their ids stay unique
+
+    def hook(name):
+        def record(module, inputs):
+            keep.append(inputs[0])
+            readers.setdefault(id(inputs[0]), []).append(name)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    scores = dict.fromkeys(linears, 0.0)
+    before = torch.empty_like(gradient)
+    for window in range(len(gradient)):
+        x = torch.from_numpy(np.array(states[index][window:window + 1])).requires_grad_(True)
+        out = _output(layer(x, **run))
+        if window == 0:
+            for handle in handles:
+                handle.remove()
+        layer.zero_grad(set_to_none=True)
+        out.backward(gradient[window:window + 1])
+        for name, module in linears.items():
+            scores[name] += float((module.weight.grad * errors[name]).square().sum())
+        before[window] = x.grad[0]
+    prefix = f"model.layers.{index}."
+    groups = [MatrixGroup(tuple(prefix + n + ".weight" for n in names),
+                          sum(linears[n].weight.numel() for n in names), sum(scores[n] for n in names))
+              for names in readers.values()]
+    return groups, before
