@@ -148,14 +148,12 @@ def streamed_scores(mixes: Mixes, block: int) -> dict[tuple, float]:
     return scores
 
 
-def greedy(scores: dict[tuple, float], sizes: dict[str, int], budget: float) -> set:
-    """Units by score per weight while they fit in `budget` weights."""
-    chosen, used = set(), 0
-    for unit in sorted(scores, key=lambda unit: -scores[unit] / sizes[unit[1]]):
-        if used + sizes[unit[1]] <= budget:
-            chosen.add(unit)
-            used += sizes[unit[1]]
-    return chosen
+def greedy(scores: dict[tuple, float], sizes: dict[str, int], share: float) -> set:
+    """Units taken as the exporter takes them (by score per weight while they fit in `share` of all)."""
+    from llama_export.exporter.sensitivity import MatrixGroup, eight_bit_weights
+
+    chosen = eight_bit_weights([MatrixGroup((unit,), sizes[unit[1]], score) for unit, score in scores.items()], share)
+    return set(chosen)
 
 
 def llama_cpp_more_bits(layers: int) -> list[int]:
@@ -186,13 +184,13 @@ def main() -> None:
     score("all 4-bit", set())
     drops = mixes.sensitivities()
     for fraction in args.fractions:
-        score(f"most sensitive, up to {fraction:.0%}", greedy(drops, mixes.sizes, fraction * total))
+        score(f"most sensitive, up to {fraction:.0%}", greedy(drops, mixes.sizes, fraction))
     streamed = streamed_scores(mixes, args.block_size)
     ranks = [np.argsort(np.argsort([scores[u] for u in drops])) for scores in (drops, streamed)]
     print(f"rank correlation (Spearman) of the exporter's scores with the measured drops: "
           f"{np.corrcoef(*ranks)[0, 1]:.2f}", flush=True)
     for fraction in args.fractions:
-        score(f"exporter's choice, up to {fraction:.0%}", greedy(streamed, mixes.sizes, fraction * total))
+        score(f"exporter's choice, up to {fraction:.0%}", greedy(streamed, mixes.sizes, fraction))
     more = llama_cpp_more_bits(mixes.layers)
     score("llama.cpp Q4_K_M layers: down and v", {(i, "down") for i in more}, set(more))
     if args.json:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from helpers import CORPUS, write_tiny_gguf
 from onnx import helper
+from safetensors.numpy import load_file
 
 from llama_export.exporter.cli import main
 from llama_export.exporter.sensitivity import MatrixGroup, eight_bit_weights, sampled_tokens, sensitivities
@@ -23,22 +25,46 @@ def test_the_costliest_groups_per_weight_are_kept_within_the_share():
     # b/c does not fit in 25% (250): the next ones that fit are taken
     assert eight_bit_weights(groups, 0.25) == {"d", "a"}
     assert eight_bit_weights(groups, 0.0) == frozenset()
+    # matrices carried over in their own blocks are never chosen; the budget is still a share of all the weights
+    assert eight_bit_weights(groups, 0.4, exclude={"c"}) == {"d", "a"}
 
 
-def test_streamed_scores_equal_whole_model_autograd(tiny_models):
+def test_sampled_tokens_follow_the_head_distribution_over_row_chunks():
+    """Gumbel-max over 100-row chunks of a 320-row head: the normalizer is the whole head's logsumexp and each
+    token is drawn with its softmax probability (20000 draws, within 5 standard errors)."""
+    from llama_export.exporter.sources.base import WeightInfo
+
+    rng = np.random.default_rng(0)
+    head = rng.standard_normal((320, 8)).astype(np.float32)
+    info = WeightInfo(head.shape, lambda: head)
+    flat = torch.from_numpy(np.repeat(rng.standard_normal((1, 8)).astype(np.float32), 20000, axis=0))
+    labels, normalizer = sampled_tokens(flat, info, rows=100)
+    logits = flat[0] @ torch.from_numpy(head).T
+    assert torch.allclose(normalizer, torch.logsumexp(logits, -1).expand(20000), atol=1e-5)
+    probabilities = torch.softmax(logits, -1).numpy()
+    counts = np.bincount(labels.numpy(), minlength=320) / 20000
+    assert labels.max() >= 200  # tokens of the last chunk are drawn too
+    assert np.all(np.abs(counts - probabilities) <= 5 * np.sqrt(probabilities * (1 - probabilities) / 20000) + 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama2-gqa", "llama3.2-tied"])
+def test_streamed_scores_equal_whole_model_autograd(tiny_models, monkeypatch, variant):
     """Layer by layer from hidden states on disk and the lm_head in row chunks, the scores are what autograd
     through transformers' whole model gives for the same sampled tokens: sum over windows of
-    sum((dL/dW * E)^2), E each matrix's 4-bit round-to-nearest error."""
+    sum((dL/dW * E)^2), E each matrix's 4-bit round-to-nearest error. The head is read 100 rows at a time (four
+    chunks) and the five windows run through a layer in two batches."""
     from transformers import LlamaForCausalLM
 
+    from llama_export.exporter import sensitivity
     from llama_export.exporter.calibrate import calibration_windows
     from llama_export.exporter.sources import open_checkpoint
     from llama_export.passes.block_quantized import quantize_rtn
 
-    folder = tiny_models["llama2-gqa"]
+    monkeypatch.setattr(sensitivity, "HEAD_ROWS", 100)
+    folder = tiny_models[variant]
     checkpoint = open_checkpoint(folder)
-    text = CORPUS * 3
-    groups = sensitivities(checkpoint, text, 32, windows=3)
+    text = CORPUS * 4
+    groups = sensitivities(checkpoint, text, 32, windows=5)
     assert len(groups) == 4 * 2  # q/k/v, o, gate/up, down in each of the two layers
     packed = {g.names for g in groups}
     assert ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
@@ -46,11 +72,11 @@ def test_streamed_scores_equal_whole_model_autograd(tiny_models):
     assert ("model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight") in packed
 
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
-    ids = torch.from_numpy(calibration_windows(checkpoint, text, 3 * 256))
-    assert ids.shape == (3, 256)
+    ids = torch.from_numpy(calibration_windows(checkpoint, text, 5 * 256))
+    assert ids.shape == (5, 256)
     with torch.no_grad():
         normed = model.model(ids).last_hidden_state
-    labels, _ = sampled_tokens(normed.reshape(-1, normed.shape[-1]), checkpoint.weight("lm_head.weight"))
+    labels, _ = sampled_tokens(normed.reshape(-1, normed.shape[-1]), checkpoint.weight("lm_head.weight"), rows=100)
     labels = labels.reshape(ids.shape)
     params = dict(model.named_parameters())
     rounding = {name: torch.from_numpy(quantize_rtn(p.detach().numpy(), 4, 32).dequantize()) - p.detach()
@@ -116,3 +142,21 @@ def test_eight_bit_share_bad_input_is_one_line(tiny_models, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llama-export: error")]
     assert len(errors) == 1 and "--requantize" in errors[0] and str(gguf) in errors[0]
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_the_cpu_target_keeps_its_share_at_8_bits_from_block_128_by_default(tiny_models, tmp_path):
+    from llama_export.targets.presets import CPU_FAST_EIGHT_BIT_SHARE
+
+    model = tiny_models["llama2-gqa"]
+    shares = {}
+    for name, extra in (("default", []), ("none", ["--eight-bit-share", "0"]), ("block 64", ["--block-size", "64"])):
+        out = tmp_path / name.replace(" ", "")
+        block = [] if extra[:1] == ["--block-size"] else ["--block-size", "128"]
+        assert main(["--model", str(model), "--precision", "int4", *block, *extra, "-o", str(out), "-q",
+                     "--no-verify"]) == 0
+        chosen = json.loads((out / "manifest.json").read_text()).get("eight_bit_matrices", [])
+        weights = load_file(str(model / "model.safetensors"))
+        layers = {n: v.size for n, v in weights.items() if n.startswith("model.layers.") and v.ndim == 2}
+        shares[name] = sum(layers[n] for n in chosen) / sum(layers.values())
+    assert 0 < shares["default"] <= CPU_FAST_EIGHT_BIT_SHARE
+    assert shares["none"] == shares["block 64"] == 0

@@ -52,7 +52,7 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     shape = ModelShape.from_config(config, checkpoint.name)
     try:
         preset = target.int4_preset(block_size).for_export(block_size, options.lm_head_bits, config.vocab_size,
-                                                           options.eight_bit_share if precision == "int4" else 0.0)
+                                                           options.eight_bit_share)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     target.preflight(shape, precision, block_size, context, preset, float_embedding=not options.quantize_embedding,

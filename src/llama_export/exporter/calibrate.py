@@ -114,8 +114,13 @@ def fully_prequantized(checkpoint: Checkpoint, block_size: int | None, bits: tup
     the quantizer carries them over and has nothing to calibrate."""
     matrices = [i for n, i in checkpoint.weights.items()
                 if len(i.shape) == 2 and (not layers_only or n.startswith("model.layers."))]
-    return bool(matrices) and all(i.quantized_bits in bits and block_size in (None, i.quantized_block_size)
-                                  for i in matrices)
+    return bool(matrices) and all(carried_over(i, block_size, bits) for i in matrices)
+
+
+def carried_over(info, block_size: int | None, bits: tuple[int, ...] = (4, 8)) -> bool:
+    """A weight (WeightInfo) whose own blocks are carried over: in blocks of this size (None: any) and one of these
+    bit widths."""
+    return info.quantized_bits in bits and block_size in (None, info.quantized_block_size)
 
 
 def float_tensor(values: np.ndarray) -> torch.Tensor:

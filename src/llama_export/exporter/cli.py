@@ -72,11 +72,12 @@ def export_parser() -> Parser:
                        help="lm_head (and a tied embedding) at 4 or 8 bits, all rows (default: on the cpu target 4, "
                             "below block 128 with a large vocabulary's first 16384 rows at 8; elsewhere 8 at "
                             "block 128+, else 4)")
-    quant.add_argument("--eight-bit-share", type=_share, default=0.0, metavar="F",
+    quant.add_argument("--eight-bit-share", type=_share, default=None, metavar="F",
                        help="keep up to this share (0 to 0.9) of the decoder layers' weights at 8 bits: the matrices "
-                            "whose 4-bit error costs the most, found by a gradient pass over the calibration text "
-                            "(about 3x a calibration pass; cpu and phone targets). 0.3 at block 128 loses about as "
-                            "much as block 32 and the package is larger (README, INT4); default: 0, none")
+                            "whose 4-bit error costs the most, found by a gradient pass over 2048 tokens of the "
+                            "calibration text (cpu and phone targets). Default: 0.35 on the cpu target from block "
+                            "128 up (every held-out kind within +12%% of fp32; 0 gives the smallest, fastest "
+                            "package), else 0")
     quant.add_argument("--keep-embedding", action="store_true",
                        help="keep the embedding table at full precision instead of GatherBlockQuantized")
     parser.add_argument("--context", type=_positive, metavar="N",
@@ -212,7 +213,7 @@ def cmd_export(args) -> int:
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
                  "--calibration-text": args.calibration_text, "--calibration-tokens": args.calibration_tokens,
                  "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding,
-                 "--requantize": args.requantize, "--eight-bit-share": args.eight_bit_share}
+                 "--requantize": args.requantize, "--eight-bit-share": args.eight_bit_share is not None}
     given = [flag for flag, value in int4_only.items() if value]
     from llama_export.targets import get_target
 

@@ -74,12 +74,13 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
         hidden_states = 3 * 4 * calibration_tokens * hidden
         layer += 4 * layer_weights + statistics + hidden_states
     if eight_bit_choice:
+        from llama_export.exporter.calibrate import WINDOW
         from llama_export.exporter.sensitivity import HEAD_ROWS, SENSITIVITY_WINDOWS
 
-        tokens = SENSITIVITY_WINDOWS * 256
+        tokens = SENSITIVITY_WINDOWS * WINDOW
         # a layer's weights, their gradients and rounding errors; the hidden states' gradient and a window's
         # activations; the lm_head's row chunk with its logits, noise and probabilities
-        sensitivity = 3 * 4 * layer_weights + 3 * 4 * tokens * hidden + 4 * HEAD_ROWS * (hidden + 3 * tokens)
+        sensitivity = 3 * 4 * layer_weights + 3 * 4 * tokens * hidden + 4 * HEAD_ROWS * (hidden + 5 * tokens)
         layer = max(layer, sensitivity)
     table = TABLE_COPIES * 4 * config.vocab_size * hidden if float_tables else 0
     weight_bytes = {"fp32": 4, "fp16": 2, "int4": int4_bytes}.get(precision, 4)

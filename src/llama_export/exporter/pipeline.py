@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llama_export.exporter import __version__, export_memory
@@ -41,7 +41,7 @@ class ExportOptions:
     lm_head_bits: int | None = None  # None: chosen per block size
     quantize_embedding: bool = True
     requantize: bool = False  # quantize every matrix here, even where the source's blocks could be carried
-    eight_bit_share: float = 0.0  # at most this share of the layer weights at 8 bits, the most sensitive ones
+    eight_bit_share: float | None = None  # at most this share of the layer weights at 8 bits (None: the target's)
     gates: Gates = Gates()  # verify's opt-in quality gates
 
 
@@ -167,16 +167,19 @@ def check_export_memory(options: ExportOptions, config, precision: str, checkpoi
     from llama_export.passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
-    calibrated = precision == "int4" and method != "rtn" and not carried(checkpoint, preset,
-                                                                         carried_block_size(options, block_size))
+    quantized_here = precision == "int4" and not carried(checkpoint, preset, carried_block_size(options, block_size))
+    calibrated = quantized_here and method != "rtn"
     # Tables that stay float are written in row chunks (passes/streamed.py) where the source reads rows alone.
     tables = [checkpoint.weights.get(name) for name in ("model.embed_tokens.weight", "lm_head.weight")]
     read_whole = any(table is not None and table.load_rows is None for table in tables)
     float_tables = read_whole and (precision != "int4" or not preset.quantize_embedding
                                    or not options.quantize_embedding)
     int4_bytes = max(export_memory.INT4_BYTES, export_memory.carried_bytes_per_weight(checkpoint) or 0)
+    if preset.eight_bit_share:  # a layer weight's bytes on average, with the 8-bit share
+        int4_bytes = max(int4_bytes, preset.layer_bytes(1, config.num_hidden_layers, block_size))
     need = export_memory.estimate(config, precision, calibrated, options.verify, float_tables, int4_bytes,
-                                  options.calibration_tokens, eight_bit_choice=bool(preset.eight_bit_share)).peak
+                                  options.calibration_tokens,
+                                  eight_bit_choice=quantized_here and bool(preset.eight_bit_share)).peak
     free = export_memory.available_bytes()
     log(f"      export memory: about {need / GIB:.1f} GiB at the peak"
         + (f" ({free / GIB:.1f} GiB free)" if free is not None else ""))
@@ -223,6 +226,7 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
         CalibrationStream,
         SourceHints,
         calibration_text,
+        carried_over,
         read_calibration_text,
     )
     from llama_export.passes.quantize import DEFAULT_METHOD
@@ -233,18 +237,20 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     if quantized_here and (method != "rtn" or preset.eight_bit_share):
         text = read_calibration_text(options.calibration_text) if options.calibration_text else \
             calibration_text(checkpoint)
-    eight_bit = frozenset()
-    if preset.eight_bit_share:
-        if not quantized_here:
-            raise UserError(f"--eight-bit-share: every matrix of {checkpoint.path} is carried over in its own blocks, "
-                            "so none is quantized here; add --requantize to choose 8-bit matrices")
-        eight_bit = choose_eight_bit(checkpoint, text, block_size, options, preset.eight_bit_share, log)
     try:
         quant = preset.quant_options(block_size, method, options.symmetric, options.quantize_embedding,
                                      edge_layer_weights(checkpoint.weights, checkpoint.config.num_hidden_layers),
-                                     carry_any_source_blocks=options.block_size is None, eight_bit_weights=eight_bit)
+                                     carry_any_source_blocks=options.block_size is None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if preset.eight_bit_share and not quantized_here and options.eight_bit_share:
+        raise UserError(f"--eight-bit-share: every matrix of {checkpoint.path} is carried over in its own blocks, so "
+                        "none is quantized here; add --requantize to choose 8-bit matrices")
+    if preset.eight_bit_share and quantized_here:
+        carried_weights = {name for name, info in checkpoint.weights.items()
+                           if carried_over(info, carried_block_size(options, block_size), preset.carried_bits)}
+        quant = replace(quant, eight_bit_weights=choose_eight_bit(checkpoint, text, quant, preset.eight_bit_share,
+                                                                  carried_weights, options, log))
     hessians = None
     if method != "rtn" and quantized_here:
         log(f"      calibrating on {options.calibration_text or 'the built-in texts'} ({method}), one decoder layer "
@@ -253,15 +259,16 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     return quant, SourceHints(checkpoint, hessians)
 
 
-def choose_eight_bit(checkpoint: Checkpoint, text: str, block_size: int, options: ExportOptions, share: float,
-                     log) -> frozenset[str]:
-    """The layer matrices kept at 8 bits: the most sensitive within `share` of the layer weights."""
+def choose_eight_bit(checkpoint: Checkpoint, text: str, quant, share: float, carried_weights: set[str],
+                     options: ExportOptions, log) -> frozenset[str]:
+    """The layer matrices kept at 8 bits: the most sensitive within `share` of the layer weights, among those
+    quantized here (a matrix whose own blocks are carried over keeps them)."""
     from llama_export.exporter.sensitivity import eight_bit_weights, sensitivities
 
     log(f"      choosing the matrices kept at 8 bits (up to {share:.0%} of the layer weights) by their 4-bit error's "
         f"cost on {options.calibration_text or 'the built-in texts'}, one decoder layer at a time")
-    groups = sensitivities(checkpoint, text, block_size, options.symmetric, log=log)
-    chosen = eight_bit_weights(groups, share)
+    groups = sensitivities(checkpoint, text, quant.block_size, quant.symmetric, log=log)
+    chosen = eight_bit_weights(groups, share, exclude=carried_weights)
     total = sum(g.weights for g in groups)
     kept = sum(g.weights for g in groups if set(g.names) <= chosen)
     log(f"      8 bits for {len(chosen)} of {sum(len(g.names) for g in groups)} layer matrices "

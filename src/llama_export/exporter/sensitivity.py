@@ -3,8 +3,9 @@ them at 8 bits.
 
 A group of matrices that read the same input (q/k/v, gate/up; o and down alone: the units the targets pack into
 one MatMul) scores sum over windows w of sum_ij (dL_w/dW_ij * E_ij)^2, where E is the matrix's 4-bit
-round-to-nearest error and L_w the log-likelihood of tokens sampled from the float model itself on calibration
-window w: E weighted by the diagonal of the Fisher information, a second-order estimate of the KL divergence the
+round-to-nearest error (at the layers' block size, without GPTQ or input scaling: a ranking, not the package's
+error) and L_w the negative log-likelihood of tokens sampled from the float model itself on calibration window w: E
+weighted by the diagonal of the Fisher information, a second-order estimate of the KL divergence the
 error adds at the model's output. Layer-local measures (how much a layer's own output moves) miss how later layers
 amplify an error and ranked the default model's matrices far worse (README, INT4: mixed 4/8 bits).
 
@@ -47,12 +48,13 @@ class MatrixGroup:
     score: float
 
 
-def eight_bit_weights(groups: list[MatrixGroup], share: float) -> frozenset[str]:
-    """The matrices to keep at 8 bits: groups taken by score per weight while they fit in `share` of all the
-    layers' weights."""
+def eight_bit_weights(groups: list[MatrixGroup], share: float, exclude=frozenset()) -> frozenset[str]:
+    """The matrices to keep at 8 bits: groups with no matrix in `exclude`, taken by score per weight while they
+    fit in `share` of all the groups' weights."""
     budget = share * sum(g.weights for g in groups)
     chosen, used = [], 0
-    for group in sorted(groups, key=lambda g: -g.score / g.weights):
+    candidates = [g for g in groups if not exclude.intersection(g.names)]
+    for group in sorted(candidates, key=lambda g: -g.score / g.weights):
         if used + group.weights <= budget:
             chosen.append(group)
             used += group.weights
@@ -64,37 +66,58 @@ def sensitivities(checkpoint: Checkpoint, text: str, block_size: int, symmetric:
     config = copy.deepcopy(checkpoint.config)
     config._attn_implementation = "sdpa"  # causal without an explicit mask
     ids = calibration_windows(checkpoint, text, windows * WINDOW)
+    steps = _Steps(config.num_hidden_layers, log)
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="llama-export-sensitivity-")
+    except OSError as exc:
+        raise _no_room(exc) from None
+    with folder as tmp:
+        return _streamed(checkpoint, config, ids, Path(tmp), block_size, symmetric, steps)
+
+
+def _no_room(exc: OSError) -> UserError:
+    return UserError(f"--eight-bit-share: the hidden states could not be kept in {tempfile.gettempdir()} "
+                     f"({exc.strerror or exc}); point TMPDIR at a disk with room")
+
+
+def _streamed(checkpoint, config, ids, tmp: Path, block_size, symmetric, steps) -> list[MatrixGroup]:
+    """The forward pass writing each layer's input to `tmp`, the output's gradient, the backward pass."""
     layers = config.num_hidden_layers
-    steps = _Steps(layers, log)
-    with tempfile.TemporaryDirectory(prefix="llama-export-sensitivity-") as tmp:
-        path = Path(tmp) / "hidden.f32"
-        need = (layers + 1) * ids.size * config.hidden_size * 4
-        if shutil.disk_usage(tmp).free < need:
-            raise UserError(f"--eight-bit-share: the hidden states need {need / 2**30:.1f} GiB in {tmp} and "
-                            f"{shutil.disk_usage(tmp).free / 2**30:.1f} GiB are free; point TMPDIR at a larger disk")
-        hidden = embed(checkpoint, ids)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        position_embeddings = checkpoint.family.rotary_class()(config)(hidden, positions)
-        run = dict(attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
-        with open(path, "wb") as states_file:  # written, not mapped: a full disk is an error here, not a crash
-            states_file.write(hidden.numpy().tobytes())
-            for index in range(layers):
-                layer = load_layer(checkpoint, index, config)
-                with torch.no_grad():
-                    hidden = torch.cat([_output(layer(hidden[s:s + WINDOWS_AT_ONCE], **run))
-                                        for s in range(0, len(hidden), WINDOWS_AT_ONCE)])
-                states_file.write(hidden.numpy().tobytes())
-                steps.done("forward")
-        del hidden
-        states = np.memmap(path, np.float32, "r", shape=(layers + 1, *ids.shape, config.hidden_size))
-        gradient = _output_gradient(checkpoint, config, torch.from_numpy(np.array(states[layers])))
-        groups = []
-        for index in reversed(range(layers)):
-            layer_groups, gradient = _layer_scores(checkpoint, config, index, states, gradient, run, block_size,
-                                                   symmetric)
-            groups += layer_groups
-            steps.done("backward")
-        del states
+    path = tmp / "hidden.f32"
+    need = (layers + 1) * ids.size * config.hidden_size * 4
+    if shutil.disk_usage(tmp).free < need:
+        raise UserError(f"--eight-bit-share: the hidden states need {need / 2**30:.1f} GiB in {tmp.parent} and "
+                        f"{shutil.disk_usage(tmp).free / 2**30:.1f} GiB are free; point TMPDIR at a larger disk")
+    hidden = embed(checkpoint, ids)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    position_embeddings = checkpoint.family.rotary_class()(config)(hidden, positions)
+    run = dict(attention_mask=None, position_ids=positions, position_embeddings=position_embeddings)
+    with open(path, "wb") as states_file:  # written, not mapped: a full disk is an error here, not a crash
+
+        def keep(states: torch.Tensor) -> None:
+            try:
+                states_file.write(states.numpy().tobytes())
+            except OSError as exc:
+                raise _no_room(exc) from None
+
+        keep(hidden)
+        for index in range(layers):
+            layer = load_layer(checkpoint, index, config)
+            with torch.no_grad():
+                hidden = torch.cat([_output(layer(hidden[s:s + WINDOWS_AT_ONCE], **run))
+                                    for s in range(0, len(hidden), WINDOWS_AT_ONCE)])
+            keep(hidden)
+            steps.done("forward")
+    del hidden
+    states = np.memmap(path, np.float32, "r", shape=(layers + 1, *ids.shape, config.hidden_size))
+    gradient = _output_gradient(checkpoint, config, torch.from_numpy(np.array(states[layers])))
+    groups = []
+    for index in reversed(range(layers)):
+        layer_groups, gradient = _layer_scores(checkpoint, config, index, states, gradient, run, block_size,
+                                               symmetric)
+        groups += layer_groups
+        steps.done("backward")
+    del states
     return groups
 
 
@@ -128,9 +151,8 @@ def _output_gradient(checkpoint: Checkpoint, config, last: torch.Tensor) -> torc
     last = last.clone().requires_grad_(True)
     normed = norm(last)
     flat = normed.detach().reshape(-1, config.hidden_size)
-    head = checkpoint.weight("lm_head.weight" if "lm_head.weight" in checkpoint.weights
-                             else "model.embed_tokens.weight")
-    labels, normalizer = sampled_tokens(flat, head)
+    head = checkpoint.weight("lm_head.weight")
+    labels, normalizer = sampled_tokens(flat, head, HEAD_ROWS)
     with torch.no_grad():
         gradient = torch.zeros_like(flat)
         for start, rows in head.row_chunks(HEAD_ROWS):
@@ -143,17 +165,17 @@ def _output_gradient(checkpoint: Checkpoint, config, last: torch.Tensor) -> torc
     return last.grad
 
 
-def sampled_tokens(flat: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_tokens(flat: torch.Tensor, head, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A token sampled at each position of `flat` (final normed hidden states) from the distribution the lm_head
-    (a WeightInfo) gives, and the log of its normalizer: Gumbel-max over the head's row chunks, so the head is
-    never whole in memory; the same every run."""
+    (a WeightInfo) gives, and the log of its normalizer: Gumbel-max over the head's chunks of `rows` rows (default
+    HEAD_ROWS), so the head is never whole in memory; the same every run."""
     generator = torch.Generator().manual_seed(0)
     normalizer = torch.full((len(flat),), -torch.inf)
     best = torch.full((len(flat),), -torch.inf)
     labels = torch.zeros(len(flat), dtype=torch.long)
     with torch.no_grad():
-        for start, rows in head.row_chunks(HEAD_ROWS):
-            logits = flat @ float_tensor(rows).T
+        for start, chunk in head.row_chunks(rows or HEAD_ROWS):
+            logits = flat @ float_tensor(chunk).T
             normalizer = torch.logaddexp(normalizer, torch.logsumexp(logits, -1))
             uniform = torch.rand(logits.shape, generator=generator).clamp_(min=1e-20)
             value, index = (logits - torch.log(-torch.log(uniform))).max(-1)
@@ -188,20 +210,21 @@ def _layer_scores(checkpoint, config, index, states, gradient, run, block_size, 
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     scores = dict.fromkeys(linears, 0.0)
-    before = torch.empty_like(gradient)
+    input_gradient = torch.empty_like(gradient)
     for window in range(len(gradient)):
         x = torch.from_numpy(np.array(states[index][window:window + 1])).requires_grad_(True)
         out = _output(layer(x, **run))
         if window == 0:
             for handle in handles:
                 handle.remove()
+            keep.clear()
         layer.zero_grad(set_to_none=True)
         out.backward(gradient[window:window + 1])
         for name, module in linears.items():
             scores[name] += float((module.weight.grad * errors[name]).square().sum())
-        before[window] = x.grad[0]
+        input_gradient[window] = x.grad[0]
     prefix = f"model.layers.{index}."
     groups = [MatrixGroup(tuple(prefix + n + ".weight" for n in names),
                           sum(linears[n].weight.numel() for n in names), sum(scores[n] for n in names))
               for names in readers.values()]
-    return groups, before
+    return groups, input_gradient

@@ -82,7 +82,8 @@ class QuantOptions:
     # layers' blocks are larger: the caller names the matrices whose error costs the most (see the pipeline).
     sensitive_weights: frozenset[str] = frozenset()
     sensitive_block_size: int = 32
-    # Checkpoint tensors (by name) that the MatMulNBits form keeps at 8 bits (symmetric, in the layers' blocks):
+    # Checkpoint tensors (by name) that the MatMulNBits form keeps at 8 bits (symmetric, in the blocks they would
+    # have at 4 bits):
     # the caller names the matrices whose 4-bit error costs the most (exporter/sensitivity.py).
     eight_bit_weights: frozenset[str] = frozenset()
     # The source's own blocks (a GGUF's) are carried over when they are in `block_size`-blocks; with this, in
@@ -192,7 +193,7 @@ class QuantizeWeights(GraphPass):
                     if opts.quantize_embedding:
                         block = dividing_block(block, k)
             if symmetric is None:
-                symmetric = opts.symmetric or (bits == 8 and (not lm_head or self.options.quantize_embedding))
+                symmetric = opts.symmetric or (bits == 8 and (not lm_head or opts.quantize_embedding))
             if rows is not None:
                 n = len(range(n)[rows])
 
