@@ -7,11 +7,11 @@ to the fp32 PyTorch one; then perplexity and KL divergence on the held-out text 
     python bench/int4.py [--work DIR] [--runs 5] [--new-tokens 128]
 
 llama-export builds from the same Hugging Face folder as the builder and, at block 32, also from the GGUF itself
-(its Q4_1/Q8_0 blocks carried over), and at block 128 also with 30% of the layer weights at 8 bits
-(--eight-bit-share 0.3). The folder holds the GGUF's Q4_1 values, whose grid llama-export carries at
-block 32; "HF, GPTQ" quantizes it again (--requantize), so its quantizer does the work. The builder's packages are
-also run with llama-export's genai session options (its thread setting), to tell what the graphs do from what the
-settings do."""
+(its Q4_1/Q8_0 blocks carried over), and at block 128 also with every layer matrix at 4 bits (--eight-bit-share 0;
+the default keeps the most sensitive 35% of the layer weights at 8 bits). The folder holds the GGUF's Q4_1 values,
+whose grid llama-export carries at block 32; "HF, GPTQ" quantizes it again (--requantize), so its quantizer does
+the work. The builder's packages are also run with llama-export's genai session options (its thread setting), to
+tell what the graphs do from what the settings do."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from bench._common import default_model_as_hf_folder, with_session_options  # no
 from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
-EIGHT_BIT_SHARE = 0.3  # --eight-bit-share of the mixed 4/8-bit block-128 package
 HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
 
 
@@ -56,12 +55,12 @@ def build(work: Path) -> dict[str, Path]:
             packages["llama-export b32 (HF, GPTQ)"] = requantized
         packages[f"builder b{block}"] = genai
         packages[f"builder b{block}, our options"] = with_session_options(genai, ours, work / f"genai-b{block}-ours")
-    mixed = work / f"ours-int4-hf-b128-eight-{EIGHT_BIT_SHARE}"
-    if not (mixed / "manifest.json").is_file():
+    all_4_bit = work / "ours-int4-hf-b128-all-4-bit"
+    if not (all_4_bit / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "llama_export", "--model", str(hf), "--precision", "int4",
-                        "--block-size", "128", "--eight-bit-share", str(EIGHT_BIT_SHARE), "-q", "--force",
-                        "--no-verify", "-o", str(mixed)], check=True)
-    packages[f"llama-export b128 (HF), {EIGHT_BIT_SHARE:.0%} 8-bit"] = mixed
+                        "--block-size", "128", "--eight-bit-share", "0", "-q", "--force", "--no-verify", "-o",
+                        str(all_4_bit)], check=True)
+    packages["llama-export b128 (HF), all 4-bit"] = all_4_bit
     gguf = work / "ours-int4-gguf-b32"
     if not (gguf / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "llama_export", "--model", str(default_model_path()), "--precision",
@@ -116,10 +115,10 @@ def main() -> None:
               f"{statistics.median(rates[ours]) / statistics.median(rates[same]):.2f}x "
               f"(median of the rounds' ratios {paired_ratio(rates[ours], rates[same]):.2f}x)")
 
-    mixed, pure = f"llama-export b128 (HF), {EIGHT_BIT_SHARE:.0%} 8-bit", "llama-export b128 (HF)"
+    mixed, pure = "llama-export b128 (HF)", "llama-export b128 (HF), all 4-bit"
     size = size_mb(packages[mixed]) / size_mb(packages[pure])
-    print(f"block 128 with {EIGHT_BIT_SHARE:.0%} 8-bit: decode {paired_ratio(rates[mixed], rates[pure]):.2f}x the all "
-          f"4-bit package (median of the rounds' ratios), size {size:.2f}x")
+    print(f"block 128 with its default 8-bit share: decode {paired_ratio(rates[mixed], rates[pure]):.2f}x the all "
+          f"4-bit package's (median of the rounds' ratios), size {size:.2f}x")
     gguf, theirs = "llama-export b32 (GGUF)", "builder b32"
     print(f"GGUF block 32: size {size_mb(packages[gguf]) / size_mb(packages[theirs]):.2f}x the builder's block 32")
 

@@ -6,8 +6,8 @@ one MatMul) scores sum over windows w of sum_ij (dL_w/dW_ij * E_ij)^2, where E i
 round-to-nearest error (at the layers' block size, without GPTQ or input scaling: a ranking, not the package's
 error) and L_w the negative log-likelihood of tokens sampled from the float model itself on calibration window w: E
 weighted by the diagonal of the Fisher information, a second-order estimate of the KL divergence the
-error adds at the model's output. Layer-local measures (how much a layer's own output moves) miss how later layers
-amplify an error and ranked the default model's matrices far worse (README, INT4: mixed 4/8 bits).
+error adds at the model's output, which a layer-local measure (how far a layer's own output moves) cannot see: later
+layers amplify some errors more than others (README, INT4: mixed 4/8 bits).
 
 It streams as calibration does: a forward pass writes every layer's input hidden states to a temporary file, the
 gradient at the output comes from the lm_head read in row chunks, and a backward pass loads one layer at a time."""
