@@ -6,7 +6,8 @@ memory of each export (and of each llama-export stage, from its progress lines),
 
 Shapes: 1b (Llama-3.2-1B), 3b (Llama-3.2-3B), 8b (Llama-3-8B), 8b-2 (its width with 2 layers), 70b-2 and 70b-4
 (Llama-3-70B width with 2 and 4 layers). Runs: cpu-int4 (default method, default verify), cpu-int4-rtn
-(--quant rtn --no-verify), jetson-int4 (--target jetson-orin, default verify), android-int4 (--target android-arm64),
+(--quant rtn --no-verify), cpu-int4-b128 (--block-size 128 --no-verify: the 8-bit choice's gradient pass, then
+calibration), jetson-int4 (--target jetson-orin, default verify), android-int4 (--target android-arm64),
 verify and verify-rtn (llama-export verify of the cpu-int4 or cpu-int4-rtn package), builder-int4
 (onnxruntime-genai's builder, -p int4 -e cpu).
 Checkpoints are written once into DIR and reused. Not a test: the figures depend on the machine."""
@@ -210,6 +211,8 @@ def commands(run: str, source: Path, work: Path, shape: str) -> list[str]:
         "cpu-int4": cli + ["--model", str(source), "--precision", "int4", "--force", "-o", str(out)],
         "cpu-int4-rtn": cli + ["--model", str(source), "--precision", "int4", "--quant", "rtn", "--no-verify",
                                "--force", "-o", str(out)],
+        "cpu-int4-b128": cli + ["--model", str(source), "--precision", "int4", "--block-size", "128", "--no-verify",
+                                "--force", "-o", str(out)],
         "jetson-int4": cli + ["--model", str(source), "--target", "jetson-orin", "--precision", "int4", "--force",
                               "-o", str(out)],
         "android-int4": cli + ["--model", str(source), "--target", "android-arm64", "--precision", "int4",
@@ -226,8 +229,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for checkpoints and packages (reused)")
     parser.add_argument("--shapes", default="1b,8b", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--runs", default="cpu-int4,cpu-int4-rtn,builder-int4,verify",
-                        help="comma-separated: cpu-int4, cpu-int4-rtn, jetson-int4, android-int4, verify, verify-rtn, "
-                             "builder-int4")
+                        help="comma-separated: cpu-int4, cpu-int4-rtn, cpu-int4-b128, jetson-int4, android-int4, "
+                             "verify, verify-rtn, builder-int4")
     parser.add_argument("--keep", action="store_true",
                         help="keep the packages (default: each is removed once measured)")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -68,11 +68,10 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     progress.end(f"{sum(1 for _ in model.graph)} nodes" + (", traced earlier (from the cache)"
                                                             if model.meta.get(FROM_CACHE) else ""))
 
-    quant, hints = None, None
-    if precision == "int4":
-        quant, hints = quantization_plan(options, block_size, checkpoint, preset, progress.log)
-
     progress.begin(f"Running the '{target.name}' passes ({precision})")
+    quant, hints = None, None
+    if precision == "int4":  # with --eight-bit-share, its gradient pass runs here
+        quant, hints = quantization_plan(options, block_size, checkpoint, preset, progress.log)
     passes = target.pipeline(precision, config, quant, hints)
     reports = run_passes(model, passes, log=progress.log)
     target.check_graph(model)
