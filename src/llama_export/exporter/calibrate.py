@@ -144,6 +144,20 @@ def load_layer(checkpoint: Checkpoint, index: int, config=None):
     return layer.eval()
 
 
+def layer_output(out) -> torch.Tensor:
+    """A decoder layer's hidden states (transformers' layers return them alone or first in a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def final_norm(checkpoint: Checkpoint, config=None):
+    """transformers' final norm with the checkpoint's weight in float32."""
+    config = config or checkpoint.config
+    norm = checkpoint.family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
+    with torch.no_grad():
+        norm.weight.copy_(float_tensor(checkpoint.weight("model.norm.weight").load()))
+    return norm
+
+
 def embed(checkpoint: Checkpoint, ids: np.ndarray) -> torch.Tensor:
     """The embedding rows of `ids` (any shape) as float32, reading the table in row chunks."""
     info = checkpoint.weight("model.embed_tokens.weight")
@@ -240,8 +254,7 @@ class CalibrationStream:
                 self.hidden, self.current = self._run_layer(index)
             else:
                 config = self.config
-                norm = self.checkpoint.family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
-                norm.weight.copy_(float_tensor(self.checkpoint.weight("model.norm.weight").load()))
+                norm = final_norm(self.checkpoint, config)
                 total = sum(_moment_sum(norm(self.hidden[start:start + WINDOWS_AT_ONCE]))
                             for start in range(0, len(self.hidden), WINDOWS_AT_ONCE))
                 head = (total / (self.hidden.shape[0] * self.hidden.shape[1])).numpy()
@@ -282,7 +295,7 @@ class CalibrationStream:
             seen.clear()
             out = layer(self.hidden[start:start + WINDOWS_AT_ONCE], attention_mask=None,
                         position_ids=self.positions, position_embeddings=self.position_embeddings)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs.append(layer_output(out))
         seen.clear()
         tokens = self.hidden.shape[0] * self.hidden.shape[1]
         means = {prefix + name + ".weight": (total / tokens).numpy() for name, total in sums.items()}

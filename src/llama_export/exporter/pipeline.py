@@ -232,7 +232,8 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
     from llama_export.passes.quantize import DEFAULT_METHOD
 
     method = options.quant_method or DEFAULT_METHOD
-    quantized_here = not carried(checkpoint, preset, carried_block_size(options, block_size))
+    source_block = carried_block_size(options, block_size)
+    quantized_here = not carried(checkpoint, preset, source_block)
     text = None
     if quantized_here and (method != "rtn" or preset.eight_bit_share):
         text = read_calibration_text(options.calibration_text) if options.calibration_text else \
@@ -248,7 +249,7 @@ def quantization_plan(options: ExportOptions, block_size: int, checkpoint: Check
                         "none is quantized here; add --requantize to choose 8-bit matrices")
     if preset.eight_bit_share and quantized_here:
         carried_weights = {name for name, info in checkpoint.weights.items()
-                           if carried_over(info, carried_block_size(options, block_size), preset.carried_bits)}
+                           if carried_over(info, source_block, preset.carried_bits)}
         quant = replace(quant, eight_bit_weights=choose_eight_bit(checkpoint, text, quant, preset.eight_bit_share,
                                                                   carried_weights, options, log))
     hessians = None

@@ -29,7 +29,9 @@ from llama_export.exporter.calibrate import (
     WINDOWS_AT_ONCE,
     calibration_windows,
     embed,
+    final_norm,
     float_tensor,
+    layer_output,
     load_layer,
 )
 from llama_export.exporter.errors import UserError
@@ -84,10 +86,10 @@ def _streamed(checkpoint, config, ids, tmp: Path, block_size, symmetric, steps) 
     """The forward pass writing each layer's input to `tmp`, the output's gradient, the backward pass."""
     layers = config.num_hidden_layers
     path = tmp / "hidden.f32"
-    need = (layers + 1) * ids.size * config.hidden_size * 4
-    if shutil.disk_usage(tmp).free < need:
+    need, free = (layers + 1) * ids.size * config.hidden_size * 4, shutil.disk_usage(tmp).free
+    if free < need:
         raise UserError(f"--eight-bit-share: the hidden states need {need / 2**30:.1f} GiB in {tmp.parent} and "
-                        f"{shutil.disk_usage(tmp).free / 2**30:.1f} GiB are free; point TMPDIR at a larger disk")
+                        f"{free / 2**30:.1f} GiB are free; point TMPDIR at a larger disk")
     hidden = embed(checkpoint, ids)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     position_embeddings = checkpoint.family.rotary_class()(config)(hidden, positions)
@@ -104,7 +106,7 @@ def _streamed(checkpoint, config, ids, tmp: Path, block_size, symmetric, steps) 
         for index in range(layers):
             layer = load_layer(checkpoint, index, config)
             with torch.no_grad():
-                hidden = torch.cat([_output(layer(hidden[s:s + WINDOWS_AT_ONCE], **run))
+                hidden = torch.cat([layer_output(layer(hidden[s:s + WINDOWS_AT_ONCE], **run))
                                     for s in range(0, len(hidden), WINDOWS_AT_ONCE)])
             keep(hidden)
             steps.done("forward")
@@ -139,15 +141,9 @@ class _Steps:
                      f"({format_seconds(elapsed)} so far, about {format_seconds(left)} left)")
 
 
-def _output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _output_gradient(checkpoint: Checkpoint, config, last: torch.Tensor) -> torch.Tensor:
     """d(sum of -log p(y))/d(last hidden state), y sampled from the float model's own distribution."""
-    norm = checkpoint.family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
-    with torch.no_grad():
-        norm.weight.copy_(float_tensor(checkpoint.weight("model.norm.weight").load()))
+    norm = final_norm(checkpoint, config)
     last = last.clone().requires_grad_(True)
     normed = norm(last)
     flat = normed.detach().reshape(-1, config.hidden_size)
@@ -213,7 +209,7 @@ def _layer_scores(checkpoint, config, index, states, gradient, run, block_size, 
     input_gradient = torch.empty_like(gradient)
     for window in range(len(gradient)):
         x = torch.from_numpy(np.array(states[index][window:window + 1])).requires_grad_(True)
-        out = _output(layer(x, **run))
+        out = layer_output(layer(x, **run))
         if window == 0:
             for handle in handles:
                 handle.remove()

@@ -91,7 +91,7 @@ class StreamedReference:
 
         import torch
 
-        from llama_export.exporter.calibrate import embed, float_tensor, load_layer
+        from llama_export.exporter.calibrate import embed, final_norm, layer_output, load_layer
         from llama_export.exporter.progress import format_seconds
 
         config, checkpoint = self.config, self.checkpoint
@@ -109,15 +109,14 @@ class StreamedReference:
                 for j in range(len(hidden)):
                     out = layer(hidden[j], attention_mask=masks[j], position_ids=positions[j],
                                 position_embeddings=position_embeddings[j])
-                    hidden[j] = out[0] if isinstance(out, tuple) else out
+                    hidden[j] = layer_output(out)
                 del layer
                 if log:
                     elapsed = time.perf_counter() - started
                     left = elapsed / (index + 1) * (config.num_hidden_layers - index - 1)
                     log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({format_seconds(elapsed)} so "
                         f"far, about {format_seconds(left)} left)")
-            norm = family.norm_class()(config.hidden_size, eps=config.rms_norm_eps)
-            norm.weight.copy_(float_tensor(checkpoint.weight("model.norm.weight").load()))
+            norm = final_norm(checkpoint, config)
             normed = [norm(h)[0] for h in hidden]
         head = checkpoint.weight("lm_head.weight")
         logits = [np.empty((len(ids), head.shape[0]), np.float32) for ids in sequences]

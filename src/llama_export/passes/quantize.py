@@ -83,8 +83,7 @@ class QuantOptions:
     sensitive_weights: frozenset[str] = frozenset()
     sensitive_block_size: int = 32
     # Checkpoint tensors (by name) that the MatMulNBits form keeps at 8 bits (symmetric, in the blocks they would
-    # have at 4 bits):
-    # the caller names the matrices whose 4-bit error costs the most (exporter/sensitivity.py).
+    # have at 4 bits): the caller names the matrices whose 4-bit error costs the most (exporter/sensitivity.py).
     eight_bit_weights: frozenset[str] = frozenset()
     # The source's own blocks (a GGUF's) are carried over when they are in `block_size`-blocks; with this, in
     # blocks of any size (no block size was asked for: a K-quant file's 16- and 32-blocks are kept as they are).
@@ -235,16 +234,15 @@ class QuantizeWeights(GraphPass):
         """8 for a layer matrix whose every stacked part the caller named (MatMulNBits form only), else the
         layers' bits."""
         names = weight.meta.get(SOURCE_NAMES, [])
-        wanted = self.options.eight_bit_weights
-        if names and all(n in wanted for n in names) and self.options.form == "matmulnbits":
-            return 8
-        return self.options.bits
+        return 8 if self._all_named(names, self.options.eight_bit_weights) else self.options.bits
 
     def _sensitive(self, names: list[str], lm_head: bool) -> bool:
         """A layer matrix whose every stacked part the caller named for finer blocks (MatMulNBits form only)."""
-        wanted = self.options.sensitive_weights
-        return (not lm_head and bool(names) and all(n in wanted for n in names)
-                and self.options.form == "matmulnbits")
+        return not lm_head and self._all_named(names, self.options.sensitive_weights)
+
+    def _all_named(self, names: list[str], wanted: frozenset[str]) -> bool:
+        """Every stacked part of a weight is in `wanted`, and the form (MatMulNBits) can give it its own layout."""
+        return bool(names) and all(n in wanted for n in names) and self.options.form == "matmulnbits"
 
     def _carried_part(self, name: str, bits: int) -> BlockQuantized | None:
         """The layout of one checkpoint tensor's own blocks (nothing read), when they can be carried over."""

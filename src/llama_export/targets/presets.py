@@ -70,10 +70,9 @@ class QuantPreset:
         return replace(self, lm_head_bits=bits, frequent_head_rows=0)
 
     def quant_options(self, block_size: int, method: str, symmetric: bool, quantize_embedding: bool,
-                      edge_weights: frozenset[str], carry_any_source_blocks: bool,
-                      eight_bit_weights: frozenset[str] = frozenset()) -> QuantOptions:
-        """The quantizer's options (a settled preset: see for_export; `eight_bit_weights` chosen within its
-        eight_bit_share)."""
+                      edge_weights: frozenset[str], carry_any_source_blocks: bool) -> QuantOptions:
+        """The quantizer's options (a settled preset: see for_export), but for the 8-bit matrices, which the
+        exporter chooses within the preset's eight_bit_share."""
         return QuantOptions(block_size=block_size, symmetric=symmetric or self.symmetric_only, method=method,
                             form=self.form, lm_head_bits=self.lm_head_bits, lm_head_block_size=self.lm_head_block,
                             lm_head_frequent_rows=self.frequent_head_rows,
@@ -81,7 +80,7 @@ class QuantPreset:
                             half_minimums=self.half_minimums,
                             sensitive_weights=edge_weights if self.edge_layer_block else frozenset(),
                             sensitive_block_size=self.edge_layer_block or EDGE_LAYER_BLOCK,
-                            carry_any_source_blocks=carry_any_source_blocks, eight_bit_weights=eight_bit_weights)
+                            carry_any_source_blocks=carry_any_source_blocks)
 
     def head_block(self, block_size: int, hidden: int) -> int:
         """The lm_head's block size along the hidden dimension."""
