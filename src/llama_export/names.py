@@ -33,3 +33,10 @@ INPUT_SCALE = "input_scale"
 FROM_CACHE = "traced-earlier"
 # Value.meta key: the checkpoint tensors a weight holds, stacked along N (set when the graph's weights are bound)
 SOURCE_NAMES = "checkpoint_names"
+
+# llama-export's own operator domain: operators the trace emits for a pass to lower per target (never in a package)
+EXPORT_DOMAIN = "llama_export"
+# RoutedExperts(x [tokens, hidden], router_logits [tokens, experts], gate_up [experts, hidden, 2*inter],
+# down [experts, inter, hidden]) -> [tokens, hidden]: each token through the expert of its largest router logit
+# (top-1), SiLU(gate) * up with gate the first half of gate_up's output; the token arrives already scaled.
+ROUTED_EXPERTS = "RoutedExperts"

@@ -44,7 +44,9 @@ class FlatCacheLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # One full-length layer per decoder layer (a cache built from the config would keep chunked-attention
+        # layers to their window, and the graph's cache is the whole past on every layer)
+        cache = DynamicCache()
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(
@@ -137,8 +139,9 @@ def trace_child(config, parameter_names: list[str], family) -> bytes:
     """The child's side: the graph, serialized, its parameters as references to no file (bound by the parent)."""
     parameter_names = set(parameter_names)
     inputs, outputs = io_names(config.num_hidden_layers)
-    exported = _export(FlatCacheLM(build_skeleton(config, family)).eval(), _example_inputs(config), inputs, outputs,
-                       _dynamic_shapes(config.num_hidden_layers))
+    with family.traced_forms():
+        exported = _export(FlatCacheLM(build_skeleton(config, family)).eval(), _example_inputs(config), inputs,
+                           outputs, _dynamic_shapes(config.num_hidden_layers))
     # torch's debug records (each node's Python stack trace with this machine's file paths, module scopes; the
     # exported program's signature) have no use in a package and would ship with it
     for node in exported.graph.all_nodes():
@@ -153,6 +156,8 @@ def trace_child(config, parameter_names: list[str], family) -> bytes:
 
 
 def _export(module, args, input_names, output_names, dynamic_shapes) -> ir.Model:
+    from llama_export.families import routed_experts
+
     noisy = ["torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes"]
     levels = {name: logging.getLogger(name).level for name in noisy}
     try:
@@ -173,6 +178,7 @@ def _export(module, args, input_names, output_names, dynamic_shapes) -> ir.Model
                 input_names=input_names,
                 output_names=output_names,
                 verbose=False,
+                custom_translation_table=routed_experts.onnx_translations(),
             )
     except Exception as exc:
         raise UserError(f"tracing failed: {str(exc).strip().splitlines()[0]}") from exc

@@ -100,14 +100,13 @@ class StreamedReference:
         hidden = [embed(checkpoint, np.array([ids])) for ids in sequences]
         positions = [torch.arange(len(ids)).unsqueeze(0) for ids in sequences]
         position_embeddings = [rotary(h, p) for h, p in zip(hidden, positions)]
-        masks = [torch.full((len(ids), len(ids)), torch.finfo(torch.float32).min).triu(1)[None, None]
-                 for ids in sequences]
         started = time.perf_counter()
         with torch.no_grad():
             for index in range(config.num_hidden_layers):
                 layer = load_layer(checkpoint, index, config)
                 for j in range(len(hidden)):
-                    out = layer(hidden[j], attention_mask=masks[j], position_ids=positions[j],
+                    mask = family.layer_mask(config, index, len(sequences[j]))
+                    out = layer(hidden[j], attention_mask=mask, position_ids=positions[j],
                                 position_embeddings=position_embeddings[j])
                     hidden[j] = layer_output(out)
                 del layer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from llama_export.families.base import ModelFamily, UnsupportedFamily
 from llama_export.families.llama import LLAMA
+from llama_export.families.llama4 import LLAMA4
 
 FAMILIES: dict[str, ModelFamily] = {}
 
@@ -21,6 +22,7 @@ def register(family: ModelFamily) -> ModelFamily:
 
 
 register(LLAMA)
+register(LLAMA4)
 BUILT_IN = frozenset(FAMILIES)  # what every interpreter registers on import
 
 

@@ -17,6 +17,10 @@ class UnsupportedFamily(ValueError):
                          f"(model_type {', '.join(known)})")
 
 
+class FamilyConfigError(ValueError):
+    """A config of a known family with a setting the family's traced form does not handle."""
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str  # the manifest's "architecture"
@@ -71,6 +75,27 @@ class ModelFamily:
             if hf_name.endswith(suffix):
                 return getattr(config, heads)
         return None
+
+    def check_config(self, config) -> None:
+        """Refuse (FamilyConfigError) a config the family's traced form does not handle."""
+
+    def layer_mask(self, config, index: int, length: int):
+        """The additive attention mask [1, 1, length, length] decoder layer `index` takes over one unpadded
+        sequence (calibration and verify run transformers' layers one at a time): causal."""
+        import torch
+
+        return torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+
+    def traced_forms(self):
+        """A context manager under which transformers' model traces into ONNX (a family whose modeling code uses
+        forms the exporter does not take swaps them for equivalent ones here)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def active_layer_weights(self, shape) -> int:
+        """Decoder-layer weights one token reads (a mixture of experts reads fewer than it stores)."""
+        return self.layer_weights(shape)
 
     def parameter_shapes(self, config) -> dict[str, tuple[int, ...]]:
         """Every parameter the family's model of this config holds, with its shape, from the config alone."""

@@ -12,6 +12,7 @@ from llama_export.passes.cleanup import (
     RemoveDeadNodes,
     SimplifyPatterns,
 )
+from llama_export.passes.experts import LowerRoutedExperts
 from llama_export.passes.normalization import FuseRMSNorm, FuseSkipRMSNorm
 from llama_export.passes.packing import PackGateUp, PackQKV, RemoveUnusedInputs
 from llama_export.passes.quantize import QuantizeWeights, QuantOptions
@@ -21,11 +22,12 @@ from llama_export.targets.presets import CPU_FAST, CPU_FAST_FROM_BLOCK, CPU_FINE
 
 
 def cpu_pipeline(precision: str, config, quant: QuantOptions | None = None, hints=None):
-    quantize = []
+    quantize, experts = [], LowerRoutedExperts("moe")
     if precision == "int4":
         # MatMulNBits with int8 activations (accuracy_level 4): the fastest CPU kernels, measured quality loss
         # well under the weights' own.
         options = replace(quant or QuantOptions(), form="matmulnbits", accuracy_level=4)
+        experts = LowerRoutedExperts("qmoe", options.block_size)
         quantize = [ScaleNormedInputs(hints, options.block_size, SOURCE_NAMES), QuantizeWeights(options, hints)]
     return [
         FoldWeightTransposes(),
@@ -38,6 +40,7 @@ def cpu_pipeline(precision: str, config, quant: QuantOptions | None = None, hint
         PackQKV(),
         PackGateUp(),
         FuseSiLU(),
+        experts,
         *quantize,
         RemoveDeadNodes(),
         RemoveUnusedInputs(),

@@ -1,0 +1,103 @@
+"""LLaMA 4 text models (Scout, Maverick): transformers' modeling_llama4.
+
+What differs from LLaMA 1-3: mixture-of-experts feed-forward layers (a router picks one of `num_local_experts`,
+the sigmoid of its score scales the token before that expert, a shared dense expert always runs), dense layers of
+`intermediate_size_mlp`, chunked local attention on the RoPE layers and global attention without RoPE (NoPE, every
+fourth layer, with attention temperature tuning), an L2 norm on queries and keys, RoPE on interleaved pairs.
+
+For tracing, `traced_forms` swaps two of transformers' forms for equivalent ones the ONNX exporter takes: the
+complex-number rotary embedding becomes real arithmetic on the same pairs, and the feed-forward's experts (which
+transformers runs densely, every token through every expert) become one routed-experts operator that later passes
+lower to ONNX Runtime's MoE kernels or to gathers of the chosen expert's weights."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from llama_export.families.base import FamilyConfigError, ModelFamily
+
+
+@dataclass(frozen=True)
+class Llama4Family(ModelFamily):
+    experts_module: str = "Llama4TextMoe"
+
+    def check_config(self, config) -> None:
+        """What the traced form assumes (every published LLaMA 4 model has it)."""
+        if getattr(config, "num_experts_per_tok", 1) != 1:
+            raise FamilyConfigError(f"num_experts_per_tok is {config.num_experts_per_tok}; llama-export's LLaMA 4 "
+                                    "experts take one expert per token, as every published LLaMA 4 model does")
+
+    def parameter_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        hidden, vocab = config.hidden_size, config.vocab_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+        if not config.tie_word_embeddings:
+            shapes["lm_head.weight"] = (vocab, hidden)
+        attention = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+                     "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+                     "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q)}
+        if getattr(config, "attention_bias", False):
+            attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                              "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (hidden,)})
+        inter, dense, experts = config.intermediate_size, config.intermediate_size_mlp, config.num_local_experts
+        moe = {"feed_forward.router.weight": (experts, hidden),
+               "feed_forward.experts.gate_up_proj": (experts, hidden, 2 * inter),
+               "feed_forward.experts.down_proj": (experts, inter, hidden),
+               **_mlp("feed_forward.shared_expert", hidden, inter)}
+        mlp = _mlp("feed_forward", hidden, dense)
+        for index in range(config.num_hidden_layers):
+            layer = {**attention, **(moe if index in config.moe_layers else mlp)}
+            shapes.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
+        return shapes
+
+    def layer_weights(self, shape) -> int:
+        """Every decoder-layer matrix weight, all experts included (what the package stores)."""
+        return self._layer_weights(shape, shape.experts)
+
+    def active_layer_weights(self, shape) -> int:
+        """The decoder-layer weights one token reads: the router, the shared expert and one routed expert."""
+        return self._layer_weights(shape, 1)
+
+    @staticmethod
+    def _layer_weights(shape, experts: int) -> int:
+        attention = shape.hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
+        moe = shape.hidden * (shape.experts + 3 * shape.intermediate * (1 + experts))
+        dense = 3 * shape.hidden * shape.intermediate_mlp
+        return shape.layers * attention + shape.moe_layers * moe + (shape.layers - shape.moe_layers) * dense
+
+    def layer_mask(self, config, index: int, length: int):
+        """The additive mask of layer `index` over one unpadded sequence: chunked on chunked-attention layers."""
+        import torch
+
+        mask = super().layer_mask(config, index, length)
+        if config.layer_types[index] == "chunked_attention":
+            chunk = torch.arange(length) // config.attention_chunk_size
+            mask = mask.masked_fill(chunk[:, None] != chunk[None, :], torch.finfo(torch.float32).min)
+        return mask
+
+    @contextlib.contextmanager
+    def traced_forms(self):
+        from llama_export.families import llama4_traced
+
+        with llama4_traced.patched(self.module(), self.experts_module):
+            yield
+
+
+def _mlp(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, int]]:
+    return {f"{prefix}.gate_proj.weight": (inter, hidden), f"{prefix}.up_proj.weight": (inter, hidden),
+            f"{prefix}.down_proj.weight": (hidden, inter)}
+
+
+LLAMA4 = Llama4Family(
+    name="llama4",
+    model_types=("llama4_text",),
+    genai_type="llama",
+    modeling="transformers.models.llama4.modeling_llama4",
+    causal_lm="Llama4ForCausalLM",
+    config_class="Llama4TextConfig",
+    decoder_layer="Llama4TextDecoderLayer",
+    norm="Llama4TextRMSNorm",
+    rotary="Llama4TextRotaryEmbedding",
+)
