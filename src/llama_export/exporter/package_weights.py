@@ -14,13 +14,19 @@ import onnx_ir as ir
 
 from llama_export.names import MS_DOMAIN
 from llama_export.passes.block_quantized import BlockQuantized, unpack_codes
+from llama_export.passes.experts import quantized_experts
 from llama_export.passes.quantized_graph import HALF_SUFFIX
 
 # A packed projection's initializer name (passes/packing.py) -> the checkpoint tensors stacked in it, in order.
 _STACKED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
             "self_attn.packed_proj": ("q_proj", "k_proj", "v_proj"),
             "mlp.gate_up_proj": ("gate_proj", "up_proj"),
-            "mlp.packed_proj": ("gate_proj", "up_proj")}
+            "mlp.packed_proj": ("gate_proj", "up_proj"),
+            # LLaMA 4's dense feed-forward layers and its MoE layers' shared expert
+            "feed_forward.gate_up_proj": ("gate_proj", "up_proj"),
+            "feed_forward.packed_proj": ("gate_proj", "up_proj"),
+            "shared_expert.gate_up_proj": ("gate_proj", "up_proj"),
+            "shared_expert.packed_proj": ("gate_proj", "up_proj")}
 # A lm_head split by rows (passes/quantize.py): its parts' name suffixes, first rows first.
 _ROW_PARTS = (".frequent", ".rest")
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -317,6 +323,8 @@ def package_checkpoint(folder: Path, source, check: bool = False):
         if rows is not None:
             read = _checked_reader(rows, name, read)
         weights[name] = WeightInfo(shape=shape, load=lambda read=read, n=shape[0]: read(0, n), load_rows=read)
+    for name, load in quantized_experts(model.graph).items():
+        weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
     embedding = PackageEmbedding(Path(folder) / "model.onnx")
     shape = source.weight(EMBEDDING).shape
 

@@ -65,8 +65,11 @@ def trace_key(config, parameter_names: list[str]) -> str:
     versions = [torch.__version__, transformers.__version__, onnxscript.__version__, onnx_ir.__version__,
                 onnx.__version__]
     digest = hashlib.sha256(json.dumps([settings, sorted(parameter_names), versions], sort_keys=True).encode())
+    from llama_export import families
+
     modeling = family_of(config).module()
-    for source in (Path(modeling.__file__), Path(__file__).parent / "trace.py"):  # a dev install's edits
+    traced_forms = sorted(Path(families.__file__).parent.glob("*.py"))  # the families' replacement forms
+    for source in (Path(modeling.__file__), Path(__file__).parent / "trace.py", *traced_forms):  # a dev's edits
         digest.update(source.read_bytes())
     return digest.hexdigest()
 

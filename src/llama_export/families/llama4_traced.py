@@ -29,13 +29,16 @@ def _apply_rotary_emb(xq, xk, angles):
 
 def _moe_forward(self, hidden_states):
     """transformers' Llama4TextMoe with the experts routed: the top-1 expert's sigmoid score scales the token
-    (where transformers scales every expert's copy, zero for the unchosen), then only that expert runs."""
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = torch.nn.functional.linear(hidden_states, self.router.weight, self.router.bias)
+    (where transformers scales every expert's copy, zero for the unchosen), then only that expert runs. The shared
+    expert reads the hidden states as they come (a MatMul like any layer's, packed and quantized as theirs); the
+    router reads them flat (a Gemm, which INT4 leaves in float: a 4-bit router would move tokens between experts)."""
+    shared = self.shared_expert(hidden_states).reshape(-1, self.hidden_dim)
+    flat = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = torch.nn.functional.linear(flat, self.router.weight, self.router.bias)
     top_logit = router_logits.max(dim=-1, keepdim=True).values
-    scaled = hidden_states * torch.sigmoid(top_logit.float()).to(hidden_states.dtype)
+    scaled = flat * torch.sigmoid(top_logit.float()).to(flat.dtype)
     routed = routed_experts(scaled, router_logits, self.experts.gate_up_proj, self.experts.down_proj)
-    return self.shared_expert(hidden_states) + routed, router_logits
+    return shared + routed, router_logits
 
 
 def _chunked_mask(config, inputs_embeds, attention_mask, cache, position_ids=None, **_):

@@ -95,8 +95,9 @@ class LowerRoutedExperts(GraphPass):
     def _moe(self, graph, x, logits, gate_up, down):
         source_up, source_down = gate_up.const_value, down.const_value
         experts, hidden, double = source_up.shape
-        fc1 = _weight(graph, f"{gate_up.name}.interleaved", lazy_transform(
-            [source_up], interleaved_gate_up, ir.DataType.FLOAT, [experts, double, hidden], f"{gate_up.name}.interleaved"))
+        name = f"{gate_up.name}.interleaved"
+        fc1 = _weight(graph, name, lazy_transform([source_up], interleaved_gate_up, ir.DataType.FLOAT,
+                                                  [experts, double, hidden], name))
         fc2 = _weight(graph, f"{down.name}.transposed", lazy_transform(
             [source_down], lambda w: w.transpose(0, 2, 1), ir.DataType.FLOAT, [experts, hidden, double // 2],
             f"{down.name}.transposed"))
@@ -149,3 +150,32 @@ class LowerRoutedExperts(GraphPass):
         new_nodes = [axes_1, starts, middles, ends, last, chosen, rows, w1, both, gate, up, sigmoid, silu, product,
                      w2, out, flat]
         return new_nodes, flat.outputs[0]
+
+
+def dequantize_experts(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """quantize_experts' output back to float32 [experts, out, in]."""
+    values = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.float32)
+    values[..., 0::2] = packed & 0x0F
+    values[..., 1::2] = packed >> 4
+    block = values.shape[-1] // scales.shape[-1]
+    return ((values - 8).reshape(*scales.shape, block) * scales[..., None]).reshape(values.shape)
+
+
+def deinterleaved_gate_up(fc1: np.ndarray) -> np.ndarray:
+    """interleaved_gate_up undone: [experts, 2*inter, hidden] -> [experts, hidden, 2*inter]."""
+    return np.concatenate([fc1[:, 0::2], fc1[:, 1::2]], axis=1).transpose(0, 2, 1)
+
+
+def quantized_experts(graph: ir.Graph) -> dict[str, callable]:
+    """Checkpoint name of each QMoE's expert tensor -> a loader of its dequantized values in the checkpoint's layout
+    (what the package computes with)."""
+    loaders = {}
+    for node in graph:
+        if node.op_type != "QMoE" or node.domain != MS_DOMAIN:
+            continue
+        fc1, fc1_scales, fc2, fc2_scales = (node.inputs[i] for i in (2, 3, 5, 6))
+        loaders[fc1.name.removesuffix(".q4")] = lambda a=fc1, b=fc1_scales: deinterleaved_gate_up(
+            dequantize_experts(a.const_value.numpy(), b.const_value.numpy()))
+        loaders[fc2.name.removesuffix(".q4")] = lambda a=fc2, b=fc2_scales: dequantize_experts(
+            a.const_value.numpy(), b.const_value.numpy()).transpose(0, 2, 1)
+    return loaders
