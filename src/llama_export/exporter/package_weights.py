@@ -318,11 +318,20 @@ def package_checkpoint(folder: Path, source, check: bool = False):
     rows = RowCheck(package, source) if check else None
     for name, load in norm_weights(model, source.weights).items():
         weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
+    experts: dict[str, dict[int, Callable]] = {}
     for name, (_, read) in checkpoint_matrices(model, lambda name: source.weight(name).shape[0]).items():
+        stacked, _, expert = name.rpartition(".")
+        if stacked in source.weights and expert.isdigit():  # one expert's matrix (passes/experts.py, sorted form)
+            experts.setdefault(stacked, {})[int(expert)] = read
+            continue
         shape = source.weight(name).shape
         if rows is not None:
             read = _checked_reader(rows, name, read)
         weights[name] = WeightInfo(shape=shape, load=lambda read=read, n=shape[0]: read(0, n), load_rows=read)
+    for name, readers in experts.items():
+        shape = source.weight(name).shape  # [experts, in, out]; each expert's reader gives its [out, in] rows
+        weights[name] = WeightInfo(shape=shape, load=lambda readers=readers, n=shape[2]: np.stack(
+            [readers[e](0, n).T for e in range(len(readers))]))
     for name, load in quantized_experts(model.graph).items():
         weights[name] = WeightInfo(shape=source.weight(name).shape, load=load)
     embedding = PackageEmbedding(Path(folder) / "model.onnx")

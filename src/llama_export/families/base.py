@@ -93,6 +93,11 @@ class ModelFamily:
 
         return contextlib.nullcontext()
 
+    def shape_fields(self, get, size) -> dict:
+        """Sizes beyond LLaMA's that the family's weight formulas need (targets.plan.ModelShape's optional fields),
+        from a config: `get(key, default)` reads it, `size(key, default)` reads a checked whole number."""
+        return {}
+
     def active_layer_weights(self, shape) -> int:
         """Decoder-layer weights one token reads (a mixture of experts reads fewer than it stores)."""
         return self.layer_weights(shape)

@@ -52,6 +52,15 @@ class Llama4Family(ModelFamily):
             shapes.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
         return shapes
 
+    def shape_fields(self, get, size) -> dict:
+        layers = size("num_hidden_layers")
+        moe_layers = get("moe_layers")
+        if not isinstance(moe_layers, list):
+            step = size("interleave_moe_layer_step", 1)
+            moe_layers = range(step - 1, layers, step)
+        return {"experts": size("num_local_experts", 16), "moe_layers": len(moe_layers),
+                "intermediate_mlp": size("intermediate_size_mlp", 16384)}
+
     def layer_weights(self, shape) -> int:
         """Every decoder-layer matrix weight, all experts included (what the package stores)."""
         return self._layer_weights(shape, shape.experts)

@@ -1,7 +1,7 @@
 """Routed experts lowered for a runtime: the trace's RoutedExperts node (names.ROUTED_EXPERTS gives its meaning)
 becomes ONNX Runtime's com.microsoft MoE (float experts) or QMoE (4-bit experts), or, for runtimes without those
-kernels (TensorRT's parser), standard ops that gather the chosen expert's weights per token. No form computes the
-experts a token was not routed to.
+kernels (TensorRT's parser), standard ops that group the tokens by expert and run each expert's matrices over its
+group. No form computes the experts a token was not routed to.
 
 ONNX Runtime's kernels pick the top-1 expert from the router logits and, with k=1 and normalized routing weights,
 weigh its output by exactly 1: the sigmoid score transformers applies to the expert's input is already in the
@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from llama_export.names import EXPORT_DOMAIN, MS_DOMAIN, ROUTED_EXPERTS
+from llama_export.names import EXPORT_DOMAIN, MS_DOMAIN, ROUTED_EXPERTS, ROW_READER
 from llama_export.passes.base import GraphPass
 from llama_export.passes.cleanup import lazy_transform
 
-FORMS = ("moe", "qmoe", "gather")
+FORMS = ("moe", "qmoe", "sorted")
 
 
 def routed_experts_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -53,6 +53,20 @@ def _weight(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
     return value
 
 
+def _expert_matrix(stacked: ir.Value, expert: int) -> ir.LazyTensor:
+    """One expert's [in, out] matrix of a stacked [experts, in, out] weight, read alone where the source can read
+    along its first axis."""
+    tensor = stacked.const_value
+    read_rows = stacked.meta.get(ROW_READER)
+    name = f"{stacked.name}.{expert}"
+
+    def load() -> ir.Tensor:
+        values = read_rows(expert, expert + 1)[0] if read_rows else tensor.numpy()[expert]
+        return ir.Tensor(np.ascontiguousarray(values, np.float32), name=name)
+
+    return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(tensor.shape[1:]), name=name)
+
+
 def _unregister_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
     for value in values:
         if value.is_initializer() and not value.uses():
@@ -76,7 +90,7 @@ class LowerRoutedExperts(GraphPass):
             x, logits, gate_up, down = node.inputs
             if gate_up.const_value is None or down.const_value is None:
                 raise ValueError(f"{node.name}: the experts' weights are not initializers")
-            lower = {"moe": self._moe, "qmoe": self._qmoe, "gather": self._gather}[self.form]
+            lower = {"moe": self._moe, "qmoe": self._qmoe, "sorted": self._sorted}[self.form]
             new_nodes, out = lower(graph, x, logits, gate_up, down)
             out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
             graph.insert_after(node, new_nodes)
@@ -127,29 +141,48 @@ class LowerRoutedExperts(GraphPass):
                        attributes=self._attributes(expert_weight_bits=4, block_size=block), domain=MS_DOMAIN)
         return [qmoe], qmoe.outputs[0]
 
-    def _gather(self, graph, x, logits, gate_up, down):
-        """Standard ops: the chosen expert index per token, that expert's weights gathered, batched MatMuls."""
-        inter = gate_up.const_value.shape[2] // 2
+    def _sorted(self, graph, x, logits, gate_up, down):
+        """Standard ops: the tokens reordered so each expert's are contiguous, every expert a MatMul pair over its
+        slice (empty for an expert no token chose: its weights are not read), the results put back in order. Each
+        expert's weights are initializers of their own, plain [in, out] matrices that quantize like any layer's."""
+        experts, _, double = gate_up.const_value.shape
+        inter = double // 2
+        nodes = []
+
+        def add(op, inputs, **attributes):
+            node = ir.node(op, inputs, attributes=attributes)
+            nodes.append(node)
+            return node.outputs[0]
 
         def const(values):
-            return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(values, np.int64))})
+            return add("Constant", [], value=ir.tensor(np.array(values, np.int64)))
 
-        axes_1, starts, middles, ends, last = const([1]), const([0]), const([inter]), const([2 * inter]), const([2])
-        chosen = ir.node("ArgMax", [logits], attributes={"axis": -1, "keepdims": 0})
-        rows = ir.node("Unsqueeze", [x, axes_1.outputs[0]])  # [tokens, 1, hidden]
-        w1 = ir.node("Gather", [gate_up, chosen.outputs[0]], attributes={"axis": 0})  # [tokens, hidden, 2*inter]
-        both = ir.node("MatMul", [rows.outputs[0], w1.outputs[0]])
-        gate = ir.node("Slice", [both.outputs[0], starts.outputs[0], middles.outputs[0], last.outputs[0]])
-        up = ir.node("Slice", [both.outputs[0], middles.outputs[0], ends.outputs[0], last.outputs[0]])
-        sigmoid = ir.node("Sigmoid", [gate.outputs[0]])
-        silu = ir.node("Mul", [gate.outputs[0], sigmoid.outputs[0]])
-        product = ir.node("Mul", [silu.outputs[0], up.outputs[0]])
-        w2 = ir.node("Gather", [down, chosen.outputs[0]], attributes={"axis": 0})  # [tokens, inter, hidden]
-        out = ir.node("MatMul", [product.outputs[0], w2.outputs[0]])
-        flat = ir.node("Squeeze", [out.outputs[0], axes_1.outputs[0]])
-        new_nodes = [axes_1, starts, middles, ends, last, chosen, rows, w1, both, gate, up, sigmoid, silu, product,
-                     w2, out, flat]
-        return new_nodes, flat.outputs[0]
+        axis_0, axis_1, last = const([0]), const([1]), const([-1])
+        chosen = add("ArgMax", [logits], axis=-1, keepdims=0)  # [tokens]
+        one_hot = add("Cast", [add("Equal", [add("Unsqueeze", [chosen, axis_1]), const(list(range(experts)))])],
+                      to=ir.DataType.INT64)  # [tokens, experts]
+        counts = add("ReduceSum", [one_hot, axis_0], keepdims=0)  # [experts]
+        ends = add("CumSum", [counts, axis_0])
+        starts = add("Sub", [ends, counts])
+        # where each token goes: its expert's first slot plus how many tokens before it chose the same expert
+        rank = add("Sub", [add("CumSum", [one_hot, axis_0]), const([1])])
+        slot = add("ReduceSum", [add("Mul", [add("Add", [rank, starts]), one_hot]), last], keepdims=0)
+        slots = add("Unsqueeze", [slot, last])  # [tokens, 1]
+        grouped = add("ScatterND", [x, slots, x])
+        outputs = []
+        for expert in range(experts):
+            first = add("Slice", [starts, const([expert]), const([expert + 1])])
+            stop = add("Slice", [ends, const([expert]), const([expert + 1])])
+            rows = add("Slice", [grouped, first, stop, axis_0])
+            w1 = _weight(graph, f"{gate_up.name}.{expert}", _expert_matrix(gate_up, expert))
+            w2 = _weight(graph, f"{down.name}.{expert}", _expert_matrix(down, expert))
+            both = add("MatMul", [rows, w1])
+            gate = add("Slice", [both, const([0]), const([inter]), last])
+            up = add("Slice", [both, const([inter]), const([double]), last])
+            product = add("Mul", [add("Mul", [gate, add("Sigmoid", [gate])]), up])
+            outputs.append(add("MatMul", [product, w2]))
+        concatenated = add("Concat", outputs, axis=0)
+        return nodes, add("Gather", [concatenated, slot], axis=0)
 
 
 def dequantize_experts(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -24,6 +24,12 @@ WEIGHT_INPUTS = {("MatMul", 1), ("Gather", 0), ("RMSNormalization", 1), ("Dequan
                  ("Transpose", 0)}
 
 
+# Ops whose output is not a float computed from their inputs' values: an untyped output (the tracer leaves some)
+# of any other op with a hidden input is hidden too
+_NOT_FLOAT_OUT = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
+                  "Not", "And", "Or", "NonZero", "Cast", "TopK"}
+
+
 def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == FLOAT
 
@@ -92,6 +98,8 @@ class ConvertToFloat16(GraphPass):
                 if _is_float(out):
                     _typed(out, HALF)
                     hidden.add(id(out))
+                elif out.dtype is None and node.op_type not in _NOT_FLOAT_OUT:
+                    hidden.add(id(out))  # an untyped view of a hidden value is hidden too
             converted += 1
         self._float_logits(graph)
         return converted

@@ -31,6 +31,9 @@ def open_session(model_path: Path, threads: int | None = None, fp32_activations:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     options.log_severity_level = 3
+    # ONNX Runtime fuses a TensorRT package's DequantizeLinear+MatMul into MatMulNBits with int8 activations by
+    # default; TensorRT dequantizes to fp16, as this level does (the graph's own MatMulNBits are unaffected)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     model = _graph(model_path)
     head = None if model is None else split_head(model, model_path.parent)
     edited = fp32_activations and _with_fp32_activations(model, model_path)

@@ -38,10 +38,16 @@ class ModelShape:
     tied: bool
     max_context: int
     family: str = "llama"  # llama_export.families: the weight formulas
+    # a mixture of experts (0: none): experts per MoE layer, MoE layers, the dense layers' MLP width
+    experts: int = 0
+    moe_layers: int = 0
+    intermediate_mlp: int = 0
 
     @classmethod
     def from_config(cls, config, name: str = "model") -> ModelShape:
         """The sizes a plan needs, each checked: a zero, negative or fractional size names itself."""
+        if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+            config = config["text_config"]  # a multimodal checkpoint's config (LLaMA 4): its text model
         get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
 
         def size(key: str, default=None) -> int:
@@ -59,7 +65,7 @@ class ModelShape:
         from llama_export.families import UnsupportedFamily, family_of
 
         try:
-            family = family_of(config).name
+            family = family_of(config)
         except UnsupportedFamily as exc:
             raise TargetError(f"{name}: {exc}") from None
         hidden, heads = size("hidden_size"), size("num_attention_heads")
@@ -71,7 +77,8 @@ class ModelShape:
                    intermediate=size("intermediate_size"), heads=heads, kv_heads=kv_heads,
                    head_dim=size("head_dim", hidden // heads or None), vocab=size("vocab_size"),
                    tied=bool(get("tie_word_embeddings", False)),
-                   max_context=size("max_position_embeddings", 4096), family=family)
+                   max_context=size("max_position_embeddings", 4096), family=family.name,
+                   **family.shape_fields(get, size))
 
     @classmethod
     def from_json(cls, path: Path) -> ModelShape:
@@ -88,6 +95,22 @@ class ModelShape:
         from llama_export.families import FAMILIES
 
         return FAMILIES[self.family].layer_weights(self)
+
+    @property
+    def parameters(self) -> int:
+        """Every weight: the layers', the embedding table, the lm_head unless tied (norms aside)."""
+        return self.layer_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def active_parameters(self) -> int:
+        return self.active_layer_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def active_layer_weights(self) -> int:
+        """Of layer_weights, those one token reads (fewer for a mixture of experts)."""
+        from llama_export.families import FAMILIES
+
+        return FAMILIES[self.family].active_layer_weights(self)
 
 
 def _layer_weight_bytes(target: Target, model: ModelShape, precision: str, block: int) -> float:
@@ -123,6 +146,10 @@ class MemoryPlan:
         rows = [f"Memory plan: {m.name} ({m.layers} layers, hidden {m.hidden}, {m.heads}/{m.kv_heads} q/kv heads, "
                 f"vocab {m.vocab}) on {self.target.name} ({self.target.device}, {self.target.memory_gb:g} GiB)",
                 f"  {self.precision}, context {self.context}, batch {self.batch}, prefill chunk {self.prefill}"]
+        if m.experts:
+            rows.append(f"  parameters: {m.parameters / 1e9:.1f}B in total, {m.active_parameters / 1e9:.1f}B active "
+                        f"per token ({m.experts} experts in {m.moe_layers} of {m.layers} layers, one routed expert "
+                        "per token); every expert is held in memory")
         rows += [f"  {label:<44} {size / GIB:>8.2f} GiB" for label, size in self.lines]
         verdict = "fits" if self.fits else "does NOT fit"
         rows.append(f"  {'total':<44} {self.total / GIB:>8.2f} GiB of {self.target.memory_gb:g} GiB: {verdict} "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from llama_export.passes.attention import FuseRotary
 from llama_export.passes.cleanup import FoldConstants, FoldWeightTransposes, RemoveDeadNodes, SetOpset, SimplifyPatterns
 from llama_export.passes.decompose import DecomposeAttention, DecomposeRMSNorm, DecomposeRotary, PrepareNativeAttention
+from llama_export.passes.experts import LowerRoutedExperts
 from llama_export.passes.normalization import FuseRMSNorm
 from llama_export.passes.packing import PackSiblingMatMuls
 from llama_export.passes.precision import ConvertToFloat16
@@ -44,6 +45,7 @@ class TensorRTPasses:
             SimplifyPatterns(),
             FuseRMSNorm(),
             FuseRotary(),
+            LowerRoutedExperts("sorted"),  # the parser has no MoE op: tokens grouped by expert, one MatMul each
             PackSiblingMatMuls(),
             *quantize,
             ConvertToFloat16(),
