@@ -4,7 +4,7 @@ config rather than naming LLaMA's classes. This room calls none of the others (t
 
 from __future__ import annotations
 
-from llama_export.families.base import ModelFamily, UnsupportedFamily
+from llama_export.families.base import FamilyConfigError, ModelFamily, UnsupportedFamily
 from llama_export.families.llama import LLAMA
 from llama_export.families.llama4 import LLAMA4
 
@@ -53,5 +53,6 @@ def family_of(config) -> ModelFamily:
     return family_for(model_type or LLAMA.model_types[0])
 
 
-__all__ = ["BUILT_IN", "FAMILIES", "ModelFamily", "UnsupportedFamily", "family_for", "family_for_gguf", "family_of",
+__all__ = ["BUILT_IN", "FAMILIES", "FamilyConfigError", "ModelFamily", "UnsupportedFamily", "family_for",
+           "family_for_gguf", "family_of",
            "model_types", "register"]

@@ -126,6 +126,12 @@ def check_llama_config(config, where: Path) -> None:
     """Sizes positive and consistent, a rope type transformers knows: checked before anything is built from them."""
     require_supported(getattr(config, "model_type", None), where)
     check_sizes(config, where)
+    from llama_export.families import FamilyConfigError, family_of
+
+    try:
+        family_of(config).check_config(config)
+    except FamilyConfigError as exc:
+        raise UserError(f"{where}: {exc}") from None
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
     if rope_type != "default":

@@ -1,0 +1,163 @@
+"""LLaMA 4 text models on tiny random Llama4ForCausalLM folders of both published shapes: every layer a mixture of
+experts (Scout) and alternating dense/MoE layers (Maverick), chunked attention with a chunk of 8 tokens so prompts
+and decoding cross it, NoPE layers with temperature tuning that changes the scores at these positions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import genai_greedy, run_cli, write_tiny_tokenizer
+
+from llama_export.exporter.pipeline import ExportOptions, export
+
+CHUNK = 8
+LONG_PROMPT = [5, 17, 42, 99, 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 40, 41, 77, 300, 301, 2]  # 2.5 chunks
+
+
+def _config(moe_step: int):
+    from transformers import Llama4TextConfig
+
+    return Llama4TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=moe_step, attention_chunk_size=CHUNK, floor_scale=4, attn_scale=0.5,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _make(folder: Path, moe_step: int) -> Path:
+    from transformers import Llama4ForCausalLM
+
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(_config(moe_step)).eval()
+    with torch.no_grad():  # routers and experts of the size that makes routing matter
+        for name, parameter in model.named_parameters():
+            if "experts" in name or "router" in name:
+                parameter.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder, 512)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama4_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llama4")
+    return {"scout": _make(root / "scout", 1), "maverick": _make(root / "maverick", 2)}
+
+
+def _hf(folder: Path):
+    from transformers import Llama4ForCausalLM
+
+    return Llama4ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def _ops(package: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(package / "model.onnx", load_external_data=False).graph.node]
+
+
+def test_the_traced_experts_compute_transformers_moe():
+    """The routed form (top-1 sigmoid score on the input, only the chosen expert) equals transformers' dense
+    Llama4TextMoe, which runs every expert."""
+    from transformers.models.llama4 import modeling_llama4
+
+    from llama_export.families.llama4 import LLAMA4
+
+    torch.manual_seed(1)
+    moe = modeling_llama4.Llama4TextMoe(_config(1)).eval()
+    with torch.no_grad():
+        for parameter in moe.parameters():
+            parameter.normal_(0, 0.2)
+        x = torch.randn(2, 7, 64)
+        expected = moe(x)[0]
+        with LLAMA4.traced_forms():
+            routed = modeling_llama4.Llama4TextMoe.forward(moe, x)[0]
+    assert torch.allclose(routed, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["scout", "maverick"])
+def test_fp32_package_matches_transformers_across_chunks(llama4_models, shape, tmp_path):
+    folder = llama4_models[shape]
+    out = export(ExportOptions(model=str(folder), output=tmp_path / "pkg", quiet=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "llama4"
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3
+    assert "Llama4ForCausalLM" in parity["reference"]
+    ops = _ops(out)
+    moe_layers = 4 if shape == "scout" else 2
+    assert ops.count("MoE") == moe_layers and "RoutedExperts" not in ops
+
+    model = _hf(folder)
+    # the whole long prompt in one step: chunked masks over 2.5 chunks, NoPE temperature at positions past 4
+    from llama_export.runtimes import Decoder, OnnxPackage
+
+    decoder = Decoder(OnnxPackage(out))
+    logits = decoder.prefill(LONG_PROMPT)
+    with torch.no_grad():
+        expected = model(torch.tensor([LONG_PROMPT])).logits[0].numpy()
+    assert np.abs(logits - expected).max() <= 1e-3
+    # decoding across chunk boundaries, by onnxruntime-genai against transformers' own generate()
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([LONG_PROMPT[:11]]), max_new_tokens=20, min_new_tokens=20,
+                                do_sample=False, attention_mask=torch.ones((1, 11), dtype=torch.long))[0, 11:]
+    assert genai_greedy(out, LONG_PROMPT[:11], 20) == tokens.tolist()
+
+
+def test_int4_cpu_package_quantizes_the_experts_per_expert(llama4_models, tmp_path):
+    out = export(ExportOptions(model=str(llama4_models["scout"]), output=tmp_path / "pkg", precision="int4",
+                               quiet=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    exactness = manifest["parity"]["exactness"]
+    assert exactness["passed"] and exactness["max_abs_logit_diff"] <= 1e-3  # against its own 4-bit experts
+    ops = _ops(out)
+    assert ops.count("QMoE") == 4 and "MoE" not in ops
+    model = onnx.load(out / "model.onnx", load_external_data=False)
+    qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in qmoe.attribute}
+    assert attributes["expert_weight_bits"] == 4 and attributes["k"] == 1
+    assert genai_greedy(out, LONG_PROMPT[:11], 8)  # onnxruntime-genai runs it
+
+
+def test_jetson_thor_package_groups_tokens_by_expert(llama4_models, tmp_path):
+    out = export(ExportOptions(model=str(llama4_models["maverick"]), output=tmp_path / "pkg",
+                               target="jetson-thor", quiet=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["exactness"]["passed"]
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert not [n for n in graph.node if n.domain not in ("", "ai.onnx")]  # TensorRT's parser takes plain ONNX
+    quantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    experts = {name for name in quantized if ".experts." in name}
+    assert len(experts) == 2 * 4 * 2  # gate_up and down of 4 experts in each of the 2 MoE layers, all INT4
+
+
+def test_plan_counts_total_and_active_parameters_of_scout(tmp_path):
+    text = {"model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 202048, "num_local_experts": 16,
+            "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "max_position_embeddings": 10485760,
+            "attention_chunk_size": 8192, "tie_word_embeddings": False}
+    config = tmp_path / "scout" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"model_type": "llama4", "text_config": text}))  # as Meta's folder has it
+    result = run_cli("plan", "--target", "jetson-thor", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "107.8B in total, 17.2B active per token" in result.stdout  # Meta: 109B with the vision encoder, 17B
+    assert "fits" in result.stdout
+
+
+def test_more_than_one_expert_per_token_is_refused_in_one_line(llama4_models, tmp_path):
+    folder = tmp_path / "two-experts"
+    folder.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).symlink_to(llama4_models["scout"] / name)
+    config = json.loads((llama4_models["scout"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 2}))
+    result = run_cli("--model", str(folder), "--output", str(tmp_path / "out"))
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llama-export: error:")]
+    assert len(errors) == 1 and "num_experts_per_tok is 2" in errors[0] and "Traceback" not in result.stderr
