@@ -161,3 +161,42 @@ def test_more_than_one_expert_per_token_is_refused_in_one_line(llama4_models, tm
     assert result.returncode != 0 and not (tmp_path / "out").exists()
     errors = [line for line in result.stderr.splitlines() if line.startswith("llama-export: error:")]
     assert len(errors) == 1 and "num_experts_per_tok is 2" in errors[0] and "Traceback" not in result.stderr
+
+
+def _multimodal_copy(text_folder: Path, folder: Path, prefix: str, model_prefix: str) -> Path:
+    """The text model as a multimodal checkpoint holds it: a llama4 config with the text config inside, the text
+    weights renamed, vision tensors beside them."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    state = {}
+    for name, tensor in load_file(text_folder / "model.safetensors").items():
+        renamed = name if name == "lm_head.weight" and not prefix else prefix + name
+        state[renamed.replace("model.", model_prefix, 1) if model_prefix else renamed] = tensor
+    state["vision_model.patch_embedding.linear.weight"] = torch.zeros(8, 8)
+    state["multi_modal_projector.linear_1.weight"] = torch.zeros(8, 8)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    text = json.loads((text_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text,
+                                                    "architectures": ["Llama4ForConditionalGeneration"]}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((text_folder / name).read_bytes())
+    return folder
+
+
+def test_a_multimodal_folder_exports_its_text_model(llama4_models, tmp_path):
+    from llama_export.exporter.sources import open_checkpoint
+
+    text = llama4_models["scout"]
+    meta = _multimodal_copy(text, tmp_path / "meta", "language_model.", "")  # Meta's hub folders
+    saved = _multimodal_copy(text, tmp_path / "saved", "", "model.language_model.")  # transformers 5's save
+    expected = set(open_checkpoint(text).weights)
+    assert set(open_checkpoint(meta).weights) == expected == set(open_checkpoint(saved).weights)
+    out = export(ExportOptions(model=str(meta), output=tmp_path / "pkg", quiet=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "llama4" and manifest["parity"]["passed"]
+    model = _hf(text)
+    with torch.no_grad():
+        tokens = model.generate(torch.tensor([LONG_PROMPT[:11]]), max_new_tokens=12, min_new_tokens=12,
+                                do_sample=False, attention_mask=torch.ones((1, 11), dtype=torch.long))[0, 11:]
+    assert genai_greedy(out, LONG_PROMPT[:11], 12) == tokens.tolist()

@@ -58,12 +58,16 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
              eight_bit_choice: bool = False) -> ExportMemory:
     """calibration_tokens: None for the default (exporter.calibrate.CALIBRATION_TOKENS); eight_bit_choice: the
     sensitivity pass of --eight-bit-share runs first (exporter/sensitivity.py)."""
+    from llama_export.families import FAMILIES
+    from llama_export.targets.plan import ModelShape
+
     hidden, inter = config.hidden_size, config.intermediate_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    layer_weights = attention + 3 * hidden * inter
-    largest_matrix = max(2 * hidden * inter, hidden * head_dim * (heads + 2 * kv_heads))
+    shape = ModelShape.from_config(config)
+    family = FAMILIES[shape.family]
+    layer_weights = family.largest_layer_weights(shape)  # one layer is held at a time
+    largest_matrix = family.largest_matrix(shape)
     layer = 4 * GPTQ_COPIES * largest_matrix
     if calibrated:
         statistics = 4 * (2 * hidden * hidden + (heads * head_dim) ** 2 + inter * inter)
@@ -84,8 +88,7 @@ def estimate(config, precision: str, calibrated: bool, verify: bool, float_table
         layer = max(layer, sensitivity)
     table = TABLE_COPIES * 4 * config.vocab_size * hidden if float_tables else 0
     weight_bytes = {"fp32": 4, "fp16": 2, "int4": int4_bytes}.get(precision, 4)
-    package = weight_bytes * (config.num_hidden_layers * layer_weights
-                              + config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2))
+    package = weight_bytes * shape.parameters
     return ExportMemory(layer=int(layer), table=int(table), verify=int(ORT_PACKAGE_FACTOR * package) if verify else 0)
 
 

@@ -38,6 +38,11 @@ def family_for(model_type) -> ModelFamily:
     raise UnsupportedFamily(model_type, model_types())
 
 
+def family_for_multimodal(model_type) -> ModelFamily | None:
+    """The family whose text model a multimodal checkpoint of this model_type holds (None: not one)."""
+    return next((f for f in FAMILIES.values() if model_type in f.multimodal_types), None)
+
+
 def family_for_gguf(architecture) -> ModelFamily:
     """The family of a GGUF file's general.architecture."""
     for family in FAMILIES.values():
@@ -54,5 +59,5 @@ def family_of(config) -> ModelFamily:
 
 
 __all__ = ["BUILT_IN", "FAMILIES", "FamilyConfigError", "ModelFamily", "UnsupportedFamily", "family_for",
-           "family_for_gguf", "family_of",
+           "family_for_gguf", "family_for_multimodal", "family_of",
            "model_types", "register"]

@@ -39,6 +39,9 @@ class ModelFamily:
     # Per-layer parameters whose rows llama.cpp's converter interleaved for its rotary form, and the config field
     # giving their head count (the GGUF reader undoes the interleaving)
     gguf_permuted_rows: dict[str, str] = field(default_factory=dict)
+    # config.json model_type values of multimodal checkpoints holding this family's text model (its config as
+    # the text config, its weights under language_model.): the text model alone is exported
+    multimodal_types: tuple[str, ...] = ()
 
     def module(self):
         return importlib.import_module(self.modeling)
@@ -76,6 +79,17 @@ class ModelFamily:
                 return getattr(config, heads)
         return None
 
+    @staticmethod
+    def text_weight_name(name: str) -> str | None:
+        """A multimodal checkpoint's tensor name as the text model's parameter (None: not the text model's).
+        Meta's folders prefix the text model with `language_model.`; transformers 5 saves it as
+        `model.language_model.` with the lm_head at the top."""
+        if name.startswith("language_model."):
+            return name.removeprefix("language_model.")
+        if name.startswith("model.language_model."):
+            return "model." + name.removeprefix("model.language_model.")
+        return name if name == "lm_head.weight" else None
+
     def check_config(self, config) -> None:
         """Refuse (FamilyConfigError) a config the family's traced form does not handle."""
 
@@ -97,6 +111,15 @@ class ModelFamily:
         """Sizes beyond LLaMA's that the family's weight formulas need (targets.plan.ModelShape's optional fields),
         from a config: `get(key, default)` reads it, `size(key, default)` reads a checked whole number."""
         return {}
+
+    def largest_layer_weights(self, shape) -> int:
+        """Weights of the largest decoder layer (calibration and verify hold one layer at a time)."""
+        return self.layer_weights(shape) // shape.layers
+
+    def largest_matrix(self, shape) -> int:
+        """Elements of the largest weight a pass or the quantizer reads whole (a packed projection)."""
+        return max(2 * shape.hidden * shape.intermediate, shape.hidden * shape.head_dim * (shape.heads
+                                                                                        + 2 * shape.kv_heads))
 
     def active_layer_weights(self, shape) -> int:
         """Decoder-layer weights one token reads (a mixture of experts reads fewer than it stores)."""

@@ -13,7 +13,7 @@ lower to ONNX Runtime's MoE kernels or to gathers of the chosen expert's weights
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llama_export.families.base import FamilyConfigError, ModelFamily
 
@@ -69,6 +69,16 @@ class Llama4Family(ModelFamily):
         """The decoder-layer weights one token reads: the router, the shared expert and one routed expert."""
         return self._layer_weights(shape, 1)
 
+    def largest_layer_weights(self, shape) -> int:
+        moe = self._layer_weights(replace(shape, layers=1, moe_layers=1), shape.experts)
+        dense = self._layer_weights(replace(shape, layers=1, moe_layers=0), shape.experts)
+        return max(moe, dense) if shape.moe_layers < shape.layers else moe
+
+    def largest_matrix(self, shape) -> int:
+        """The experts' stacked gate/up weight, read and rearranged whole (passes/experts.py)."""
+        return max(super().largest_matrix(shape), 2 * shape.experts * shape.hidden * shape.intermediate,
+                   2 * shape.hidden * shape.intermediate_mlp)
+
     @staticmethod
     def _layer_weights(shape, experts: int) -> int:
         attention = shape.hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
@@ -102,6 +112,7 @@ def _mlp(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, int]]:
 LLAMA4 = Llama4Family(
     name="llama4",
     model_types=("llama4_text",),
+    multimodal_types=("llama4",),  # Llama4ForConditionalGeneration: Meta's Scout and Maverick folders
     genai_type="llama",
     modeling="transformers.models.llama4.modeling_llama4",
     causal_lm="Llama4ForCausalLM",

@@ -35,11 +35,20 @@ def _load_config(folder: Path):
         raise UserError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{config_path}: not a config (a JSON object with model_type, hidden_size, ...)")
-    require_supported(raw.get("model_type"), folder)
+    from llama_export.families import family_for_multimodal
+
+    multimodal = family_for_multimodal(raw.get("model_type"))
+    if multimodal is None:
+        require_supported(raw.get("model_type"), folder)
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad config
         raise UserError(f"{config_path}: cannot read config ({_first_line(exc)})") from None
+    if multimodal is None:
+        return config, None
+    text = config.get_text_config()
+    require_supported(getattr(text, "model_type", None), folder)
+    return text, multimodal
 
 
 def _first_line(exc: Exception) -> str:
@@ -180,13 +189,17 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 def open_hf_folder(folder: Path) -> Checkpoint:
-    config = _load_config(folder)
+    config, multimodal = _load_config(folder)
     check_llama_config(config, folder)
     files = _safetensors_files(folder)
     weights: dict[str, WeightInfo] = {}
     for path in files:
         for name, shape in _read_header(path).items():
-            weights[name] = WeightInfo(shape=shape, load=_tensor_loader(path, name), load_rows=_rows_loader(path, name))
+            # a multimodal checkpoint: its text model's tensors by their parameter names, the rest left unread
+            parameter = name if multimodal is None else multimodal.text_weight_name(name)
+            if parameter is not None:
+                weights[parameter] = WeightInfo(shape=shape, load=_tensor_loader(path, name),
+                                                load_rows=_rows_loader(path, name))
 
     for name in TOKENIZER_FILES:  # refused now, not after the long steps
         if (folder / name).is_file():
