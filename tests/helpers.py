@@ -122,6 +122,23 @@ def random_blocks(rows: int, columns: int, kind: str, rng) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+def gguf_writer(path: Path, architecture: str, config, feed_forward: int):
+    """A GGUF writer holding the sizes every LLaMA-family file has, as llama.cpp's converter writes them."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    return writer
+
+
 def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matrix_type: str = "Q8_0",
                     embedding_type: str = "Q8_0", types: dict[str, str] | None = None,
                     arrays: dict[str, list] | None = None, **overrides) -> dict[str, np.ndarray]:
@@ -135,16 +152,7 @@ def write_tiny_gguf(path: Path, variant: str = "llama2-gqa", seed: int = 0, matr
     config = tiny_config(variant, **overrides)
     torch.manual_seed(seed)
     state = {k: v.numpy() for k, v in LlamaForCausalLM(config).state_dict().items()}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    writer = gguf_writer(path, "llama", config, config.intermediate_size)
     for key, values in (arrays or {}).items():
         writer.add_array(key, values)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import genai_greedy, run_cli, write_tiny_tokenizer
+from helpers import genai_greedy, gguf_writer, run_cli, write_tiny_tokenizer
 
 from llama_export.exporter.pipeline import ExportOptions, export
 
@@ -200,3 +200,82 @@ def test_a_multimodal_folder_exports_its_text_model(llama4_models, tmp_path):
         tokens = model.generate(torch.tensor([LONG_PROMPT[:11]]), max_new_tokens=12, min_new_tokens=12,
                                 do_sample=False, attention_mask=torch.ones((1, 11), dtype=torch.long))[0, 11:]
     assert genai_greedy(out, LONG_PROMPT[:11], 12) == tokens.tolist()
+
+
+def _write_llama4_gguf(model, path: Path, matrix_type: str) -> None:
+    """The model as llama.cpp's converter writes a llama4 file (conversion/llama.py, Llama4Model): gate_up_proj
+    split into gate and up expert stacks of [experts, out, in], down_proj as [experts, out, in], Q/K rows as they
+    are, the dense MLP width as feed_forward_length and the experts' as expert_feed_forward_length."""
+    import gguf
+
+    config = model.config
+    writer = gguf_writer(path, "llama4", config, config.intermediate_size_mlp)
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_interleave_moe_layer_step(config.interleave_moe_layer_step)
+    names = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "feed_forward.router": "ffn_gate_inp", "feed_forward.shared_expert.gate_proj": "ffn_gate_shexp",
+             "feed_forward.shared_expert.up_proj": "ffn_up_shexp",
+             "feed_forward.shared_expert.down_proj": "ffn_down_shexp", "feed_forward.gate_proj": "ffn_gate",
+             "feed_forward.up_proj": "ffn_up", "feed_forward.down_proj": "ffn_down"}
+
+    def add(name: str, tensor: np.ndarray) -> None:
+        if tensor.ndim == 1:
+            writer.add_tensor(name, tensor.astype(np.float32))
+            return
+        kind = gguf.GGMLQuantizationType[matrix_type]
+        data = gguf.quants.quantize(np.ascontiguousarray(tensor, np.float32), kind)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.numpy()
+        if name in names:
+            add(f"{names[name]}.weight", tensor)
+            continue
+        layer, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+        if rest == "feed_forward.experts.gate_up_proj":
+            gate, up = np.split(tensor.transpose(0, 2, 1), 2, axis=1)
+            add(f"blk.{layer}.ffn_gate_exps.weight", gate)
+            add(f"blk.{layer}.ffn_up_exps.weight", up)
+        elif rest == "feed_forward.experts.down_proj":
+            add(f"blk.{layer}.ffn_down_exps.weight", tensor.transpose(0, 2, 1))
+        else:
+            add(f"blk.{layer}.{parts[rest.removesuffix('.weight')]}.weight", tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("matrix_type", ["F32", "Q8_0"])
+def test_a_llama_cpp_llama4_gguf_exports_and_matches_its_weights(tmp_path, matrix_type):
+    """A llama4 GGUF (llama.cpp's fixed chunk of 8192 and temperature settings, which the model here has too)
+    reads back as the transformers model it was written from, experts joined, and exports a verified package."""
+    from transformers import Llama4ForCausalLM
+
+    from llama_export.exporter.sources import open_checkpoint
+
+    config = _config(2)
+    config.attention_chunk_size, config.floor_scale, config.attn_scale = 8192, 8192, 0.1
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(config).eval()
+    path = tmp_path / "tiny-llama4.gguf"
+    _write_llama4_gguf(model, path, matrix_type)
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.config.num_local_experts == 4 and checkpoint.config.intermediate_size_mlp == 96
+    assert checkpoint.config.moe_layers == [1, 3] and checkpoint.config.attention_chunk_size == 8192
+    state = model.state_dict()
+    tolerance = 0 if matrix_type == "F32" else 0.02
+    for name in ("model.layers.1.feed_forward.experts.gate_up_proj", "model.layers.1.feed_forward.experts.down_proj",
+                 "model.layers.0.feed_forward.gate_proj.weight", "model.layers.1.feed_forward.router.weight"):
+        ours = checkpoint.weight(name)
+        assert ours.shape == tuple(state[name].shape)
+        assert np.abs(ours.load() - state[name].numpy()).max() <= tolerance * np.abs(state[name].numpy()).max()
+    assert np.array_equal(checkpoint.weight(name := "model.layers.1.feed_forward.experts.down_proj").rows(2, 3),
+                          checkpoint.weight(name).load()[2:3])
+    out = export(ExportOptions(model=str(path), output=tmp_path / "pkg", quiet=True))
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3

@@ -39,6 +39,9 @@ class ModelFamily:
     # Per-layer parameters whose rows llama.cpp's converter interleaved for its rotary form, and the config field
     # giving their head count (the GGUF reader undoes the interleaving)
     gguf_permuted_rows: dict[str, str] = field(default_factory=dict)
+    # Per-layer 3-D expert parameters (transformers' [experts, in, out]) -> the GGUF tensors (blk.N.NAME.weight,
+    # each [experts, out_i, in]) joined along their outputs to make it
+    gguf_expert_stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # config.json model_type values of multimodal checkpoints holding this family's text model (its config as
     # the text config, its weights under language_model.): the text model alone is exported
     multimodal_types: tuple[str, ...] = ()
@@ -89,6 +92,11 @@ class ModelFamily:
         if name.startswith("model.language_model."):
             return "model." + name.removeprefix("model.language_model.")
         return name if name == "lm_head.weight" else None
+
+    def gguf_config(self, field, prefix: str) -> dict:
+        """Config fields beyond LLaMA's from a GGUF's metadata: `field(key, default)` reads one, `prefix` is the
+        architecture's key prefix ("llama4.")."""
+        return {}
 
     def check_config(self, config) -> None:
         """Refuse (FamilyConfigError) a config the family's traced form does not handle."""

@@ -52,6 +52,21 @@ class Llama4Family(ModelFamily):
             shapes.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
         return shapes
 
+    def gguf_config(self, field, prefix: str) -> dict:
+        """llama.cpp's reading of a llama4 file (its src/models/llama4.cpp): the expert width under its own key,
+        chunked attention with fixed settings unless the sliding window is 0, QK norm unless 128 experts."""
+        experts = int(field(prefix + "expert_count", 16))
+        fields = {"intermediate_size": int(field(prefix + "expert_feed_forward_length")),
+                  "intermediate_size_mlp": int(field(prefix + "feed_forward_length")),
+                  "num_local_experts": experts, "num_experts_per_tok": int(field(prefix + "expert_used_count", 1)),
+                  "interleave_moe_layer_step": int(field(prefix + "interleave_moe_layer_step", 1)),
+                  "use_qk_norm": experts != 128, "attention_chunk_size": 8192, "floor_scale": 8192,
+                  "attn_scale": 0.1, "attn_temperature_tuning": True}
+        if field(prefix + "attention.sliding_window", None) == 0:  # every layer full attention with RoPE
+            layers = int(field(prefix + "block_count"))
+            fields.update(attention_chunk_size=None, no_rope_layers=[1] * layers, attn_temperature_tuning=False)
+        return fields
+
     def shape_fields(self, get, size) -> dict:
         layers = size("num_hidden_layers")
         moe_layers = get("moe_layers")
@@ -120,4 +135,18 @@ LLAMA4 = Llama4Family(
     decoder_layer="Llama4TextDecoderLayer",
     norm="Llama4TextRMSNorm",
     rotary="Llama4TextRotaryEmbedding",
+    gguf_architecture="llama4",
+    gguf_names={"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"},
+    gguf_layer_names={
+        "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+        "ffn_gate_inp": "feed_forward.router", "ffn_gate_shexp": "feed_forward.shared_expert.gate_proj",
+        "ffn_up_shexp": "feed_forward.shared_expert.up_proj", "ffn_down_shexp": "feed_forward.shared_expert.down_proj",
+        "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj",
+    },
+    # llama.cpp's converter splits gate_up_proj and stores each expert's matrices as [out, in]; its Q/K rows are
+    # not permuted for llama4 (no gguf_permuted_rows)
+    gguf_expert_stacks={"feed_forward.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+                        "feed_forward.experts.down_proj": ("ffn_down_exps",)},
 )

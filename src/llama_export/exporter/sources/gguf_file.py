@@ -74,8 +74,13 @@ def _config_from_metadata(reader, path: Path, family):
                      num_hidden_layers=layers, intermediate_size=intermediate, vocab_size=vocab, head_dim=head_dim),
                 path)
     try:
-        return family.config_type()(
-            vocab_size=vocab,
+        extra = family.gguf_config(lambda key, default=None: _field(reader, key, default), p)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: GGUF metadata lacks the {arch} sizes (or holds them as something other than "
+                        "whole numbers)") from None
+    try:
+        return family.config_type()(**{
+            **dict(vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate,
             num_hidden_layers=layers,
@@ -88,8 +93,7 @@ def _config_from_metadata(reader, path: Path, family):
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_id=eos,
-            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", eos),
-        )
+            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", eos)), **extra})
     except Exception as exc:  # transformers' config validation (several error types) on the file's values
         cause = exc.__cause__ or exc
         raise UserError(f"{path}: GGUF metadata does not make a LLaMA config ({cause})") from None
@@ -105,6 +109,30 @@ def _tensor_loader(tensor, n_heads: int | None, path: Path):
         return unpermute_rows(values, n_heads) if n_heads else values
 
     return load
+
+
+def _expert_stack(name: str, tensors: list, path: Path) -> WeightInfo:
+    """A 3-D expert parameter ([experts, in, out]) from the GGUF tensors llama.cpp split it into ([experts, out_i,
+    in] each), joined along their outputs; `rows(e0, e1)` dequantizes those experts alone."""
+    if any(t is None for t in tensors):
+        raise UserError(f"{path}: the experts of '{name}' are missing a part; the file is incomplete")
+    shapes = [tuple(reversed([int(d) for d in t.shape])) for t in tensors]
+    if len({(s[0], s[2]) for s in shapes}) != 1 or any(len(s) != 3 for s in shapes):
+        raise UserError(f"{path}: the expert tensors of '{name}' have shapes {shapes}, not [experts, out, in] "
+                        "stacks of one size")
+    experts, _, columns = shapes[0]
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        from gguf import dequantize
+
+        parts = []
+        for tensor, shape in zip(tensors, shapes):
+            values = dequantize(tensor.data[start:stop], tensor.tensor_type).astype(np.float32, copy=False)
+            parts.append(require_finite(values.reshape(stop - start, shape[1], columns), tensor.name, path))
+        return np.ascontiguousarray(np.concatenate(parts, axis=1).transpose(0, 2, 1))
+
+    shape = (experts, columns, sum(s[1] for s in shapes))
+    return WeightInfo(shape=shape, load=lambda: rows(0, experts), load_rows=rows)
 
 
 def _rows_loader(tensor, path: Path):
@@ -168,7 +196,14 @@ def open_gguf(path: Path) -> Checkpoint:
     config = _config_from_metadata(reader, path, family)
     check_llama_config(config, path)
     weights: dict[str, WeightInfo] = {}
+    stacked = {gguf: parameter for parameter, parts in family.gguf_expert_stacks.items() for gguf in parts}
+    expert_parts: dict[str, dict[str, object]] = {}  # blk.N.<parameter> -> GGUF part name -> tensor
     for tensor in reader.tensors:
+        layer, _, part = tensor.name.removeprefix("blk.").partition(".")
+        part = part.removesuffix(".weight")
+        if tensor.name.startswith("blk.") and part in stacked:
+            expert_parts.setdefault(f"model.layers.{layer}.{stacked[part]}", {})[part] = tensor
+            continue
         name = family.hf_name(tensor.name)
         if name is None:
             continue
@@ -183,6 +218,10 @@ def open_gguf(path: Path) -> Checkpoint:
                                    quantized_half_params=bool(fmt and fmt.half_params),
                                    load_rows=None if n_heads or len(shape) != 2 else _rows_loader(tensor, path))
 
+    for name, parts in expert_parts.items():
+        weights[name] = _expert_stack(name, [parts.get(p) for p in family.gguf_expert_stacks[name.split(".", 3)[3]]],
+                                      path)
+
     def write_tokenizer(dest: Path) -> list[str]:
         return write_gguf_tokenizer(path, reader, config, dest)
 
@@ -190,6 +229,23 @@ def open_gguf(path: Path) -> Checkpoint:
                             write_tokenizer=write_tokenizer)
     check_weights_match_config(checkpoint)
     return checkpoint
+
+
+def _tokenizer_only(reader, folder: Path) -> Path:
+    """A GGUF file in `folder` holding the tokenizer metadata of `reader`'s file, architecture llama, no tensors."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    path = folder / "tokenizer.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def write_gguf_tokenizer(path: Path, reader, config, dest: Path) -> list[str]:
@@ -202,11 +258,14 @@ def write_gguf_tokenizer(path: Path, reader, config, dest: Path) -> list[str]:
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
         return []
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot rebuild the tokenizer from GGUF metadata ({exc})") from None
     with tempfile.TemporaryDirectory() as tmp:
+        # transformers' GGUF reader takes the architectures it converts models of; the tokenizer alone does not
+        # depend on one, so it is read from a copy of the tokenizer metadata under LLaMA's
+        source = path if _field(reader, "general.architecture") == "llama" else _tokenizer_only(reader, Path(tmp))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot rebuild the tokenizer from GGUF metadata ({exc})") from None
         tokenizer.save_pretrained(tmp)
         (dest / "tokenizer.json").write_bytes((Path(tmp) / "tokenizer.json").read_bytes())
     tokens = _field(reader, "tokenizer.ggml.tokens")
