@@ -279,3 +279,13 @@ def test_a_llama_cpp_llama4_gguf_exports_and_matches_its_weights(tmp_path, matri
     out = export(ExportOptions(model=str(path), output=tmp_path / "pkg", quiet=True))
     parity = json.loads((out / "manifest.json").read_text())["parity"]
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3
+
+
+def test_int4_options_the_experts_cannot_take_are_refused_in_one_line(llama4_models, tmp_path):
+    for option, needle in ((["--block-size", "128"], "--block-size 128"), (["--eight-bit-share", "0.2"],
+                                                                             "--eight-bit-share")):
+        result = run_cli("--model", str(llama4_models["scout"]), "--precision", "int4", *option,
+                         "--output", str(tmp_path / "out"))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("llama-export: error:")]
+        assert result.returncode != 0 and not (tmp_path / "out").exists() and "Traceback" not in result.stderr
+        assert len(errors) == 1 and needle in errors[0]

@@ -55,6 +55,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
                                                            options.eight_bit_share)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if shape.experts:
+        preset = _experts_preset(shape, target, precision, block_size, preset, options.eight_bit_share)
     target.preflight(shape, precision, block_size, context, preset, float_embedding=not options.quantize_embedding,
                      log=progress.log)
 
@@ -116,3 +118,19 @@ def requantization_errors(passes, log) -> dict:
         f"not this package's): relative RMS error {np.median(list(errors.values())):.2%} median, "
         f"{errors[worst]:.2%} at most ({worst})")
     return {"requantized_source_blocks": {"relative_rms_error": errors}}
+
+
+def _experts_preset(shape, target, precision: str, block_size: int, preset, eight_bit_share):
+    """A mixture of experts' limits: ONNX Runtime's QMoE blocks must tile the experts' matrices; the 8-bit choice
+    does not score experts (exporter/sensitivity.py), so its default share is dropped and an asked one refused."""
+    from dataclasses import replace
+
+    if precision == "int4" and target.tensorrt is None and (shape.hidden % block_size
+                                                            or shape.intermediate % block_size):
+        raise UserError(f"--block-size {block_size}: the experts' matrices (hidden {shape.hidden}, width "
+                        f"{shape.intermediate}) must be whole blocks for ONNX Runtime's QMoE; choose a block size "
+                        "dividing both")
+    if eight_bit_share:
+        raise UserError("--eight-bit-share: the 8-bit choice does not score a mixture of experts' layers yet; "
+                        "leave the option out")
+    return replace(preset, eight_bit_share=0.0)

@@ -291,9 +291,10 @@ class CalibrationStream:
             if isinstance(m, torch.nn.Linear):
                 m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
         outputs = []
+        mask = self.checkpoint.family.layer_mask(self.config, index, self.hidden.shape[1])  # None: causal
         for start in range(0, len(self.hidden), WINDOWS_AT_ONCE):
             seen.clear()
-            out = layer(self.hidden[start:start + WINDOWS_AT_ONCE], attention_mask=None,
+            out = layer(self.hidden[start:start + WINDOWS_AT_ONCE], attention_mask=mask,
                         position_ids=self.positions, position_embeddings=self.position_embeddings)
             outputs.append(layer_output(out))
         seen.clear()

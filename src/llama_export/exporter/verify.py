@@ -91,7 +91,7 @@ class StreamedReference:
 
         import torch
 
-        from llama_export.exporter.calibrate import embed, final_norm, layer_output, load_layer
+        from llama_export.exporter.calibrate import embed, final_norm, float_tensor, layer_output, load_layer
         from llama_export.exporter.progress import format_seconds
 
         config, checkpoint = self.config, self.checkpoint
@@ -106,6 +106,9 @@ class StreamedReference:
                 layer = load_layer(checkpoint, index, config)
                 for j in range(len(hidden)):
                     mask = family.layer_mask(config, index, len(sequences[j]))
+                    if mask is None:  # eager attention takes the causal mask explicitly
+                        length = len(sequences[j])
+                        mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
                     out = layer(hidden[j], attention_mask=mask, position_ids=positions[j],
                                 position_embeddings=position_embeddings[j])
                     hidden[j] = layer_output(out)
@@ -120,7 +123,7 @@ class StreamedReference:
         head = checkpoint.weight("lm_head.weight")
         logits = [np.empty((len(ids), head.shape[0]), np.float32) for ids in sequences]
         for start, rows in head.row_chunks():
-            table = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+            table = float_tensor(rows)  # copied where the source hands out a read-only view
             for out, h in zip(logits, normed):
                 out[:, start:start + len(rows)] = torch.nn.functional.linear(h, table).numpy()
         return logits

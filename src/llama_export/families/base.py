@@ -102,11 +102,10 @@ class ModelFamily:
         """Refuse (FamilyConfigError) a config the family's traced form does not handle."""
 
     def layer_mask(self, config, index: int, length: int):
-        """The additive attention mask [1, 1, length, length] decoder layer `index` takes over one unpadded
-        sequence (calibration and verify run transformers' layers one at a time): causal."""
-        import torch
-
-        return torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+        """The additive attention mask [1, 1, length, length] decoder layer `index` takes over unpadded sequences
+        (calibration, the 8-bit choice and verify run transformers' layers one at a time), or None where it is
+        the plain causal mask."""
+        return None
 
     def traced_forms(self):
         """A context manager under which transformers' model traces into ONNX (a family whose modeling code uses

@@ -23,10 +23,18 @@ class Llama4Family(ModelFamily):
     experts_module: str = "Llama4TextMoe"
 
     def check_config(self, config) -> None:
-        """What the traced form assumes (every published LLaMA 4 model has it)."""
+        """What the traced forms assume (every published LLaMA 4 model has it)."""
         if getattr(config, "num_experts_per_tok", 1) != 1:
             raise FamilyConfigError(f"num_experts_per_tok is {config.num_experts_per_tok}; llama-export's LLaMA 4 "
                                     "experts take one expert per token, as every published LLaMA 4 model does")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise FamilyConfigError(f"hidden_act is {config.hidden_act!r}; the experts' kernels compute SiLU (every "
+                                    "published LLaMA 4 model uses it)")
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        if rope_type in ("dynamic", "longrope"):  # their frequencies change with the sequence, the traced form's not
+            raise FamilyConfigError(f"rope type {rope_type!r} is not supported for LLaMA 4 (default, linear, llama3 "
+                                    "and yarn are)")
 
     def parameter_shapes(self, config) -> dict[str, tuple[int, ...]]:
         hidden, vocab = config.hidden_size, config.vocab_size
@@ -105,11 +113,12 @@ class Llama4Family(ModelFamily):
         """The additive mask of layer `index` over one unpadded sequence: chunked on chunked-attention layers."""
         import torch
 
-        mask = super().layer_mask(config, index, length)
-        if config.layer_types[index] == "chunked_attention":
-            chunk = torch.arange(length) // config.attention_chunk_size
-            mask = mask.masked_fill(chunk[:, None] != chunk[None, :], torch.finfo(torch.float32).min)
-        return mask
+        if config.layer_types[index] != "chunked_attention":
+            return None
+        position = torch.arange(length)
+        chunk = position // config.attention_chunk_size
+        allowed = (position[None, :] <= position[:, None]) & (chunk[:, None] == chunk[None, :])
+        return torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
     @contextlib.contextmanager
     def traced_forms(self):

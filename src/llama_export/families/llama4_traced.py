@@ -47,7 +47,7 @@ def _chunked_mask(config, inputs_embeds, attention_mask, cache, position_ids=Non
     query = inputs_embeds.shape[1]
     total = attention_mask.shape[1]
     past = total - query
-    padding = total - attention_mask.sum(dim=1, keepdim=True)  # left padding per row [batch, 1]
+    padding = (attention_mask.cumsum(dim=1) == 0).sum(dim=1, keepdim=True)  # left padding per row [batch, 1]
     keys = torch.arange(total, device=attention_mask.device)[None, None, :]
     queries = (torch.arange(query, device=attention_mask.device) + past)[None, :, None]
     chunk = config.attention_chunk_size

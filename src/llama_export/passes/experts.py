@@ -15,13 +15,49 @@ import onnx_ir as ir
 
 from llama_export.names import EXPORT_DOMAIN, MS_DOMAIN, ROUTED_EXPERTS, ROW_READER
 from llama_export.passes.base import GraphPass
-from llama_export.passes.cleanup import lazy_transform
 
 FORMS = ("moe", "qmoe", "sorted")
 
 
 def routed_experts_nodes(graph: ir.Graph) -> list[ir.Node]:
     return [node for node in graph if node.domain == EXPORT_DOMAIN and node.op_type == ROUTED_EXPERTS]
+
+
+class PerExpertTensor(ir.LazyTensor):
+    """A tensor [experts, ...] computed from a stacked [experts, ...] weight one expert at a time: `fn` maps one
+    expert's source values to its part. Written expert by expert (`tofile`), so no whole stack sits in memory;
+    numpy() still builds it whole, for readers that need it."""
+
+    __slots__ = ("experts", "fn", "read")
+
+    def __init__(self, source: ir.Value, fn, dtype: ir.DataType, shape, name: str):
+        super().__init__(self._whole, dtype=dtype, shape=ir.Shape(shape), name=name)
+        self.read, self.experts, self.fn = _expert_reader(source), shape[0], fn
+
+    def part(self, expert: int) -> np.ndarray:
+        values = self.fn(np.asarray(self.read(expert), np.float32))
+        return np.ascontiguousarray(values, dtype=self.dtype.numpy())
+
+    def _whole(self) -> ir.Tensor:
+        return ir.Tensor(np.stack([self.part(e) for e in range(self.experts)]), name=self.name)
+
+    def tofile(self, file) -> None:
+        for expert in range(self.experts):
+            file.write(self.part(expert).view(np.uint8).data)
+
+
+def _expert_reader(stacked: ir.Value):
+    """expert -> its slice of a stacked weight, read alone where the source can read along its first axis."""
+    read_rows = stacked.meta.get(ROW_READER)
+    if read_rows is not None:
+        return lambda expert: read_rows(expert, expert + 1)[0]
+    tensor = stacked.const_value
+    return lambda expert: tensor.numpy()[expert]
+
+
+def _interleaved(gate_up: np.ndarray) -> np.ndarray:
+    """One expert's [hidden, 2*inter] gate_up as MoE's fc1: [2*inter, hidden], gate and up rows alternating."""
+    return interleaved_gate_up(gate_up[None])[0]
 
 
 def interleaved_gate_up(gate_up: np.ndarray) -> np.ndarray:
@@ -54,17 +90,13 @@ def _weight(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
 
 
 def _expert_matrix(stacked: ir.Value, expert: int) -> ir.LazyTensor:
-    """One expert's [in, out] matrix of a stacked [experts, in, out] weight, read alone where the source can read
-    along its first axis."""
-    tensor = stacked.const_value
-    read_rows = stacked.meta.get(ROW_READER)
-    name = f"{stacked.name}.{expert}"
+    """One expert's [in, out] matrix of a stacked [experts, in, out] weight."""
+    read, name = _expert_reader(stacked), f"{stacked.name}.{expert}"
 
     def load() -> ir.Tensor:
-        values = read_rows(expert, expert + 1)[0] if read_rows else tensor.numpy()[expert]
-        return ir.Tensor(np.ascontiguousarray(values, np.float32), name=name)
+        return ir.Tensor(np.ascontiguousarray(read(expert), np.float32), name=name)
 
-    return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(tensor.shape[1:]), name=name)
+    return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(stacked.const_value.shape[1:]), name=name)
 
 
 def _unregister_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
@@ -107,35 +139,31 @@ class LowerRoutedExperts(GraphPass):
                 "activation_alpha": 1.0, "activation_beta": 0.0, **more}
 
     def _moe(self, graph, x, logits, gate_up, down):
-        source_up, source_down = gate_up.const_value, down.const_value
-        experts, hidden, double = source_up.shape
-        name = f"{gate_up.name}.interleaved"
-        fc1 = _weight(graph, name, lazy_transform([source_up], interleaved_gate_up, ir.DataType.FLOAT,
-                                                  [experts, double, hidden], name))
-        fc2 = _weight(graph, f"{down.name}.transposed", lazy_transform(
-            [source_down], lambda w: w.transpose(0, 2, 1), ir.DataType.FLOAT, [experts, hidden, double // 2],
-            f"{down.name}.transposed"))
+        experts, hidden, double = gate_up.const_value.shape
+        fc1 = _weight(graph, f"{gate_up.name}.interleaved", PerExpertTensor(
+            gate_up, _interleaved, ir.DataType.FLOAT, [experts, double, hidden], f"{gate_up.name}.interleaved"))
+        fc2 = _weight(graph, f"{down.name}.transposed", PerExpertTensor(
+            down, np.transpose, ir.DataType.FLOAT, [experts, hidden, double // 2], f"{down.name}.transposed"))
         moe = ir.node("MoE", [x, logits, fc1, None, fc2], attributes=self._attributes(), domain=MS_DOMAIN)
         return [moe], moe.outputs[0]
 
     def _qmoe(self, graph, x, logits, gate_up, down):
-        source_up, source_down = gate_up.const_value, down.const_value
-        experts, hidden, double = source_up.shape
-        inter = double // 2
-        block = self.block_size
+        experts, hidden, double = gate_up.const_value.shape
+        inter, block = double // 2, self.block_size
         if hidden % block or inter % block:
             raise ValueError(f"{gate_up.name}: hidden {hidden} and expert width {inter} must be multiples of the "
                              f"block size {block}")
         weights = []
-        for source, name, transform, rows, columns in (
-                (source_up, gate_up.name, interleaved_gate_up, double, hidden),
-                (source_down, down.name, lambda w: w.transpose(0, 2, 1), hidden, inter)):
-            def part(index, source=source, transform=transform):
-                return lambda w: quantize_experts(transform(w), block)[index]
-            weights.append(_weight(graph, f"{name}.q4", lazy_transform(
-                [source], part(0), ir.DataType.UINT8, [experts, rows, columns // 2], f"{name}.q4")))
-            weights.append(_weight(graph, f"{name}.scales", lazy_transform(
-                [source], part(1), ir.DataType.FLOAT, [experts, rows, columns // block], f"{name}.scales")))
+        for source, transform, rows, columns in ((gate_up, _interleaved, double, hidden),
+                                                 (down, np.transpose, hidden, inter)):
+            # the codes and the scales each read the source again, one expert at a time, rather than hold one
+            # while the other is written
+            def part(index, transform=transform):
+                return lambda w: quantize_experts(transform(w)[None], block)[index][0]
+            weights.append(_weight(graph, f"{source.name}.q4", PerExpertTensor(
+                source, part(0), ir.DataType.UINT8, [experts, rows, columns // 2], f"{source.name}.q4")))
+            weights.append(_weight(graph, f"{source.name}.scales", PerExpertTensor(
+                source, part(1), ir.DataType.FLOAT, [experts, rows, columns // block], f"{source.name}.scales")))
         fc1, fc1_scales, fc2, fc2_scales = weights
         qmoe = ir.node("QMoE", [x, logits, fc1, fc1_scales, None, fc2, fc2_scales],
                        attributes=self._attributes(expert_weight_bits=4, block_size=block), domain=MS_DOMAIN)
@@ -158,14 +186,15 @@ class LowerRoutedExperts(GraphPass):
             return add("Constant", [], value=ir.tensor(np.array(values, np.int64)))
 
         axis_0, axis_1, last = const([0]), const([1]), const([-1])
+        scalar_0 = add("Constant", [], value=ir.tensor(np.array(0, np.int64)))  # CumSum's axis is a scalar
         chosen = add("ArgMax", [logits], axis=-1, keepdims=0)  # [tokens]
         one_hot = add("Cast", [add("Equal", [add("Unsqueeze", [chosen, axis_1]), const(list(range(experts)))])],
                       to=ir.DataType.INT64)  # [tokens, experts]
         counts = add("ReduceSum", [one_hot, axis_0], keepdims=0)  # [experts]
-        ends = add("CumSum", [counts, axis_0])
+        ends = add("CumSum", [counts, scalar_0])
         starts = add("Sub", [ends, counts])
         # where each token goes: its expert's first slot plus how many tokens before it chose the same expert
-        rank = add("Sub", [add("CumSum", [one_hot, axis_0]), const([1])])
+        rank = add("Sub", [add("CumSum", [one_hot, scalar_0]), const([1])])
         slot = add("ReduceSum", [add("Mul", [add("Add", [rank, starts]), one_hot]), last], keepdims=0)
         slots = add("Unsqueeze", [slot, last])  # [tokens, 1]
         grouped = add("ScatterND", [x, slots, x])

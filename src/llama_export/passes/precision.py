@@ -27,7 +27,7 @@ WEIGHT_INPUTS = {("MatMul", 1), ("Gather", 0), ("RMSNormalization", 1), ("Dequan
 # Ops whose output is not a float computed from their inputs' values: an untyped output (the tracer leaves some)
 # of any other op with a hidden input is hidden too
 _NOT_FLOAT_OUT = {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
-                  "Not", "And", "Or", "NonZero", "Cast", "TopK"}
+                  "Not", "And", "Or", "NonZero", "Cast", "CastLike"}
 
 
 def _is_float(value: ir.Value | None) -> bool:

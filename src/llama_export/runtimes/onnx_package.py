@@ -32,7 +32,8 @@ def open_session(model_path: Path, threads: int | None = None, fp32_activations:
     options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     options.log_severity_level = 3
     # ONNX Runtime fuses a TensorRT package's DequantizeLinear+MatMul into MatMulNBits with int8 activations by
-    # default; TensorRT dequantizes to fp16, as this level does (the graph's own MatMulNBits are unaffected)
+    # default, which TensorRT does not do; level 1 keeps the activations float (the graph's own MatMulNBits, on
+    # the cpu target, are unaffected)
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     model = _graph(model_path)
     head = None if model is None else split_head(model, model_path.parent)

@@ -117,7 +117,7 @@ def _expert_stack(name: str, tensors: list, path: Path) -> WeightInfo:
     if any(t is None for t in tensors):
         raise UserError(f"{path}: the experts of '{name}' are missing a part; the file is incomplete")
     shapes = [tuple(reversed([int(d) for d in t.shape])) for t in tensors]
-    if len({(s[0], s[2]) for s in shapes}) != 1 or any(len(s) != 3 for s in shapes):
+    if any(len(s) != 3 for s in shapes) or len({(s[0], s[2]) for s in shapes}) != 1:
         raise UserError(f"{path}: the expert tensors of '{name}' have shapes {shapes}, not [experts, out, in] "
                         "stacks of one size")
     experts, _, columns = shapes[0]
