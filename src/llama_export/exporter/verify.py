@@ -100,17 +100,17 @@ class StreamedReference:
         hidden = [embed(checkpoint, np.array([ids])) for ids in sequences]
         positions = [torch.arange(len(ids)).unsqueeze(0) for ids in sequences]
         position_embeddings = [rotary(h, p) for h, p in zip(hidden, positions)]
+        # eager attention takes the causal mask explicitly (where the family's layer_mask is None)
+        causal = [torch.full((len(ids), len(ids)), torch.finfo(torch.float32).min).triu(1)[None, None]
+                  for ids in sequences]
         started = time.perf_counter()
         with torch.no_grad():
             for index in range(config.num_hidden_layers):
                 layer = load_layer(checkpoint, index, config)
                 for j in range(len(hidden)):
                     mask = family.layer_mask(config, index, len(sequences[j]))
-                    if mask is None:  # eager attention takes the causal mask explicitly
-                        length = len(sequences[j])
-                        mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
-                    out = layer(hidden[j], attention_mask=mask, position_ids=positions[j],
-                                position_embeddings=position_embeddings[j])
+                    out = layer(hidden[j], attention_mask=causal[j] if mask is None else mask,
+                                position_ids=positions[j], position_embeddings=position_embeddings[j])
                     hidden[j] = layer_output(out)
                 del layer
                 if log:

@@ -13,9 +13,10 @@ lower to ONNX Runtime's MoE kernels or to gathers of the chosen expert's weights
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from llama_export.families.base import FamilyConfigError, ModelFamily
+from llama_export.families.llama import attention_shapes, attention_weights, model_wide_shapes
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,8 @@ class Llama4Family(ModelFamily):
                                     "and yarn are)")
 
     def parameter_shapes(self, config) -> dict[str, tuple[int, ...]]:
-        hidden, vocab = config.hidden_size, config.vocab_size
-        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-        if not config.tie_word_embeddings:
-            shapes["lm_head.weight"] = (vocab, hidden)
-        attention = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-                     "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
-                     "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q)}
-        if getattr(config, "attention_bias", False):
-            attention.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                              "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (hidden,)})
+        hidden = config.hidden_size
+        shapes, attention = model_wide_shapes(config), attention_shapes(config)
         inter, dense, experts = config.intermediate_size, config.intermediate_size_mlp, config.num_local_experts
         moe = {"feed_forward.router.weight": (experts, hidden),
                "feed_forward.experts.gate_up_proj": (experts, hidden, 2 * inter),
@@ -86,28 +77,20 @@ class Llama4Family(ModelFamily):
 
     def layer_weights(self, shape) -> int:
         """Every decoder-layer matrix weight, all experts included (what the package stores)."""
-        return self._layer_weights(shape, shape.experts)
+        return shape.moe_layers * _moe_layer(shape, shape.experts) + _dense_layers(shape)
 
     def active_layer_weights(self, shape) -> int:
         """The decoder-layer weights one token reads: the router, the shared expert and one routed expert."""
-        return self._layer_weights(shape, 1)
+        return shape.moe_layers * _moe_layer(shape, 1) + _dense_layers(shape)
 
     def largest_layer_weights(self, shape) -> int:
-        moe = self._layer_weights(replace(shape, layers=1, moe_layers=1), shape.experts)
-        dense = self._layer_weights(replace(shape, layers=1, moe_layers=0), shape.experts)
-        return max(moe, dense) if shape.moe_layers < shape.layers else moe
+        dense = _dense_layer(shape) if shape.moe_layers < shape.layers else 0
+        return max(_moe_layer(shape, shape.experts), dense)
 
     def largest_matrix(self, shape) -> int:
-        """The experts' stacked gate/up weight, read and rearranged whole (passes/experts.py)."""
+        """The experts' stacked gate/up weight (calibration and verify load a layer's experts whole)."""
         return max(super().largest_matrix(shape), 2 * shape.experts * shape.hidden * shape.intermediate,
                    2 * shape.hidden * shape.intermediate_mlp)
-
-    @staticmethod
-    def _layer_weights(shape, experts: int) -> int:
-        attention = shape.hidden * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
-        moe = shape.hidden * (shape.experts + 3 * shape.intermediate * (1 + experts))
-        dense = 3 * shape.hidden * shape.intermediate_mlp
-        return shape.layers * attention + shape.moe_layers * moe + (shape.layers - shape.moe_layers) * dense
 
     def layer_mask(self, config, index: int, length: int):
         """The additive mask of layer `index` over one unpadded sequence: chunked on chunked-attention layers."""
@@ -126,6 +109,19 @@ class Llama4Family(ModelFamily):
 
         with llama4_traced.patched(self.module(), self.experts_module):
             yield
+
+
+def _moe_layer(shape, experts: int) -> int:
+    """A MoE layer's matrix weights with `experts` routed experts counted: attention, router, shared expert."""
+    return attention_weights(shape) + shape.hidden * (shape.experts + 3 * shape.intermediate * (1 + experts))
+
+
+def _dense_layer(shape) -> int:
+    return attention_weights(shape) + 3 * shape.hidden * shape.intermediate_mlp
+
+
+def _dense_layers(shape) -> int:
+    return (shape.layers - shape.moe_layers) * _dense_layer(shape)
 
 
 def _mlp(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, int]]:

@@ -55,31 +55,23 @@ def _expert_reader(stacked: ir.Value):
     return lambda expert: tensor.numpy()[expert]
 
 
-def _interleaved(gate_up: np.ndarray) -> np.ndarray:
-    """One expert's [hidden, 2*inter] gate_up as MoE's fc1: [2*inter, hidden], gate and up rows alternating."""
-    return interleaved_gate_up(gate_up[None])[0]
-
-
 def interleaved_gate_up(gate_up: np.ndarray) -> np.ndarray:
-    """[experts, hidden, 2*inter] (gate columns, then up) -> [experts, 2*inter, hidden], gate and up rows
-    alternating."""
-    experts, hidden, double = gate_up.shape
-    inter = double // 2
-    out = np.empty((experts, double, hidden), np.float32)
-    out[:, 0::2] = gate_up[:, :, :inter].transpose(0, 2, 1)
-    out[:, 1::2] = gate_up[:, :, inter:].transpose(0, 2, 1)
+    """One expert's [hidden, 2*inter] gate_up (gate columns, then up) as MoE's fc1: [2*inter, hidden], gate and up
+    rows alternating."""
+    hidden, double = gate_up.shape
+    out = np.empty((double, hidden), np.float32)
+    out[0::2], out[1::2] = gate_up[:, :double // 2].T, gate_up[:, double // 2:].T
     return out
 
 
 def quantize_experts(weights: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[experts, out, in] float -> (packed uint8 [experts, out, in/2], float32 scales [experts, out, in/block]):
-    symmetric 4-bit, stored with an offset of 8, two per byte (low nibble first), as QMoE reads them."""
-    experts, rows, columns = weights.shape
-    blocks = weights.reshape(experts, rows, columns // block_size, block_size)
+    """[..., out, in] float -> (packed uint8 [..., out, in/2], float32 scales [..., out, in/block]): symmetric
+    4-bit, stored with an offset of 8, two per byte (low nibble first), as QMoE reads them."""
+    blocks = weights.reshape(*weights.shape[:-1], weights.shape[-1] // block_size, block_size)
     peak = np.abs(blocks).max(axis=-1)
     scales = np.where(peak > 0, peak / 7.0, 1.0).astype(np.float32)
     values = np.clip(np.rint(blocks / scales[..., None]), -8, 7).astype(np.int16) + 8
-    values = values.reshape(experts, rows, columns).astype(np.uint8)
+    values = values.reshape(weights.shape).astype(np.uint8)
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8), scales
 
 
@@ -141,7 +133,7 @@ class LowerRoutedExperts(GraphPass):
     def _moe(self, graph, x, logits, gate_up, down):
         experts, hidden, double = gate_up.const_value.shape
         fc1 = _weight(graph, f"{gate_up.name}.interleaved", PerExpertTensor(
-            gate_up, _interleaved, ir.DataType.FLOAT, [experts, double, hidden], f"{gate_up.name}.interleaved"))
+            gate_up, interleaved_gate_up, ir.DataType.FLOAT, [experts, double, hidden], f"{gate_up.name}.interleaved"))
         fc2 = _weight(graph, f"{down.name}.transposed", PerExpertTensor(
             down, np.transpose, ir.DataType.FLOAT, [experts, hidden, double // 2], f"{down.name}.transposed"))
         moe = ir.node("MoE", [x, logits, fc1, None, fc2], attributes=self._attributes(), domain=MS_DOMAIN)
@@ -154,12 +146,12 @@ class LowerRoutedExperts(GraphPass):
             raise ValueError(f"{gate_up.name}: hidden {hidden} and expert width {inter} must be multiples of the "
                              f"block size {block}")
         weights = []
-        for source, transform, rows, columns in ((gate_up, _interleaved, double, hidden),
+        for source, transform, rows, columns in ((gate_up, interleaved_gate_up, double, hidden),
                                                  (down, np.transpose, hidden, inter)):
             # the codes and the scales each read the source again, one expert at a time, rather than hold one
             # while the other is written
             def part(index, transform=transform):
-                return lambda w: quantize_experts(transform(w)[None], block)[index][0]
+                return lambda w: quantize_experts(transform(w), block)[index]
             weights.append(_weight(graph, f"{source.name}.q4", PerExpertTensor(
                 source, part(0), ir.DataType.UINT8, [experts, rows, columns // 2], f"{source.name}.q4")))
             weights.append(_weight(graph, f"{source.name}.scales", PerExpertTensor(
@@ -224,7 +216,7 @@ def dequantize_experts(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def deinterleaved_gate_up(fc1: np.ndarray) -> np.ndarray:
-    """interleaved_gate_up undone: [experts, 2*inter, hidden] -> [experts, hidden, 2*inter]."""
+    """interleaved_gate_up undone for every expert: [experts, 2*inter, hidden] -> [experts, hidden, 2*inter]."""
     return np.concatenate([fc1[:, 0::2], fc1[:, 1::2]], axis=1).transpose(0, 2, 1)
 
 

@@ -65,10 +65,9 @@ def estimated_model_bytes(shape: ModelShape, precision: str, block: int, preset:
                           float_embedding: bool = False) -> float:
     """What the model file will hold, from the config alone: fp32, or INT4 laid out as the (settled) preset says,
     the lookup table fp32 with `float_embedding`."""
-    table = shape.vocab * shape.hidden
     norms = (2 * shape.layers + 1) * shape.hidden * 4
     if precision == "fp32":
-        return (shape.layer_weights + table * (1 if shape.tied else 2)) * 4 + norms
+        return shape.parameters * 4 + norms
     return (preset.layer_bytes(shape.layer_weights, shape.layers, block)
             + preset.table_bytes(shape.vocab, shape.hidden, shape.tied, block, float_embedding) + norms)
 
@@ -84,8 +83,7 @@ def check_size(target: Target, shape: ModelShape, precision: str, block: int, pr
     int4 = estimated_model_bytes(shape, "int4", block, preset, float_embedding)
     if precision != "int4" and int4 <= ORT_FORMAT_LIMIT:
         raise TargetError(f"{text}; --precision int4 would fit ({int4 / 2**30:.1f} GiB)")
-    parameters = shape.layer_weights + shape.vocab * shape.hidden * (1 if shape.tied else 2)
-    per_param = int4 / parameters
+    per_param = int4 / shape.parameters
     largest = ORT_FORMAT_LIMIT / per_param / 1e9
     raise TargetError(f"{text}; INT4 needs {int4 / 2**30:.1f} GiB, so only models up to about {largest:.1f}B "
                       f"parameters fit {target.name} (the cpu target has no such limit)")

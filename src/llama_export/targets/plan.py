@@ -99,11 +99,16 @@ class ModelShape:
     @property
     def parameters(self) -> int:
         """Every weight: the layers', the embedding table, the lm_head unless tied (norms aside)."""
-        return self.layer_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layer_weights + self.table_weights
 
     @property
     def active_parameters(self) -> int:
-        return self.active_layer_weights + self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.active_layer_weights + self.table_weights
+
+    @property
+    def table_weights(self) -> int:
+        """The embedding table and the lm_head unless tied."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
     def active_layer_weights(self) -> int:
