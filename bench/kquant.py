@@ -54,7 +54,7 @@ def file_values(path: Path) -> tuple[dict[str, np.ndarray], collections.Counter]
     import gguf
 
     from llama_export.exporter.sources import open_checkpoint
-    from llama_export.exporter.sources.gguf_file import unpermute_rows
+    from llama_export.exporter.sources.base import unpermute_rows
     from llama_export.families.llama import LLAMA
 
     config = open_checkpoint(path).config

@@ -197,3 +197,81 @@ def unsorted_nodes(graph) -> list[str]:
             unsorted.append(node.name)
         known |= {v.name for v in node.outputs}
     return unsorted
+
+
+# Meta's names for transformers' (the inverse of exporter/sources/meta.py), with the dimension model parallelism
+# splits: 0 column-parallel, 1 row-parallel, None whole in every shard.
+META_LAYER = {"self_attn.q_proj": ("attention.wq", 0), "self_attn.k_proj": ("attention.wk", 0),
+              "self_attn.v_proj": ("attention.wv", 0), "self_attn.o_proj": ("attention.wo", 1),
+              "mlp.gate_proj": ("feed_forward.w1", 0), "mlp.down_proj": ("feed_forward.w2", 1),
+              "mlp.up_proj": ("feed_forward.w3", 0), "input_layernorm": ("attention_norm", None),
+              "post_attention_layernorm": ("ffn_norm", None)}
+
+
+def write_meta_checkpoint(folder: Path, state: dict, config, shards: int, vocab_parallel: bool,
+                          dtype=torch.bfloat16, **params) -> Path:
+    """A transformers LLaMA state dict in Meta's layout: params.json and consolidated.NN.pth shards (Q/K rows
+    interleaved per head, matrices split as Meta's model parallelism splits them; the embedding on the vocabulary
+    when `vocab_parallel` (LLaMA 3), else on the model dimension (LLaMA 1/2))."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to(dtype)
+        parts = name.removesuffix(".weight").split(".")
+        if name == "model.embed_tokens.weight":
+            meta["tok_embeddings.weight"] = (tensor, 0 if vocab_parallel else 1)
+        elif name == "model.norm.weight":
+            meta["norm.weight"] = (tensor, None)
+        elif name == "lm_head.weight":
+            meta["output.weight"] = (tensor, 0)
+        else:
+            meta_name, dim = META_LAYER[".".join(parts[3:])]
+            heads = {"self_attn.q_proj": config.num_attention_heads,
+                     "self_attn.k_proj": config.num_key_value_heads}.get(".".join(parts[3:]))
+            if heads:
+                tensor = torch.from_numpy(permute_rows(tensor.float().numpy(), heads)).to(dtype)
+            meta[f"layers.{parts[2]}.{meta_name}.weight"] = (tensor, dim)
+    for index in range(shards):
+        shard = {name: (tensor if dim is None else tensor.chunk(shards, dim)[index]).clone()
+                 for name, (tensor, dim) in meta.items()}
+        torch.save(shard, folder / f"consolidated.{index:02d}.pth")
+    (folder / "params.json").write_text(json.dumps({
+        "dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": config.num_attention_heads,
+        "n_kv_heads": config.num_key_value_heads, "norm_eps": config.rms_norm_eps, **params}))
+    return folder
+
+
+def byte_level_bytes(token: str) -> bytes:
+    """A byte-level BPE token's bytes (GPT-2's printable stand-ins mapped back)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = {char: byte for byte, char in bytes_to_unicode().items()}
+    return bytes(decoder[char] for char in token)
+
+
+def write_tiktoken_file(path: Path, merges: list, count: int) -> dict[bytes, int]:
+    """tiktoken's base64-rank file of `count` ranks: the 256 bytes, then byte-level BPE merges in order."""
+    import base64
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        token = byte_level_bytes(left) + byte_level_bytes(right)
+        if len(ranks) == count:
+            break
+        ranks.setdefault(token, len(ranks))
+    assert len(ranks) == count, f"only {len(ranks)} ranks"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+def corpus_merges(vocab_size: int) -> list:
+    """Byte-level BPE merges learned from CORPUS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator([CORPUS], trainer)
+    return json.loads(tokenizer.to_str())["model"]["merges"]

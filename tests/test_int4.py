@@ -294,7 +294,7 @@ def _gguf_values(path) -> dict[str, np.ndarray]:
     order."""
     import gguf
 
-    from llama_export.exporter.sources.gguf_file import unpermute_rows
+    from llama_export.exporter.sources.base import unpermute_rows
     from llama_export.families.llama import LLAMA
 
     heads = {"q_proj": 4, "k_proj": 2}

@@ -34,7 +34,7 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     precision = options.precision or target.default_precision
 
     progress.begin("Opening the model")
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(source, options.lora)
     config = checkpoint.config
     progress.end(f"{checkpoint.name} ({checkpoint.kind}), {config.num_hidden_layers} layers, "
                  f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, vocab {config.vocab_size}")

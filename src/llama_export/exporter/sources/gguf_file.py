@@ -17,15 +17,10 @@ from llama_export.exporter.sources.base import (
     check_sizes,
     check_weights_match_config,
     require_finite,
+    unpermute_rows,
 )
 from llama_export.exporter.sources.gguf_blocks import FORMATS as BLOCK_FORMATS
 from llama_export.exporter.sources.gguf_blocks import decode_rows
-
-
-def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's reordering of Q/K rows (it stores each head's rotary halves interleaved)."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _field(reader, key: str, default=None):
