@@ -139,7 +139,10 @@ def test_meta_copy_of_default_model(tmp_path, default_gguf):
     from llama_export.exporter.sources.meta_tokenizer import LLAMA3_PATTERN, llama3_special_tokens
 
     original = LlamaForCausalLM.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
-    original = original.to(torch.bfloat16).float().eval()
+    with torch.no_grad():  # bf16-exact, as Meta's copy will be (the GGUF-loaded model refuses .to())
+        for parameter in original.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    original.eval()
     config = original.config
     state = dict(original.state_dict())
     if config.tie_word_embeddings:  # Meta's files hold the output matrix even where it is tied (LLaMA 3.2)
@@ -152,7 +155,8 @@ def test_meta_copy_of_default_model(tmp_path, default_gguf):
     ranks = write_tiktoken_file(meta / "tokenizer.model", merges, config.vocab_size - 256)
 
     package = tmp_path / "package"
-    assert main(["--model", str(meta), "--precision", "fp32", "--output", str(package), "--quiet"]) == 0
+    assert main(["--model", str(meta), "--precision", "fp32", "--output", str(package), "--verify-tokens", "8",
+                 "--quiet"]) == 0
     parity = json.loads((package / "manifest.json").read_text())["parity"]
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3
     prompt = [1, 504, 3458, 282, 4649, 314, 253, 1345]

@@ -158,7 +158,8 @@ def eval_parser() -> Parser:
     parser = Parser(prog=f"{PROG} eval",
                     description="Perplexity over fixed-length windows of a text: a package (ONNX Runtime) or a source "
                                 "model (PyTorch fp32), tokenized alike so the numbers compare.")
-    parser.add_argument("model", metavar="PACKAGE|SRC", help="package folder, Hugging Face or Meta folder, or .gguf file")
+    parser.add_argument("model", metavar="PACKAGE|SRC",
+                        help="package folder, Hugging Face or Meta folder, or .gguf file")
     parser.add_argument("--text", type=Path, required=True, metavar="FILE", help="UTF-8 text to score")
     parser.add_argument("--window", type=_positive, default=256, metavar="N", help="tokens per window (default: 256)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write {perplexity, tokens, ...} as JSON")
@@ -179,7 +180,8 @@ def plan_parser() -> Parser:
                         help="the device")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, metavar="CONFIG_JSON", help="a Hugging Face config.json")
-    source.add_argument("--model", metavar="SRC", help="a Hugging Face or Meta folder, or .gguf file (only its config is read)")
+    source.add_argument("--model", metavar="SRC",
+                        help="a Hugging Face or Meta folder, or .gguf file (only its config is read)")
     parser.add_argument("--precision", help="default: the target's")
     parser.add_argument("--context", type=_positive, default=4096, metavar="N",
                         help="tokens of KV cache (default: 4096)")

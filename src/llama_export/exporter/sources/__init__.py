@@ -7,8 +7,8 @@ from llama_export.exporter.sources.base import Checkpoint, check_llama_config
 
 
 def open_checkpoint(path: str | Path, lora=()) -> Checkpoint:
-    """Open a Hugging Face model folder, a Meta checkpoint folder or a llama.cpp GGUF file, reading headers only; `lora`:
-    (adapter folder, weight) pairs merged into the weights as they load."""
+    """Open a Hugging Face model folder, a Meta checkpoint folder or a llama.cpp GGUF file, reading headers only;
+    `lora`: (adapter folder, weight) pairs merged into the weights as they load."""
     path = Path(path).expanduser()
     check_source_path(path)
     try:
@@ -27,7 +27,8 @@ def check_source_path(path: Path) -> None:
     if not path.exists():
         raise UserError(f"model path not found: {path}")
     if not path.is_dir() and path.suffix.lower() != ".gguf":
-        raise UserError(f"not a model: {path} (expected a Hugging Face folder with config.json, a Meta folder with params.json, or a .gguf file)")
+        raise UserError(f"not a model: {path} (expected a Hugging Face folder with config.json, a Meta folder with "
+                        "params.json, or a .gguf file)")
 
 
 def _open(path: Path) -> Checkpoint:

@@ -16,7 +16,9 @@ from llama_export.exporter.errors import UserError
 from llama_export.exporter.sources.base import Checkpoint, WeightInfo, require_finite
 
 _PREFIX = "base_model.model."
-_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+# PEFT saves a targeted embedding's or output layer's own weight beside its LoRA pair (as "base_layer")
+_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+          ".base_layer.weight": "base"}
 
 
 def parse_adapter(text: str) -> tuple[Path, float]:
@@ -37,6 +39,7 @@ class LowRankDelta:
     load_b: object  # () -> [out, r] (an embedding's: [dim, r])
     scale: float  # the adapter's scaling times its weight on the command line
     embedding: bool
+    load_base: object = None  # () -> the tensor the adapter saved for the layer it adapts, which replaces the model's
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         a, b = self.load_a(), self.load_b()
@@ -121,8 +124,8 @@ def adapter_deltas(folder: Path, weight: float, checkpoint: Checkpoint) -> tuple
         pairs.setdefault(name[len(_PREFIX):-len(suffix)], {})[_PARTS[suffix]] = name
     deltas = {}
     for module, names in sorted(pairs.items()):
-        if set(names) != {"A", "B"}:
-            raise UserError(f"{path}: '{module}' has lora_{next(iter(names))} but not its pair")
+        if not {"A", "B"} <= set(names):
+            raise UserError(f"{path}: '{module}' has {', '.join(sorted(names))} but not both LoRA matrices")
         parameter = module + ".weight"
         if parameter not in checkpoint.weights:
             tied = parameter == "lm_head.weight" and checkpoint.config.tie_word_embeddings
@@ -143,7 +146,11 @@ def adapter_deltas(folder: Path, weight: float, checkpoint: Checkpoint) -> tuple
         def loader(name: str):
             return lambda: require_finite(read(name), name, path)
 
-        deltas[parameter] = LowRankDelta(loader(names["A"]), loader(names["B"]), weight * scale, embedding)
+        if "base" in names and tuple(shapes[names["base"]]) != base:
+            raise UserError(f"{path}: the adapter's own '{parameter}' is {list(shapes[names['base']])}, the model's "
+                            f"{list(base)} (a resized vocabulary is not supported)")
+        deltas[parameter] = LowRankDelta(loader(names["A"]), loader(names["B"]), weight * scale, embedding,
+                                         loader(names["base"]) if "base" in names else None)
     if not deltas:
         raise UserError(f"{path}: the adapter holds no LoRA matrices")
     return path, deltas
@@ -151,8 +158,10 @@ def adapter_deltas(folder: Path, weight: float, checkpoint: Checkpoint) -> tuple
 
 def _merged(info: WeightInfo, deltas: list[LowRankDelta]) -> WeightInfo:
     """The tensor with its deltas added when read; the source's own quantized blocks no longer describe it."""
+    replaced = [delta.load_base for delta in deltas if delta.load_base is not None]
+
     def rows(start: int, stop: int) -> np.ndarray:
-        values = info.rows(start, stop)
+        values = replaced[-1]()[start:stop].copy() if replaced else info.rows(start, stop)
         values = values if values.flags.writeable else values.copy()
         for delta in deltas:
             values += delta.rows(start, stop)
