@@ -138,3 +138,55 @@ def test_adapters_that_do_not_fit_are_refused(base_and_other, model, adapter, me
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (base_and_other / "out").exists()
+
+
+def test_runtime_adapters_switch_to_each_merge(tmp_path):
+    """A cpu package that keeps the base weights and takes two adapters at run time (onnxruntime-genai's
+    og.Adapters): with each active its greedy tokens equal PEFT's merge of that adapter, with none the base model's;
+    the q/k/v adapter lands in the packed attention projection, the gate/down one in the packed MLP."""
+    import onnxruntime_genai as og
+    from transformers import LlamaForCausalLM
+
+    hf = make_hf_model(tmp_path / "hf", "llama2-gqa")
+    write_adapter(LlamaForCausalLM.from_pretrained(hf), tmp_path / "style", 6, r=4, lora_alpha=8,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    write_adapter(LlamaForCausalLM.from_pretrained(hf), tmp_path / "domain", 7, r=2, lora_alpha=8, use_rslora=True,
+                  target_modules=["gate_proj", "down_proj"])
+    package = tmp_path / "package"
+    assert main(["--model", str(hf), "--runtime-lora", str(tmp_path / "style"), "--runtime-lora",
+                 str(tmp_path / "domain"), "--output", str(package), "--quiet"]) == 0
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert [entry["file"] for entry in manifest["runtime_lora"]] == ["adapters/style.onnx_adapter",
+                                                                     "adapters/domain.onnx_adapter"]
+    assert manifest["parity"]["passed"]  # no adapter bound: the base model, verified
+
+    model = og.Model(str(package))
+    adapters = og.Adapters(model)
+    for entry in manifest["runtime_lora"]:
+        adapters.load(str(package / entry["file"]), entry["name"])
+    prompt = [1, 17, 42, 99, 5, 250]
+
+    def greedy(name):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+        generator = og.Generator(model, params)
+        if name:
+            generator.set_active_adapter(adapters, name)
+        generator.append_tokens(prompt)
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return tokens
+
+    expected = {name: transformers_greedy(peft_merged(hf, [(tmp_path / name, 1.0)]), prompt, 16)
+                for name in ("style", "domain")}
+    assert expected["style"] != expected["domain"]
+    for name in ("style", "domain"):
+        assert greedy(name) == expected[name], name
+    assert greedy(None) == transformers_greedy(hf, prompt, 16)
+
+
+def test_runtime_adapters_need_cpu_fp32(tmp_path):
+    result = run_cli("--target", "jetson-orin", "--runtime-lora", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 1 and "--runtime-lora needs --target cpu --precision fp32" in result.stderr

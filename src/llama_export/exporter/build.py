@@ -75,6 +75,12 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     if precision == "int4":  # with --eight-bit-share, its gradient pass runs here
         quant, hints = quantization_plan(options, block_size, checkpoint, preset, progress.log)
     passes = target.pipeline(precision, config, quant, hints)
+    lora_inputs = None
+    if options.runtime_lora:
+        from llama_export.exporter.runtime_adapters import lora_inputs_pass
+
+        lora_inputs = lora_inputs_pass(checkpoint, options.runtime_lora)
+        passes.append(lora_inputs)
     reports = run_passes(model, passes, log=progress.log)
     target.check_graph(model)
     progress.end()
@@ -92,6 +98,12 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
         quantization["eight_bit_matrices"] = sorted(quant.eight_bit_weights)
     del passes
     del model
+    runtime_adapters = {}
+    if lora_inputs is not None:
+        from llama_export.exporter.runtime_adapters import write_adapter_files
+
+        runtime_adapters["runtime_lora"] = write_adapter_files(checkpoint, options.runtime_lora, lora_inputs.adapted,
+                                                               staging)
     if not checkpoint.write_tokenizer(staging):
         progress.log("      note: the source has no tokenizer; `run` will need token ids")
     progress.end(f"{sum(p.stat().st_size for p in staging.iterdir() if p.is_file()) / 1e6:.0f} MB")
@@ -100,7 +112,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     export_memory.hand_back_freed_memory()
     return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
                  weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
-                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **quantization})
+                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **quantization,
+                           **runtime_adapters})
 
 
 def requantization_errors(passes, log) -> dict:

@@ -49,6 +49,10 @@ def export_parser() -> Parser:
     parser.add_argument("--lora", action="append", default=[], metavar="ADAPTER_DIR[:WEIGHT]",
                         help="merge a PEFT LoRA adapter into the weights (WEIGHT scales it, default 1); repeat for "
                              "several, applied in order")
+    parser.add_argument("--runtime-lora", action="append", default=[], metavar="ADAPTER_DIR", type=Path,
+                        help="keep the base weights and write this PEFT adapter as adapters/<folder name>"
+                             ".onnx_adapter, chosen at run time with onnxruntime-genai's og.Adapters (cpu target, "
+                             "fp32); repeatable")
     parser.add_argument("--output", "-o", type=Path, metavar="DIR",
                         help="package folder to write (default: ./<model>-<target>-<precision>)")
     parser.add_argument("--precision", help="weight/compute precision (default: the target's; see `targets`)")
@@ -225,8 +229,12 @@ def cmd_export(args) -> int:
     given = [flag for flag, value in int4_only.items() if value]
     from llama_export.targets import get_target
 
-    if given and (args.precision or get_target(args.target).default_precision) != "int4":
+    precision = args.precision or get_target(args.target).default_precision
+    if given and precision != "int4":
         raise UserError(f"{', '.join(given)} applies to --precision int4 only")
+    if args.runtime_lora and (args.target != "cpu" or precision != "fp32"):
+        raise UserError("--runtime-lora needs --target cpu --precision fp32 (quantized and TensorRT packages take "
+                        "adapters merged: --lora)")
 
     output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
                                   force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
@@ -238,7 +246,8 @@ def cmd_export(args) -> int:
                                   quantize_embedding=not args.keep_embedding, requantize=args.requantize,
                                   eight_bit_share=args.eight_bit_share,
                                   gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl),
-                                  lora=tuple(parse_adapter(text) for text in args.lora)))
+                                  lora=tuple(parse_adapter(text) for text in args.lora),
+                                  runtime_lora=tuple(path.expanduser() for path in args.runtime_lora)))
     if args.quiet:
         print(output)
     return 0
@@ -314,7 +323,7 @@ def cmd_verify(args) -> int:
     precision = manifest["precision"]
     if precision not in TOLERANCES:
         raise UserError(f"no tolerance defined for precision '{precision}'")
-    adapters = [(entry["path"], entry["weight"]) for entry in manifest["source"].get("lora", [])]
+    adapters = recorded_adapters(manifest, args.package)
     checkpoint = open_checkpoint(source, adapters)  # the package's LoRA adapters merged into the reference too
     check_same_shape(PackageLayout(args.package), checkpoint)  # before anything is printed or run
     print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
@@ -327,6 +336,18 @@ def cmd_verify(args) -> int:
         return 1
     print(summary(result))
     return 0 if result["passed"] else 1
+
+
+def recorded_adapters(manifest: dict, package: Path) -> list[tuple[str, float]]:
+    """The LoRA adapters the manifest says were merged, as (folder, weight)."""
+    from llama_export.exporter.errors import UserError
+
+    entries = manifest.get("source", {}).get("lora", [])
+    try:
+        adapters = [(str(entry["path"]), float(entry["weight"])) for entry in entries]
+    except (TypeError, KeyError, ValueError):
+        raise UserError(f"{package / 'manifest.json'}: source.lora is not a list of {{path, weight}}") from None
+    return adapters
 
 
 def summary(result: dict) -> str:

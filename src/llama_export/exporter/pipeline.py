@@ -44,6 +44,7 @@ class ExportOptions:
     eight_bit_share: float | None = None  # at most this share of the layer weights at 8 bits (None: the target's)
     gates: Gates = Gates()  # verify's opt-in quality gates
     lora: tuple = ()  # (adapter folder, weight) pairs merged into the weights
+    runtime_lora: tuple = ()  # adapter folders the package takes at run time (cpu, fp32)
 
 
 def resolve_model(model: str | None, log) -> Path:

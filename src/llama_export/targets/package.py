@@ -30,7 +30,8 @@ def save_model(model: ir.Model, folder: Path, progress=None) -> None:
 
 
 def io_dims(model: ir.Model) -> dict:
-    """Names, element types and dims (symbolic ones by name) of the graph's inputs and outputs."""
+    """Names, element types and dims (symbolic ones by name) of the graph's inputs and outputs; inputs with a
+    default (a runtime adapter's, passes/lora_inputs.py) are left out: nothing has to feed them."""
 
     def describe(values):
         return {
@@ -39,7 +40,8 @@ def io_dims(model: ir.Model) -> dict:
             for v in values
         }
 
-    return {"inputs": describe(model.graph.inputs), "outputs": describe(model.graph.outputs)}
+    return {"inputs": describe(v for v in model.graph.inputs if not v.is_initializer()),
+            "outputs": describe(model.graph.outputs)}
 
 
 def genai_config(model: ir.Model, config, max_length: int | None = None, filename: str = MODEL_FILE,

@@ -26,9 +26,12 @@ def parse_adapter(text: str) -> tuple[Path, float]:
     folder, _, weight = text.rpartition(":")
     if folder:
         try:
-            return Path(folder).expanduser(), float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            return Path(text).expanduser(), 1.0
+        if not math.isfinite(value):
+            raise UserError(f"--lora {text}: the weight must be a finite number")
+        return Path(folder).expanduser(), value
     return Path(text).expanduser(), 1.0
 
 
@@ -39,7 +42,7 @@ class LowRankDelta:
     load_b: object  # () -> [out, r] (an embedding's: [dim, r])
     scale: float  # the adapter's scaling times its weight on the command line
     embedding: bool
-    load_base: object = None  # () -> the tensor the adapter saved for the layer it adapts, which replaces the model's
+    base_rows: object = None  # (start, stop) -> rows of the layer weight the adapter saved, replacing the model's
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         a, b = self.load_a(), self.load_b()
@@ -68,42 +71,58 @@ def _read_config(folder: Path) -> dict:
                             "merge_and_unload and export the merged folder")
     if config.get("bias", "none") != "none":
         raise UserError(f"{path}: bias '{config['bias']}' trains biases LLaMA does not have; expected 'none'")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{path}: '{key}' is {value!r}; expected a positive number")
-    if not isinstance(config.get("alpha_pattern") or {}, dict):
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
         raise UserError(f"{path}: 'alpha_pattern' must map module names to numbers")
+    for key, value in [("r", config.get("r")), ("lora_alpha", config.get("lora_alpha")),
+                       *((f"alpha_pattern '{k}'", v) for k, v in patterns.items())]:
+        if not _positive(value):
+            raise UserError(f"{path}: {key} is {str(value)[:40]}; expected a positive number")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"{path}: alpha_pattern key '{pattern[:60]}' is not a regular expression ({exc})") from None
     return config
 
 
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _tensor_files(folder: Path) -> tuple[Path, dict[str, tuple[int, ...]], object]:
-    """The adapter's weight file, its tensors' shapes, and a reader of one tensor by name."""
+    """The adapter's weight file, its tensors' shapes, and a reader of one tensor by name (rows [start, stop) of it
+    when given)."""
     safetensors, pickled = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
     if safetensors.is_file():
         from llama_export.exporter.sources.hf import _read_header
 
         shapes = _read_header(safetensors)
 
-        def read(name: str) -> np.ndarray:
+        def read(name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
             import torch
             from safetensors import safe_open
 
             with safe_open(str(safetensors), framework="pt") as f:
-                return f.get_tensor(name).to(torch.float32).numpy()
+                tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+                return tensor.to(torch.float32).numpy()
 
         return safetensors, shapes, read
     if pickled.is_file():
         from llama_export.exporter.sources.meta import load_pth
 
         shapes = {name: tuple(t.shape) for name, t in load_pth(pickled).items()}
-        return pickled, shapes, lambda name: load_pth(pickled)[name].float().numpy()
+        def read_pickled(name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+            tensor = load_pth(pickled)[name]
+            return (tensor if rows is None else tensor[rows[0]:rows[1]]).float().numpy()
+
+        return pickled, shapes, read_pickled
     raise UserError(f"--lora {folder}: no adapter_model.safetensors or adapter_model.bin")
 
 
 def _alpha(config: dict, module: str) -> float:
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):  # PEFT's rule: the pattern ends the module's name
             return float(alpha)
     return float(config["lora_alpha"])
 
@@ -135,9 +154,11 @@ def adapter_deltas(folder: Path, weight: float, checkpoint: Checkpoint) -> tuple
         a_shape, b_shape = shapes[names["A"]], shapes[names["B"]]
         embedding = names["A"].endswith("lora_embedding_A")
         base = tuple(checkpoint.weights[parameter].shape)
+        if len(base) != 2:
+            raise UserError(f"{path}: the adapter changes '{parameter}', which is not a matrix")
         rank = a_shape[0] if a_shape else 0
         wanted = ((rank, base[0]), (base[1], rank)) if embedding else ((rank, base[1]), (base[0], rank))
-        if len(base) != 2 or (tuple(a_shape), tuple(b_shape)) != wanted:
+        if rank < 1 or (tuple(a_shape), tuple(b_shape)) != wanted:
             raise UserError(f"{path}: the adapter's '{module}' has A {list(a_shape)} and B {list(b_shape)}, which "
                             f"do not fit the model's tensor '{parameter}' {list(base)}; the adapter was trained "
                             "for another model")
@@ -146,11 +167,14 @@ def adapter_deltas(folder: Path, weight: float, checkpoint: Checkpoint) -> tuple
         def loader(name: str):
             return lambda: require_finite(read(name), name, path)
 
+        def rows_loader(name: str):
+            return lambda start, stop: require_finite(read(name, (start, stop)), name, path)
+
         if "base" in names and tuple(shapes[names["base"]]) != base:
             raise UserError(f"{path}: the adapter's own '{parameter}' is {list(shapes[names['base']])}, the model's "
                             f"{list(base)} (a resized vocabulary is not supported)")
         deltas[parameter] = LowRankDelta(loader(names["A"]), loader(names["B"]), weight * scale, embedding,
-                                         loader(names["base"]) if "base" in names else None)
+                                         rows_loader(names["base"]) if "base" in names else None)
     if not deltas:
         raise UserError(f"{path}: the adapter holds no LoRA matrices")
     return path, deltas

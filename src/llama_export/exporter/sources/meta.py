@@ -48,7 +48,13 @@ def is_meta_folder(folder: Path) -> bool:
 
 
 def _shard_files(folder: Path) -> list[Path]:
+    from llama_export.exporter.sources.hf import _inside
+
     shards = sorted(folder.glob("consolidated.*.pth"))
+    for path in shards:
+        _inside(folder, path.name)
+        if not path.is_file():
+            raise UserError(f"{path}: not a regular file")
     if not shards:
         raise UserError(f"{folder}: params.json but no consolidated.NN.pth shards (Meta's checkpoint layout)")
     numbers = [path.name.split(".")[1] for path in shards]
@@ -77,8 +83,9 @@ def load_pth(path: Path) -> dict:
         if "_use_new_zipfile_serialization" in detail:
             detail = "saved in PyTorch's legacy format; re-save it with torch.save in a PyTorch 1.6+ session"
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({detail[:200]})") from None
-    except (OSError, EOFError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # a corrupt pickle inside a valid zip raises many types (KeyError, IndexError, ...)
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).strip()[:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # some training frameworks nest the weights
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -88,6 +95,12 @@ def load_pth(path: Path) -> dict:
         if str(tensor.dtype) not in _FLOAT_DTYPES:
             raise UserError(f"{path}: tensor '{name}' is {tensor.dtype}; llama-export reads float32, bfloat16 "
                             "and float16 checkpoints")
+        # shape and strides come from the pickle: they must describe the bytes the file holds, one element each
+        needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() < needed:
+            raise UserError(f"{path}: tensor '{name}' claims shape {list(tensor.shape)} over "
+                            f"{tensor.untyped_storage().nbytes()} bytes of data (or overlapping strides); the file "
+                            "is corrupt")
     return state
 
 
@@ -123,6 +136,9 @@ def _splits(shards: list[Path], folder: Path, dim: int) -> dict[str, _Split]:
         parameter, split = _parameter(name)
         if parameter is None:
             continue
+        ndim = 1 if parameter.endswith("norm.weight") else 2
+        if any(len(shape) != ndim for shape in found):
+            raise UserError(f"{folder}: tensor '{name}' has shape {list(found[0])}; expected {ndim} dimensions")
         if split == "embedding":  # split on the vocabulary when each shard holds whole rows of the model dimension
             split = 0 if found[0][-1] == dim or len(shards) == 1 else 1
         if split is None or len(shards) == 1:
@@ -151,25 +167,26 @@ def _parameter(meta_name: str) -> tuple[str | None, int | str | None]:
 
 
 def _read(shards: list[Path], split: _Split, parameter: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """The tensor joined from its shards in float32, or rows [start, stop) of it; each shard mapped for this read
-    alone, so its pages are released with it."""
+    """The tensor joined from its shards in float32, or rows [start, stop) of it: each shard's piece converted
+    straight into its place in the result, each shard mapped for this read alone (its pages released with it)."""
     import torch
 
-    parts, offset = [], 0
+    start, stop = rows if rows is not None else (0, split.shape[0])
+    result = torch.empty((stop - start, *split.shape[1:]), dtype=torch.float32)
+    offset = 0  # where the next shard's piece starts along the split dimension
     for path, shape in zip(shards if split.dim is not None else shards[:1], split.shapes):
         piece = load_pth(path)[split.meta_name]
-        if rows is not None and split.dim == 0:  # only the shards holding some of those rows
-            start, stop = max(rows[0] - offset, 0), min(rows[1] - offset, shape[0])
-            offset += shape[0]
-            if start >= stop:
-                continue
-            piece = piece[start:stop]
-        elif rows is not None:
-            piece = piece[rows[0]:rows[1]]
-        parts.append(piece.to(torch.float32).numpy())
+        if split.dim == 0:  # the shard holds rows [offset, offset + its rows)
+            first, last = max(start, offset), min(stop, offset + shape[0])
+            if first < last:
+                result[first - start:last - start].copy_(piece[first - offset:last - offset])
+        elif split.dim == 1:
+            result[:, offset:offset + shape[1]].copy_(piece[start:stop])
+        else:
+            result.copy_(piece[start:stop])
+        offset += shape[split.dim] if split.dim is not None else 0
         del piece
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=split.dim or 0)
-    return require_finite(values, parameter, shards[0].parent)
+    return require_finite(result.numpy(), parameter, shards[0].parent)
 
 
 def _loader(shards, split: _Split, parameter: str, heads: int | None):
@@ -192,23 +209,29 @@ def _read_params(folder: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(params, dict):
         raise UserError(f"{path}: not Meta's model parameters (a JSON object with dim, n_layers, n_heads, ...)")
+    for key, what in (("quantization_args", "a quantized release"), ("lora_args", "a QLoRA release")):
+        if params.get(key):
+            raise UserError(f"{path}: {what} ({key}); llama-export reads Meta's bf16 checkpoints")
     if "moe_args" in params or "vision_args" in params or "n_experts" in params:
         raise UserError(f"{path}: a LLaMA 4 (mixture of experts) checkpoint in Meta's layout is not supported; "
                         "export its Hugging Face folder")
     return params
 
 
+_LARGEST = 1 << 31  # beyond any model's size: refuses numbers that would overflow what is computed from them
+
+
 def _whole(params: dict, key: str, path: Path, default=None) -> int:
     value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"{path}: '{key}' is {value!r}; expected a positive whole number")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _LARGEST:
+        raise UserError(f"{path}: '{key}' is {str(value)[:40]}; expected a positive whole number")
     return value
 
 
 def _number(params: dict, key: str, path: Path, default: float) -> float:
     value = params.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise UserError(f"{path}: '{key}' is {value!r}; expected a positive number")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < _LARGEST:
+        raise UserError(f"{path}: '{key}' is {str(value)[:40]}; expected a positive number")
     return float(value)
 
 
@@ -225,6 +248,8 @@ def _config(params: dict, folder: Path, vocab_rows: int, tied: bool, special_ids
 
     path = folder / "params.json"
     dim, layers, heads = (_whole(params, key, path) for key in ("dim", "n_layers", "n_heads"))
+    if dim % heads or (dim // heads) % 2:
+        raise UserError(f"{path}: dim {dim} over {heads} heads is not an even head size (RoPE rotates pairs)")
     kv_heads = _whole(params, "n_kv_heads", path, heads)
     multiplier = params.get("ffn_dim_multiplier")
     if multiplier is not None:
@@ -240,8 +265,9 @@ def _config(params: dict, folder: Path, vocab_rows: int, tied: bool, special_ids
                     low_freq_factor=1.0, high_freq_factor=_number(params, "high_freq_factor", path, 4.0),
                     original_max_position_embeddings=8192)
     # params.json does not say how long a context the model was trained for; the generation's known lengths
-    positions = params.get("max_seq_len") or (131072 if params.get("use_scaled_rope")
+    positions = params.get("max_seq_len") or (131072 if params.get("use_scaled_rope") else 16384 if theta == 1e6
                                               else 8192 if theta >= 500000 else 4096)
+    positions = _whole({"max_seq_len": positions}, "max_seq_len", path)
     try:
         return LlamaConfig(vocab_size=vocab_rows, hidden_size=dim, intermediate_size=intermediate,
                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -21,7 +21,9 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIAL_COUNT = 256
 _MAX_FILE = 64 << 20  # LLaMA 3's file is 2.2 MB
-_RANK_LINE = re.compile(rb"[A-Za-z0-9+/=]+ \d+")
+# a token of at most 512 bytes (LLaMA 3's longest is far shorter; the BPE conversion is quadratic in it), a rank
+# below 10^10
+_RANK_LINE = re.compile(rb"[A-Za-z0-9+/=]{1,684} \d{1,10}")
 
 
 def llama3_special_tokens(scaled_rope: bool) -> list[str]:
@@ -125,6 +127,9 @@ class MetaTokenizer:
             model = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as exc:
             raise UserError(f"{path}: neither a tiktoken rank file nor a SentencePiece model ({exc})") from None
+        if model.bos_id() < 0 or model.eos_id() < 0:
+            raise UserError(f"{path}: the SentencePiece model has no {'BOS' if model.bos_id() < 0 else 'EOS'} "
+                            "piece; LLaMA's generation needs both")
         if model.vocab_size() > vocab_rows:
             raise UserError(f"{path}: {model.vocab_size()} tokens, more than the embedding's {vocab_rows} rows")
         named = {"bos": model.bos_id(), "eos": model.eos_id(), "unk": model.unk_id()}
@@ -133,9 +138,9 @@ class MetaTokenizer:
         return cls(path, "sentencepiece", piece["bos"], [piece["eos"]] if piece["eos"] else [], piece["unk"], ids)
 
     def special_ids(self) -> dict:
-        """The config's bos/eos/pad ids (empty without a tokenizer: transformers' defaults)."""
-        if self.path is None:
-            return {}
+        """The config's bos/eos/pad ids (None without a tokenizer)."""
+        if self.path is None:  # no defaults: transformers' (1 and 2) would be wrong for LLaMA 3
+            return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
         eos = [self.ids[name] for name in self.eos]
         return {"bos_token_id": self.ids.get(self.bos), "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
                 "pad_token_id": None}
