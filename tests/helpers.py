@@ -85,14 +85,17 @@ def transformers_greedy(folder_or_model, prompt_ids: list[int], new_tokens: int)
     return out[0, len(prompt_ids):].tolist()
 
 
-def genai_greedy(folder: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """Greedy tokens from onnxruntime-genai on the package folder (it stops early at an end token)."""
+def genai_greedy(folder: Path, prompt_ids: list[int], new_tokens: int, model=None, adapter=None) -> list[int]:
+    """Greedy tokens from onnxruntime-genai on the package folder (it stops early at an end token); `model` an
+    og.Model already open, `adapter` (og.Adapters, name) one to make active."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    model = model or og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
     generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(*adapter)
     generator.append_tokens(prompt_ids)
     tokens = []
     while not generator.is_done():

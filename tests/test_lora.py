@@ -167,17 +167,7 @@ def test_runtime_adapters_switch_to_each_merge(tmp_path):
     prompt = [1, 17, 42, 99, 5, 250]
 
     def greedy(name):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-        generator = og.Generator(model, params)
-        if name:
-            generator.set_active_adapter(adapters, name)
-        generator.append_tokens(prompt)
-        tokens = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            tokens.append(int(generator.get_next_tokens()[0]))
-        return tokens
+        return genai_greedy(package, prompt, 16, model=model, adapter=(adapters, name) if name else None)
 
     expected = {name: transformers_greedy(peft_merged(hf, [(tmp_path / name, 1.0)]), prompt, 16)
                 for name in ("style", "domain")}

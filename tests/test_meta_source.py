@@ -129,12 +129,13 @@ def test_llama2_style_two_shards_export_matches_transformers(tmp_path):
 def test_meta_copy_of_default_model(tmp_path, default_gguf):
     """The default model (the HF original: transformers' model of the GGUF, bf16-exact) copied into Meta's layout,
     2 shards with a tiktoken tokenizer.model (256 bytes then SmolLM2's merges, LLaMA 3's 256 special tokens after):
-    it exports, verifies, its greedy tokens equal transformers' on the original, and its tokenizer encodes text as
-    tiktoken does with that file and LLaMA 3's split pattern."""
+    it exports, verifies (against its own source, then `verify --reference` the HF original), its greedy tokens
+    equal transformers' on the original, and its tokenizer encodes text as tiktoken does with that file and LLaMA
+    3's split pattern."""
     import onnxruntime_genai as og
     import tiktoken
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from llama_export.exporter.sources.meta_tokenizer import LLAMA3_PATTERN, llama3_special_tokens
 
@@ -161,6 +162,14 @@ def test_meta_copy_of_default_model(tmp_path, default_gguf):
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-3
     prompt = [1, 504, 3458, 282, 4649, 314, 253, 1345]
     assert genai_greedy(package, prompt, 20) == transformers_greedy(original, prompt, 20)
+    # `verify` with the HF original as its reference, saved as a Hugging Face folder (a GGUF-loaded model will not
+    # save itself)
+    settings = {key: value for key, value in config.to_dict().items() if key != "quantization_config"}
+    saved = LlamaForCausalLM(LlamaConfig(**settings))
+    saved.load_state_dict(original.state_dict())
+    saved.save_pretrained(tmp_path / "hf-original")
+    result = run_cli("verify", str(package), "--reference", str(tmp_path / "hf-original"), "--tokens", "8")
+    assert result.returncode == 0, result.stdout + result.stderr
 
     special = llama3_special_tokens(False)
     encoding = tiktoken.Encoding("meta-copy", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,

@@ -182,10 +182,10 @@ def adapter_deltas(folder: Path, weight: float, checkpoint: Checkpoint) -> tuple
 
 def _merged(info: WeightInfo, deltas: list[LowRankDelta]) -> WeightInfo:
     """The tensor with its deltas added when read; the source's own quantized blocks no longer describe it."""
-    replaced = [delta.load_base for delta in deltas if delta.load_base is not None]
+    replaced = [delta.base_rows for delta in deltas if delta.base_rows is not None]
 
     def rows(start: int, stop: int) -> np.ndarray:
-        values = replaced[-1]()[start:stop].copy() if replaced else info.rows(start, stop)
+        values = replaced[-1](start, stop) if replaced else info.rows(start, stop)
         values = values if values.flags.writeable else values.copy()
         for delta in deltas:
             values += delta.rows(start, stop)
