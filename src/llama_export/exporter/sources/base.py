@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,17 @@ def require_finite(values: np.ndarray, tensor: str, path: Path) -> np.ndarray:
             raise UserError(f"{path}: tensor '{tensor}' holds {int(bad.sum())} NaN or Inf values (first at index "
                             f"{tuple(int(i) for i in np.argwhere(bad)[0])}); the checkpoint is corrupt")
     return values
+
+
+def read_json_object(path: Path, expected: str) -> dict:
+    """A JSON file holding an object; anything else refused in one line (`expected` says what it should hold)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not {expected}")
+    return value
 
 
 def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:

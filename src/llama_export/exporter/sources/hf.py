@@ -14,6 +14,7 @@ from llama_export.exporter.sources.base import (
     WeightInfo,
     check_llama_config,
     check_weights_match_config,
+    read_json_object,
     require_finite,
     require_supported,
 )
@@ -29,12 +30,7 @@ def _load_config(folder: Path):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise UserError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{config_path}: not a config (a JSON object with model_type, hidden_size, ...)")
+    raw = read_json_object(config_path, "a config (a JSON object with model_type, hidden_size, ...)")
     from llama_export.families import family_for_multimodal
 
     multimodal = family_for_multimodal(raw.get("model_type"))

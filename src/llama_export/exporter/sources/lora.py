@@ -4,7 +4,6 @@ LoRA). Only the adapter's small matrices are read when the adapter is opened."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_export.exporter.errors import UserError
-from llama_export.exporter.sources.base import Checkpoint, WeightInfo, require_finite
+from llama_export.exporter.sources.base import Checkpoint, WeightInfo, read_json_object, require_finite
 
 _PREFIX = "base_model.model."
 # PEFT saves a targeted embedding's or output layer's own weight beside its LoRA pair (as "base_layer")
@@ -55,12 +54,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / "adapter_config.json"
     if not path.is_file():
         raise UserError(f"--lora {folder}: no adapter_config.json (expected a PEFT LoRA adapter folder)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a PEFT adapter config (a JSON object with r, lora_alpha, ...)")
+    config = read_json_object(path, "a PEFT adapter config (a JSON object with r, lora_alpha, ...)")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: a {config['peft_type']} adapter; llama-export merges LoRA adapters only")
     refused = {"use_dora": "DoRA adapters", "fan_in_fan_out": "fan_in_fan_out (GPT-2 style) layers",

@@ -4,7 +4,6 @@ them; a shard's pickle is read by PyTorch's weights-only loader, which refuses a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from llama_export.exporter.sources.base import (
     WeightInfo,
     check_llama_config,
     check_weights_match_config,
+    read_json_object,
     require_finite,
     unpermute_rows,
 )
@@ -203,12 +203,7 @@ def _rows_loader(shards, split: _Split, parameter: str):
 
 def _read_params(folder: Path) -> dict:
     path = folder / "params.json"
-    try:
-        params = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path}: not Meta's model parameters (a JSON object with dim, n_layers, n_heads, ...)")
+    params = read_json_object(path, "Meta's model parameters (a JSON object with dim, n_layers, n_heads, ...)")
     for key, what in (("quantization_args", "a quantized release"), ("lora_args", "a QLoRA release")):
         if params.get(key):
             raise UserError(f"{path}: {what} ({key}); llama-export reads Meta's bf16 checkpoints")
