@@ -66,7 +66,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     from llama_export.names import FROM_CACHE
 
     progress.begin("Tracing with torch.onnx (dynamo, opset 23), weights not loaded")
-    model = trace_to_onnx(checkpoint)
+    with progress.ticking("tracing"):
+        model = trace_to_onnx(checkpoint)
     progress.end(f"{sum(1 for _ in model.graph)} nodes" + (", traced earlier (from the cache)"
                                                             if model.meta.get(FROM_CACHE) else ""))
 
@@ -88,10 +89,12 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     if hints is not None and hints.hessians:
         order_by_layer(model, config)
     progress.begin("Writing the package (weights streamed one tensor at a time)")
-    pkg.save_model(model, staging, progress=progress.counter("weights"))
+    pkg.save_model(model, staging, progress=progress.counter("weights written", "tensor"))
     io = pkg.io_dims(model)
     pkg.write_json(staging / "genai_config.json",
                    pkg.genai_config(model, config, context, target.model_file, threads=target.genai_threads))
+    pkg.write_json(staging / "config.json", pkg.hf_config(config, checkpoint.family.causal_lm, context))
+    pkg.write_json(staging / "generation_config.json", pkg.generation_config(config, context))
     weight_bytes = target.weights_summary(model)
     quantization = requantization_errors(passes, progress.log)
     if quant is not None and quant.eight_bit_weights:
@@ -110,7 +113,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
 
     quant = hints = None  # the calibration stream and its last layer's state
     export_memory.hand_back_freed_memory()
-    return Built(steps=progress.step, io=io, context=context, vocab_size=config.vocab_size, block_size=block_size,
+    return Built(steps=progress.step, stages=progress.stages, io=io, context=context, vocab_size=config.vocab_size,
+                 block_size=block_size,
                  weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
                  manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **quantization,
                            **runtime_adapters})

@@ -16,6 +16,7 @@ from llama_export.exporter.progress import Progress
 class Built:
     """What the rest of the export needs from the build (plain values: it may cross a process boundary)."""
     steps: int  # progress steps taken
+    stages: list  # each step's title, seconds and peak memory (Progress.stages)
     io: dict
     context: int
     vocab_size: int
@@ -34,7 +35,7 @@ def build_elsewhere(options, source: Path, staging: Path, progress: Progress) ->
                   [t for name, t in targets.TARGETS.items() if name not in targets.BUILT_IN])
     built = call_in_child(__name__, "build_child", (options, source, staging, progress.total, progress.quiet,
                                                     registered), "the export's build")
-    progress.step = built.steps
+    progress.step, progress.stages = built.steps, [{**stage, "process": "build"} for stage in built.stages]
     return built
 
 

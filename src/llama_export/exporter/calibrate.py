@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from llama_export.exporter.errors import UserError
-from llama_export.exporter.progress import format_seconds
+from llama_export.exporter.progress import counter_for
 from llama_export.exporter.sources import Checkpoint
 
 WINDOW = 256
@@ -244,7 +243,8 @@ class CalibrationStream:
         self.hidden = embed(self.checkpoint, windows)
         self.positions = torch.arange(windows.shape[1]).unsqueeze(0)
         self.position_embeddings = rotary(config)(self.hidden, self.positions)
-        self.layer, self.current, self.started = -1, {}, time.perf_counter()
+        self.layer, self.current = -1, {}
+        self.count = counter_for(self.log, "calibrated layer", "layer")
 
     def _advance(self) -> None:
         self.current = {}
@@ -262,13 +262,8 @@ class CalibrationStream:
                 if config.tie_word_embeddings:
                     self.current["model.embed_tokens.weight"] = head
         self.layer = index
-        if self.log and index < self.num_layers:
-            # Layers before this one were calibrated and quantized: their pace sets the estimate.
-            elapsed = time.perf_counter() - self.started
-            left = f", about {format_seconds(elapsed / index * (self.num_layers - index))} left for the layers" \
-                if index else ""
-            self.log(f"      layer {index + 1}/{self.num_layers} calibrated, quantizing ({format_seconds(elapsed)} "
-                     f"so far{left})")
+        if index < self.num_layers:  # layers before this one were calibrated and quantized: their pace is the rate
+            self.count(index + 1, self.num_layers)
 
     def _run_layer(self, index: int):
         """The layer's output over every window and X^T X / tokens of each linear input, run WINDOWS_AT_ONCE

@@ -14,6 +14,7 @@ PROG = "llama-export"
 EPILOG = """commands:
   llama-export [export options]     export a checkpoint to a package (this form)
   llama-export run PACKAGE ...      generate text from a package
+  llama-export chat PACKAGE ...     a conversation with a package, in its chat template
   llama-export verify PACKAGE ...   compare a package with the PyTorch reference
   llama-export eval MODEL --text F   perplexity of a package or a source model on a text
   llama-export plan --target T ...  will a model fit the device? (config only)
@@ -99,6 +100,9 @@ def export_parser() -> Parser:
                         help="greedy tokens per prompt checked by verify (default: 32)")
     _quality_gates(parser)
     parser.add_argument("--report", action="store_true", help="print a per-pass table (sites, nodes before/after)")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="write the result for CI: package path, file sizes, seconds and peak memory per step, "
+                             "parity")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the package path")
     return parser
 
@@ -106,14 +110,35 @@ def export_parser() -> Parser:
 def run_parser() -> Parser:
     parser = Parser(prog=f"{PROG} run", description="Generate text from a package with ONNX Runtime.")
     parser.add_argument("package", type=Path, help="package folder")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    parser.add_argument("--chat", action="store_true",
+                        help="one chat turn: the prompt as a user message in the package's chat template")
+    parser.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
     parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N", help="default: 64")
+    _sampling_options(parser)
+    return parser
+
+
+def chat_parser() -> Parser:
+    parser = Parser(prog=f"{PROG} chat",
+                    description="A conversation with a package in its chat template, replies streamed as they come. "
+                                "Type a message and Enter; /reset starts over, /exit (or Ctrl-D) ends. From a pipe, "
+                                "each line of stdin is one turn and each reply one paragraph of stdout. The "
+                                "conversation stays in the KV cache: a turn runs only its own tokens.")
+    parser.add_argument("package", type=Path, help="package folder")
+    parser.add_argument("--system", metavar="TEXT", help="a system message opening the conversation")
+    parser.add_argument("--max-new-tokens", type=_positive, default=256, metavar="N",
+                        help="longest reply in tokens (default: 256)")
+    _sampling_options(parser)
+    return parser
+
+
+def _sampling_options(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest (0: all)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     parser.add_argument("--threads", type=_positive, default=None, help="intra-op threads (default: all cores)")
-    return parser
 
 
 def verify_parser() -> Parser:
@@ -125,6 +150,9 @@ def verify_parser() -> Parser:
                         help="source model for the reference (default: the source recorded in manifest.json; the LoRA "
                              "adapters it records are merged into either)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw each prompt's per-position |logit difference|, top-1 agreement and KL divergence "
+                             "from the fp32 source as a PNG")
     parser.add_argument("--tokens", type=_positive, default=32, metavar="N",
                         help="greedy tokens per prompt (default: 32)")
     _quality_gates(parser)
@@ -217,26 +245,14 @@ def _share(text: str) -> float:
 
 
 def cmd_export(args) -> int:
-    from llama_export.exporter.errors import UserError
-    from llama_export.exporter.pipeline import ExportOptions, export
+    from llama_export.exporter.pipeline import ExportOptions, export_package
     from llama_export.exporter.sources.lora import parse_adapter
     from llama_export.exporter.verify import Gates
 
-    int4_only = {"--block-size": args.block_size, "--quant": args.quant, "--symmetric": args.symmetric,
-                 "--calibration-text": args.calibration_text, "--calibration-tokens": args.calibration_tokens,
-                 "--lm-head-bits": args.lm_head_bits, "--keep-embedding": args.keep_embedding,
-                 "--requantize": args.requantize, "--eight-bit-share": args.eight_bit_share is not None}
-    given = [flag for flag, value in int4_only.items() if value]
-    from llama_export.targets import get_target
-
-    precision = args.precision or get_target(args.target).default_precision
-    if given and precision != "int4":
-        raise UserError(f"{', '.join(given)} applies to --precision int4 only")
-    if args.runtime_lora and (args.target != "cpu" or precision != "fp32"):
-        raise UserError("--runtime-lora needs --target cpu --precision fp32 (quantized and TensorRT packages take "
-                        "adapters merged: --lora)")
-
-    output = export(ExportOptions(model=args.model, target=args.target, output=args.output, precision=args.precision,
+    if args.json is not None:
+        check_writable(args.json)
+    result = export_package(ExportOptions(
+                                  model=args.model, target=args.target, output=args.output, precision=args.precision,
                                   force=args.force, verify=args.verify, verify_tokens=args.verify_tokens,
                                   report=args.report, quiet=args.quiet, block_size=args.block_size,
                                   context=args.context,
@@ -248,22 +264,43 @@ def cmd_export(args) -> int:
                                   gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl),
                                   lora=tuple(parse_adapter(text) for text in args.lora),
                                   runtime_lora=tuple(path.expanduser() for path in args.runtime_lora)))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     if args.quiet:
-        print(output)
+        print(result.package)
     return 0
 
 
+def check_writable(path: Path) -> None:
+    """A result file's folder exists and the path is not a folder: checked before the long work."""
+    from llama_export.exporter.errors import UserError
+
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: its folder {path.parent} does not exist")
+
+
+def sampler_for(args, command: str):
+    """The sampling options as a Sampler; out-of-range values end the command as argparse's errors do."""
+    from llama_export.runtimes import Sampler
+
+    try:
+        return Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as exc:
+        print(f"{PROG} {command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_run(args) -> int:
-    from llama_export.runtimes import Sampler, generate
+    from llama_export.runtimes import generate
     from llama_export.runtimes.generate import TextStream
     from llama_export.runtimes.tokenizer import PackageTokenizer
 
-    try:
-        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    except ValueError as exc:
-        print(f"{PROG} run: error: {exc}", file=sys.stderr)
-        return 2
+    sampler = sampler_for(args, "run")
     package = open_for_run(args.package, args.threads)
+    if args.chat:
+        return chat_turns(package, args, [args.prompt], sampler)
     tokenizer = PackageTokenizer(args.package)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -291,6 +328,57 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    sampler = sampler_for(args, "chat")
+    package = open_for_run(args.package, args.threads)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message and Enter; /reset starts over, /exit ends.", file=sys.stderr)
+    return chat_turns(package, args, read_turns(interactive), sampler)
+
+
+def read_turns(interactive: bool):
+    """Lines of stdin, with a prompt on a terminal; blank lines skipped."""
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        line = line.strip()
+        if line:
+            yield line
+
+
+def chat_turns(package, args, turns, sampler) -> int:
+    """Each turn's reply streamed to stdout, its numbers to stderr."""
+    from llama_export.runtimes.chat import Chat
+
+    chat = Chat(package, args.package, system=args.system, sampler=sampler, max_new_tokens=args.max_new_tokens)
+    if chat.template is None:
+        print(f"note: {args.package} has no chat template (tokenizer_config.json's chat_template or "
+              "chat_template.jinja); each message is continued as raw text", file=sys.stderr)
+    for text in turns:
+        if text == "/exit":
+            break
+        if text == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        start, count = time.perf_counter(), 0
+        for piece in chat.say(text):
+            count += 1
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        took = time.perf_counter() - start
+        print(f"[{count} tokens in {took:.2f}s; {chat.prompt_tokens_run} prompt tokens run, "
+              f"{len(chat.cached)} in the cache]", file=sys.stderr)
+    return 0
+
+
 def open_for_run(folder: Path, threads: int | None):
     """A package's engine with TensorRT where it has one and TensorRT runs here; else its ONNX graph on the CPU."""
     from llama_export.runtimes import OnnxPackage
@@ -306,48 +394,27 @@ def open_for_run(folder: Path, threads: int | None):
 
 
 def cmd_verify(args) -> int:
-    from llama_export.exporter.errors import UserError
-    from llama_export.exporter.sources import open_checkpoint
-    from llama_export.exporter.verify import TOLERANCES, Gates, check_same_shape, verify_package
-    from llama_export.runtimes.onnx_package import PackageLayout
-    from llama_export.targets.package import MANIFEST, is_package
+    from llama_export.exporter.api import verify
 
-    if not args.package.is_dir():
-        raise UserError(f"package not found: {args.package}")
-    if not is_package(args.package):
-        raise UserError(f"{args.package}: not a llama-export package (no manifest.json from this tool)")
-    manifest = json.loads((args.package / MANIFEST).read_text())
-    source = args.reference or manifest["source"]["path"]
-    if not args.reference and not Path(source).exists():
-        raise UserError(f"the package's source model is gone ({source}); pass --reference SRC")
-    precision = manifest["precision"]
-    if precision not in TOLERANCES:
-        raise UserError(f"no tolerance defined for precision '{precision}'")
-    adapters = recorded_adapters(manifest, args.package)
-    checkpoint = open_checkpoint(source, adapters)  # the package's LoRA adapters merged into the reference too
-    check_same_shape(PackageLayout(args.package), checkpoint)  # before anything is printed or run
-    print(f"Verifying {args.package} ({manifest['target']}, {precision}) against {source}", file=sys.stderr)
-    result = verify_package(args.package, checkpoint, precision, new_tokens=args.tokens,
-                            log=lambda m: print(m, file=sys.stderr), gates=Gates(args.min_top1, args.max_kl))
+    for path in (args.json, args.plot):
+        if path is not None:
+            check_writable(path)
+    from llama_export.exporter.progress import Progress
+
+    result = verify(args.package, reference=args.reference, tokens=args.tokens, min_top1=args.min_top1,
+                    max_kl=args.max_kl, log=Progress(0).log)  # its bars for the reference's layers
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        from llama_export.exporter.plots import plot_parity
+
+        plot_parity(result, args.plot, title=f"{args.package.name}: {result['precision']} against PyTorch")
+        print(f"plot written to {args.plot}", file=sys.stderr)
     if result["non_finite"]:
         print(f"FAILED: {result['non_finite']}")
         return 1
     print(summary(result))
     return 0 if result["passed"] else 1
-
-
-def recorded_adapters(manifest: dict, package: Path) -> list[tuple[str, float]]:
-    """The LoRA adapters the manifest says were merged, as (folder, weight)."""
-    from llama_export.exporter.errors import UserError
-
-    entries = manifest.get("source", {}).get("lora", [])
-    try:
-        adapters = [(str(entry["path"]), float(entry["weight"])) for entry in entries]
-    except (TypeError, KeyError, ValueError):
-        raise UserError(f"{package / 'manifest.json'}: source.lora is not a list of {{path, weight}}") from None
-    return adapters
 
 
 def summary(result: dict) -> str:
@@ -480,6 +547,7 @@ def cmd_programs(args) -> int:
 
 COMMANDS = {
     "run": (run_parser, cmd_run),
+    "chat": (chat_parser, cmd_chat),
     "verify": (verify_parser, cmd_verify),
     "eval": (eval_parser, cmd_eval),
     "targets": (targets_parser, cmd_targets),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,14 +62,40 @@ def default_output(source: Path, target: str, precision: str) -> Path:
     return Path(f"{name.split('.')[0].lower()}-{target}-{precision}")
 
 
+@dataclass
+class ExportResult:
+    """A finished export: the package folder, its manifest (files, parity), and each step's seconds and the
+    peak memory of the process it ran in by its end."""
+
+    package: Path
+    manifest: dict
+    stages: list
+    seconds: float
+
+    def as_dict(self) -> dict:
+        files = self.manifest.get("files", {})
+        return {"package": str(self.package.resolve()), "target": self.manifest["target"],
+                "precision": self.manifest["precision"], "files": files, "total_bytes": sum(files.values()),
+                "seconds": round(self.seconds, 2), "stages": self.stages,
+                "peak_memory_gb": max((stage["peak_memory_gb"] for stage in self.stages), default=None),
+                "parity": self.manifest.get("parity")}
+
+
 def export(options: ExportOptions) -> Path:
+    return export_package(options).package
+
+
+def export_package(options: ExportOptions) -> ExportResult:
+    started = time.perf_counter()
     with contextlib.ExitStack() as claims:
-        return _export(options, claims)
+        package, manifest, stages = _export(options, claims)
+    return ExportResult(package, manifest, stages, time.perf_counter() - started)
 
 
-def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
+def _export(options: ExportOptions, claims: contextlib.ExitStack) -> tuple[Path, dict, list]:
     target = get_target(options.target)
     precision = options.precision or target.default_precision
+    check_options(options, precision)
     target.check_request(precision, options.lm_head_bits)
     progress = Progress(5 if options.verify else 4, quiet=options.quiet)
     if options.output is not None:
@@ -101,7 +128,21 @@ def _export(options: ExportOptions, claims: contextlib.ExitStack) -> Path:
         pkg.write_json(staging / pkg.MANIFEST, manifest)
         raise_if_terminated()  # a SIGTERM Python dropped (see exporter/signals.py) still stops the swap
     progress.log(f"Package written to {output}")
-    return output
+    return output, manifest, progress.stages
+
+
+def check_options(options: ExportOptions, precision: str) -> None:
+    """Options that apply to some precisions or targets only (named as the CLI's flags)."""
+    int4_only = {"--block-size": options.block_size, "--quant": options.quant_method, "--symmetric": options.symmetric,
+                 "--calibration-text": options.calibration_text, "--calibration-tokens": options.calibration_tokens,
+                 "--lm-head-bits": options.lm_head_bits, "--keep-embedding": not options.quantize_embedding,
+                 "--requantize": options.requantize, "--eight-bit-share": options.eight_bit_share is not None}
+    given = [flag for flag, value in int4_only.items() if value]
+    if given and precision != "int4":
+        raise UserError(f"{', '.join(given)} applies to --precision int4 only")
+    if options.runtime_lora and (options.target != "cpu" or precision != "fp32"):
+        raise UserError("--runtime-lora needs --target cpu --precision fp32 (quantized and TensorRT packages take "
+                        "adapters merged: --lora)")
 
 
 def run_reference_steps(model_path: Path, io: dict, ids: list[int]):

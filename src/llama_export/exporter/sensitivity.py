@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from llama_export.exporter.calibrate import (
     load_layer,
 )
 from llama_export.exporter.errors import UserError
-from llama_export.exporter.progress import format_seconds
+from llama_export.exporter.progress import counter_for
 from llama_export.exporter.sources import Checkpoint
 
 # Calibration windows the scores are summed over: 8 ranked the default model's matrices as well as 16 did
@@ -128,17 +127,12 @@ class _Steps:
     ones (a forward and its backward through the layer)."""
 
     def __init__(self, layers: int, log):
-        self.layers, self.log, self.units, self.started = layers, log, 0, time.perf_counter()
-        self.passes = {"forward": 0, "backward": 0}
+        self.layers, self.units = layers, 0
+        self.count = counter_for(log, "8-bit choice (a layer's backward counts 3)", "step")
 
     def done(self, what: str) -> None:
-        self.passes[what] += 1
         self.units += 1 if what == "forward" else 3
-        if self.log:
-            elapsed = time.perf_counter() - self.started
-            left = elapsed / self.units * (4 * self.layers - self.units)
-            self.log(f"      8-bit choice: layer {self.passes[what]}/{self.layers} {what} "
-                     f"({format_seconds(elapsed)} so far, about {format_seconds(left)} left)")
+        self.count(self.units, 4 * self.layers)
 
 
 def _output_gradient(checkpoint: Checkpoint, config, last: torch.Tensor) -> torch.Tensor:

@@ -87,12 +87,11 @@ class StreamedReference:
 
     def __call__(self, sequences: list[list[int]], log=None) -> list[np.ndarray]:
         """Logits [tokens, vocab] of each sequence, every position."""
-        import time
 
         import torch
 
         from llama_export.exporter.calibrate import embed, final_norm, float_tensor, layer_output, load_layer
-        from llama_export.exporter.progress import format_seconds
+        from llama_export.exporter.progress import counter_for
 
         config, checkpoint = self.config, self.checkpoint
         family = checkpoint.family
@@ -103,7 +102,7 @@ class StreamedReference:
         # eager attention takes the causal mask explicitly (where the family's layer_mask is None)
         causal = [torch.full((len(ids), len(ids)), torch.finfo(torch.float32).min).triu(1)[None, None]
                   for ids in sequences]
-        started = time.perf_counter()
+        count = counter_for(log, "reference layer", "layer")
         with torch.no_grad():
             for index in range(config.num_hidden_layers):
                 layer = load_layer(checkpoint, index, config)
@@ -113,11 +112,7 @@ class StreamedReference:
                                 position_ids=positions[j], position_embeddings=position_embeddings[j])
                     hidden[j] = layer_output(out)
                 del layer
-                if log:
-                    elapsed = time.perf_counter() - started
-                    left = elapsed / (index + 1) * (config.num_hidden_layers - index - 1)
-                    log(f"      reference layer {index + 1}/{config.num_hidden_layers} ({format_seconds(elapsed)} so "
-                        f"far, about {format_seconds(left)} left)")
+                count(index + 1, config.num_hidden_layers)
             norm = final_norm(checkpoint, config)
             normed = [norm(h)[0] for h in hidden]
         head = checkpoint.weight("lm_head.weight")
@@ -370,7 +365,9 @@ def _compare(runs, references, tolerance: Tolerance | None, log) -> dict:
         reference_next = theirs[len(prompt) - 1:].argmax(-1)
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference_next)) if a != b), len(tokens))
         per_prompt.append({"prompt_tokens": len(prompt), "max_abs_logit_diff": diff, "greedy_tokens_matched": prefix,
-                           "top1_agreement": float(top1.mean())})
+                           "top1_agreement": float(top1.mean()), "per_position": {  # for verify --plot
+                               "max_abs_logit_diff": [float(f"{d:.4g}") for d in np.abs(ours - theirs).max(-1)],
+                               "top1_agrees": [bool(t) for t in top1], "kl": [float(f"{k:.4g}") for k in kl]}})
         compared, matched = compared + len(tokens), matched + prefix
         if log:
             log(f"  prompt {len(per_prompt)}: max |logit diff| {diff:.2e}, greedy {prefix}/{len(tokens)} tokens match")

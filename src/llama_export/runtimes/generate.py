@@ -37,6 +37,13 @@ class Decoder:
         """Logits after one more token, [vocab]."""
         return self._run([token])[-1]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (the cache's tensors are [batch, heads, positions, head size])."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} of {self.length} cached positions")
+        self.past = [tensor[:, :, :length] for tensor in self.past]
+        self.length = length
+
 
 def generate(package, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler | None = None,
              stop_ids: set[int] | None = None) -> Iterator[int]:

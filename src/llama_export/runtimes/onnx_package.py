@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_export import names
+from llama_export.errors import LlamaExportError
 from llama_export.runtimes.mapped_pages import paged_out_while_loading
 from llama_export.runtimes.streamed_head import StreamedHeadSession, split_head
 
@@ -17,7 +18,7 @@ GRAPH_ONLY_BYTES = 64 << 20  # a larger .onnx file holds weights itself: not rea
 PAGE_OUT_FROM_BYTES = 1 << 30  # smaller packages' weights fit beside their packed copies
 
 
-class PackageError(Exception):
+class PackageError(LlamaExportError):
     """The folder is not a package this runtime can run; reported as one line."""
 
 

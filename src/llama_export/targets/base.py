@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from llama_export.errors import LlamaExportError
 from llama_export.passes import GraphPass
 from llama_export.targets.presets import QuantPreset
 from llama_export.targets.tensorrt_ops import ParserSupport
@@ -18,7 +19,7 @@ from llama_export.targets.tensorrt_ops import ParserSupport
 GENERIC_INT4 = QuantPreset("generic")
 
 
-class TargetError(Exception):
+class TargetError(LlamaExportError):
     """A target cannot take this model or output; reported as one line."""
 
 

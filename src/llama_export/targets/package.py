@@ -105,5 +105,25 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
     }
 
 
+def hf_config(config, architecture: str, context: int) -> dict:
+    """config.json for Hugging Face tools (transformers' AutoConfig and tokenizer loaders, Optimum's
+    ORTModelForCausalLM): the source's config, with the package's context and its cache in use."""
+    data = config.to_diff_dict()
+    data.update(architectures=[architecture], use_cache=True, max_position_embeddings=context)
+    rope = data.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # where transformers 4 reads it
+        data.setdefault("rope_theta", rope["rope_theta"])
+    data.pop("quantization_config", None)  # the package's own precision is in manifest.json
+    return data
+
+
+def generation_config(config, context: int) -> dict:
+    """generation_config.json: the end and padding tokens, greedy by default as `llama-export run` is."""
+    eos = config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False,
+            "max_length": context}
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
