@@ -93,7 +93,7 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     io = pkg.io_dims(model)
     pkg.write_json(staging / "genai_config.json",
                    pkg.genai_config(model, config, context, target.model_file, threads=target.genai_threads))
-    pkg.write_json(staging / "config.json", pkg.hf_config(config, checkpoint.family.causal_lm, context))
+    pkg.write_json(staging / "config.json", pkg.hf_config(config, checkpoint.family.causal_lm))
     pkg.write_json(staging / "generation_config.json", pkg.generation_config(config, context))
     weight_bytes = target.weights_summary(model)
     quantization = requantization_errors(passes, progress.log)

@@ -320,7 +320,7 @@ def cmd_run(args) -> int:
         count += 1
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.flush() + "\n")
     end = time.perf_counter()
     decode_rate = (count - 1) / (end - first) if count > 1 and end > first else 0.0
     print(f"[{count} tokens; prompt {len(prompt)} tokens in {first - start:.2f}s; decode {decode_rate:.1f} tok/s]",
@@ -366,15 +366,14 @@ def chat_turns(package, args, turns, sampler) -> int:
             chat.reset()
             print("[conversation reset]", file=sys.stderr)
             continue
-        start, count = time.perf_counter(), 0
+        start = time.perf_counter()
         for piece in chat.say(text):
-            count += 1
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
         took = time.perf_counter() - start
-        print(f"[{count} tokens in {took:.2f}s; {chat.prompt_tokens_run} prompt tokens run, "
+        print(f"[{chat.reply_tokens} tokens in {took:.2f}s; {chat.prompt_tokens_run} prompt tokens run, "
               f"{len(chat.cached)} in the cache]", file=sys.stderr)
     return 0
 

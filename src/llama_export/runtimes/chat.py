@@ -48,7 +48,8 @@ class ChatTemplate:
 
 class Chat:
     """One conversation: `say` streams the reply to a user message; `reset` starts over. `prompt_tokens_run` tells
-    how many tokens the last turn ran through the model before replying (the cache held the rest)."""
+    how many tokens the last turn ran through the model before replying (the cache held the rest),
+    `reply_tokens` how many its reply has."""
 
     def __init__(self, package, folder: Path, system: str | None = None, sampler: Sampler | None = None,
                  max_new_tokens: int = 256):
@@ -62,7 +63,7 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.decoder = Decoder(self.package)
         self.cached: list[int] = []  # the token ids the KV cache holds, in order
-        self.prompt_tokens_run = 0
+        self.prompt_tokens_run = self.reply_tokens = 0
 
     def say(self, text: str) -> Iterator[str]:
         """The reply's text, piece by piece as tokens come; the message and reply join the conversation."""
@@ -91,7 +92,9 @@ class Chat:
             if step < self.max_new_tokens - 1:
                 logits = self.decoder.decode(token)
                 self.cached.append(token)
-        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply)})
+        yield stream.flush()
+        self.reply_tokens = len(reply)
+        self.messages.append({"role": "assistant", "content": stream.emitted})
 
     def _feed(self, prompt: list[int]):
         """Runs the part of `prompt` the cache does not hold; returns the last position's logits. Where the cache

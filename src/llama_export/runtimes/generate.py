@@ -73,3 +73,9 @@ class TextStream:
             return ""
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+    def flush(self) -> str:
+        """What is held back at the end (bytes that never completed a character, shown as U+FFFD)."""
+        text = self.decode(self.ids)
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece

@@ -105,11 +105,12 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
     }
 
 
-def hf_config(config, architecture: str, context: int) -> dict:
+def hf_config(config, architecture: str) -> dict:
     """config.json for Hugging Face tools (transformers' AutoConfig and tokenizer loaders, Optimum's
-    ORTModelForCausalLM): the source's config, with the package's context and its cache in use."""
+    ORTModelForCausalLM): the source's config, its cache in use (the package's --context is generation_config's
+    max_length)."""
     data = config.to_diff_dict()
-    data.update(architectures=[architecture], use_cache=True, max_position_embeddings=context)
+    data.update(architectures=[architecture], use_cache=True)
     rope = data.get("rope_parameters") or {}
     if "rope_theta" in rope:  # where transformers 4 reads it
         data.setdefault("rope_theta", rope["rope_theta"])
