@@ -66,3 +66,28 @@ def run_measured(command: list[str], env: dict | None = None) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{result.stderr[-2000:]}")
     return {"seconds": seconds, "peak_rss_mb": peak / 1024}
+
+
+def add_chart_option(parser, name: str) -> None:
+    parser.add_argument("--chart", type=Path, default=Path(f"{name}.png"), metavar="FILE.png",
+                        help=f"where the comparison table is drawn as a bar chart (default: ./{name}.png)")
+
+
+def report_table(title: str, header: list[str], rows: list[list], chart: Path | None) -> None:
+    """The comparison table as aligned text on stdout (first column left, the rest right), and as a PNG chart with
+    one panel of bars per numeric column at `chart`."""
+    from llama_export.exporter.plots import plot_table
+
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    print(f"\n{title}")
+    print(line([str(h) for h in header]))
+    for row in cells:
+        print(line(row))
+    if chart is not None:
+        plot_table(title, header, cells, chart)
+        print(f"chart: {chart}", file=sys.stderr)

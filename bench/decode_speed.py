@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import default_model_as_hf_folder, with_session_options  # noqa: E402
+from bench._common import add_chart_option, default_model_as_hf_folder, report_table, with_session_options  # noqa: E402,E501
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--precision", default="fp32")
+    add_chart_option(parser, "decode_speed")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
     packages = build(work, args.precision, [], [])
@@ -54,13 +55,11 @@ def main() -> None:
             prefill[name] += result["prefill"]
         print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s" for n in names),
               file=sys.stderr)
-    print(f"\n{args.precision} cpu package, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, "
-          f"median of {args.runs}")
-    print(f"{'package':<28} {'decode tok/s':>13} {f'prefill {args.prefill} ms':>15} {'size MB':>8}")
     sizes = {n: sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) / 1e6 for n, path in packages.items()}
-    for name in names:
-        print(f"{name:<28} {statistics.median(decode[name]):>13.1f} {statistics.median(prefill[name]) * 1e3:>15.0f} "
-              f"{sizes[name]:>8.0f}")
+    report_table(f"{args.precision} cpu package, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, "
+                 f"median of {args.runs}", ["package", "decode tok/s", f"prefill {args.prefill} ms", "size MB"],
+                 [[name, f"{statistics.median(decode[name]):.1f}", f"{statistics.median(prefill[name]) * 1e3:.0f}",
+                   f"{sizes[name]:.0f}"] for name in names], args.chart)
     ours, theirs, same = names
     for label, other in (("builder", theirs), ("builder with the same session options", same)):
         speed = statistics.median(decode[ours]) / statistics.median(decode[other])

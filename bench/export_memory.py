@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import default_model_as_hf_folder, run_measured  # noqa: E402
+from bench._common import add_chart_option, default_model_as_hf_folder, report_table, run_measured  # noqa: E402
 
 
 def folder_mb(folder: Path) -> float:
@@ -24,6 +24,7 @@ def folder_mb(folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    add_chart_option(parser, "export_memory")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-bench-"))
     hf = default_model_as_hf_folder(work / "hf")
@@ -42,9 +43,9 @@ def main() -> None:
     rows["llama-export (GGUF source)"]["mb"] = folder_mb(work / "ours-gguf")
     rows["llama-export (HF folder)"]["mb"] = folder_mb(work / "ours-hf")
     rows["onnxruntime-genai builder"]["mb"] = folder_mb(work / "genai")
-    print(f"{'exporter':<28} {'seconds':>8} {'peak RSS MB':>12} {'package MB':>11}")
-    for name, row in rows.items():
-        print(f"{name:<28} {row['seconds']:>8.1f} {row['peak_rss_mb']:>12.0f} {row['mb']:>11.0f}")
+    report_table("export of the default model, fp32 cpu", ["exporter", "seconds", "peak RSS MB", "package MB"],
+                 [[name, f"{row['seconds']:.1f}", f"{row['peak_rss_mb']:.0f}", f"{row['mb']:.0f}"]
+                  for name, row in rows.items()], args.chart)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

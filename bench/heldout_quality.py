@@ -38,15 +38,16 @@ class HeldoutQuality:
                 for name, w in self.windows.items()}
 
 
-def table(results: dict[str, dict[str, dict]]) -> str:
-    """Perplexity change over fp32 and mean KL per package and text, as a text table."""
+def report_quality(results: dict[str, dict[str, dict]], chart) -> None:
+    """Perplexity change over fp32 and mean KL per package and text: a text table and its chart."""
+    from bench._common import report_table
+
     names = list(next(iter(results.values())))
     first = next(iter(results.values()))
-    lines = ["fp32 PyTorch perplexity: " + ", ".join(f"{n} {first[n]['reference_perplexity']:.2f}" for n in names),
-             f"{'package':<34}" + "".join(f"{n:>22}" for n in names),
-             f"{'':<34}" + "".join(f"{'ppl vs fp32, mean KL':>22}" for _ in names)]
-    for package, by_text in results.items():
-        cells = [f"{(s['perplexity'] / s['reference_perplexity'] - 1) * 100:+.1f}% {s['mean_kl']:.4f}"
-                 for s in (by_text[n] for n in names)]
-        lines.append(f"{package:<34}" + "".join(f"{c:>22}" for c in cells))
-    return "\n".join(lines)
+    header = ["package"] + [f"{n} {what}" for n in names for what in ("ppl vs fp32", "mean KL")]
+    rows = [[package] + [cell for s in (by_text[n] for n in names)
+                         for cell in (f"{(s['perplexity'] / s['reference_perplexity'] - 1) * 100:+.1f}%",
+                                      f"{s['mean_kl']:.4f}")]
+            for package, by_text in results.items()]
+    report_table("held-out text; fp32 PyTorch perplexity: " + ", ".join(
+        f"{n} {first[n]['reference_perplexity']:.2f}" for n in names), header, rows, chart)

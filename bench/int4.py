@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import default_model_as_hf_folder, with_session_options  # noqa: E402
-from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
+from bench._common import add_chart_option, default_model_as_hf_folder, report_table, with_session_options  # noqa: E402,E501
+from bench.heldout_quality import HeldoutQuality, report_quality  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="working folder, reused between runs (default: a temporary one)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
+    add_chart_option(parser, "int4")
     args = parser.parse_args()
     from llama_export.exporter.evaluate import package_perplexity, source_perplexity
 
@@ -97,13 +98,12 @@ def main() -> None:
             rates[name] += measure(packages[name], args.new_tokens)["decode"]
         print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names), file=sys.stderr)
 
-    print(f"\nINT4 cpu packages, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, median of "
-          f"{args.runs}; perplexity on {HELDOUT.name} (fp32 PyTorch: {reference:.3f})")
-    print(f"{'package':<34} {'decode tok/s':>12} {'size MB':>8} {'perplexity':>11} {'vs fp32':>8}")
-    for name in names:
-        ppl = perplexity[name]
-        print(f"{name:<34} {statistics.median(rates[name]):>12.1f} {size_mb(packages[name]):>8.1f} {ppl:>11.3f} "
-              f"{(ppl / reference - 1) * 100:>+7.1f}%")
+    report_table(f"INT4 cpu packages, onnxruntime-genai runtime, batch 1, {args.new_tokens} new tokens, median of "
+                 f"{args.runs}; perplexity on {HELDOUT.name} (fp32 PyTorch: {reference:.3f})",
+                 ["package", "decode tok/s", "size MB", "perplexity", "vs fp32"],
+                 [[name, f"{statistics.median(rates[name]):.1f}", f"{size_mb(packages[name]):.1f}",
+                   f"{perplexity[name]:.3f}", f"{(perplexity[name] / reference - 1) * 100:+.1f}%"] for name in names],
+                 args.chart)
     for block in (32, 128):
         ours, theirs = f"llama-export b{block} (HF)", f"builder b{block}"
         decode = statistics.median(rates[ours]) / statistics.median(rates[theirs])
@@ -125,7 +125,7 @@ def main() -> None:
     quality = HeldoutQuality(work / "hf")
     scored = {name: quality.of(path) for name, path in packages.items() if not name.endswith("our options")}
     print("\nOn the held-out texts of every kind (256-token windows):")
-    print(table(scored))
+    report_quality(scored, args.chart.with_name(args.chart.stem + '-heldout.png'))
 
 
 if __name__ == "__main__":

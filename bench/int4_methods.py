@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import default_model_as_hf_folder  # noqa: E402
-from bench.heldout_quality import HeldoutQuality, table  # noqa: E402
+from bench._common import add_chart_option, default_model_as_hf_folder  # noqa: E402
+from bench.heldout_quality import HeldoutQuality, report_quality  # noqa: E402
 
 OLD_CALIBRATION = Path(__file__).resolve().parent.parent / "src/llama_export/exporter/data/calibration.txt"
 
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), metavar="NAME")
     parser.add_argument("--fresh", action="store_true", help="rebuild packages already in --work")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the scores as JSON")
+    add_chart_option(parser, "int4_methods")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -69,7 +70,7 @@ def main() -> None:
     for name, package in packages.items():
         results[name] = quality.of(package)
         print(f"scored {name}", file=sys.stderr)
-    print(table(results))
+    report_quality(results, args.chart)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import UNCACHED, default_model_as_hf_folder  # noqa: E402
+from bench._common import UNCACHED, add_chart_option, default_model_as_hf_folder, report_table  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parent.parent / "src" / "llama_export" / "exporter" / "data" / "heldout.txt"
 
@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin tools")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llama-export-kquant")
     parser.add_argument("--types", default="Q4_K_M,Q5_K_M,Q6_K", help="llama-quantize types, comma-separated")
+    add_chart_option(parser, "kquant")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     files = make_files(args.llama_cpp, args.work, args.types.split(","))
@@ -163,13 +164,12 @@ def main() -> None:
         row["ppl_vs_transformers"] = row["package_ppl"] / row["transformers_ppl"] - 1
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'type':<8} {'file MB':>8} {'package MB':>10} {'weights equal':>14} {'package ppl':>12} "
-          f"{'transformers':>12} {'diff':>7} {'llama.cpp':>10}")
-    for r in rows:
-        llama = f"{r['llama_cpp_ppl']:.3f}" if r["llama_cpp_ppl"] else "-"
-        equal = f"{r['weights_equal']}/{r['weights_equal'] + len(r['weights_differ'])}"
-        print(f"{r['type']:<8} {r['file_mb']:>8.1f} {r['package_mb']:>10.1f} {equal:>14} {r['package_ppl']:>12.3f} "
-              f"{r['transformers_ppl']:>12.3f} {r['ppl_vs_transformers']:>+7.2%} {llama:>10}")
+    report_table("GGUF K-quant files carried into cpu packages", ["type", "file MB", "package MB", "weights equal",
+                                                                    "package ppl", "transformers", "diff", "llama.cpp"],
+                 [[r["type"], f"{r['file_mb']:.1f}", f"{r['package_mb']:.1f}",
+                   f"{r['weights_equal']}/{r['weights_equal'] + len(r['weights_differ'])}", f"{r['package_ppl']:.3f}",
+                   f"{r['transformers_ppl']:.3f}", f"{r['ppl_vs_transformers']:+.2%}",
+                   f"{r['llama_cpp_ppl']:.3f}" if r["llama_cpp_ppl"] else "-"] for r in rows], args.chart)
     (args.work / "kquant.json").write_text(json.dumps(rows, indent=2))
 
 

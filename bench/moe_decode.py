@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from helpers import write_tiny_tokenizer  # noqa: E402  (the tests' small BPE tokenizer)
 
+from bench._common import add_chart_option, report_table  # noqa: E402
 from bench.measure_package import alternating, measure, paired_ratio  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def size_mb(package: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
+    add_chart_option(parser, "moe_decode")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--expert-width", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=16)
@@ -80,10 +82,10 @@ def main() -> None:
             rates[name].append(statistics.median(measure(packages[name], args.new_tokens)["decode"]))
         print(f"round {run + 1}: " + ", ".join(f"{n} {r[-1]:.1f} tok/s" for n, r in rates.items()), flush=True)
     active = 6 * args.hidden * args.expert_width
-    print(f"\nhidden {args.hidden}, {args.layers} layers, {args.experts} experts of width {args.expert_width} "
-          f"(active MLP weights per layer {active / 1e6:.1f}M in both)")
-    for name, package in packages.items():
-        print(f"  {name:<6} {size_mb(package):8.1f} MB  decode median {statistics.median(rates[name]):.1f} tok/s")
+    report_table(f"hidden {args.hidden}, {args.layers} layers, {args.experts} experts of width {args.expert_width} "
+                 f"(active MLP weights per layer {active / 1e6:.1f}M in both)", ["package", "size MB", "decode tok/s"],
+                 [[name, f"{size_mb(package):.1f}", f"{statistics.median(rates[name]):.1f}"]
+                  for name, package in packages.items()], args.chart)
     ratio = paired_ratio(rates["dense"], rates["moe"])
     print(f"  dense / MoE decode time ratio (paired median): MoE takes {ratio:.2f}x the dense package's time per "
           f"token ({'within' if ratio <= 1.3 else 'NOT within'} 1.3x)")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import UNCACHED  # noqa: E402
+from bench._common import UNCACHED, add_chart_option, report_table  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep the packages (default: each is removed once measured)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    add_chart_option(parser, "scale")
     args = parser.parse_args()
     from bench._common import default_model_as_hf_folder
 
@@ -260,6 +261,10 @@ def main() -> None:
             for run in args.runs.split(","):
                 if not run.startswith("verify"):
                     shutil.rmtree(args.work / f"{shape}-{run}", ignore_errors=True)
+    report_table("random-weight checkpoints of real shapes: seconds and peak memory per run",
+                 ["run", "seconds", "peak RSS MB"],
+                 [[f"{row['shape']} {row['run']}" + ("" if row["returncode"] == 0 else " (failed)"),
+                   f"{row['seconds']:.1f}", f"{row['peak_rss_mb']:.0f}"] for row in results], args.chart)
 
 
 if __name__ == "__main__":

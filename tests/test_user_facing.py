@@ -237,3 +237,19 @@ def test_verify_plot_writes_a_png(tiny_package, tmp_path):
     image = matplotlib.image.imread(str(plot))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 300 and image.shape[1] > 600
     assert image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def test_bench_tables_are_drawn_as_charts(tmp_path, capsys):
+    sys.path.insert(0, str(REPO))
+    from bench._common import report_table
+
+    chart = tmp_path / "table.png"
+    report_table("decode speed", ["package", "decode tok/s", "size MB", "vs fp32"],
+                 [["ours", "41.2", "98", "+3.1%"], ["theirs", "38.0", "102", "-"]], chart)
+    text = capsys.readouterr().out.splitlines()
+    assert text[1] == "decode speed"
+    assert text[2:] == ["package  decode tok/s  size MB  vs fp32", "ours             41.2       98    +3.1%",
+                        "theirs           38.0      102        -"]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(chart)).shape[0] > 300

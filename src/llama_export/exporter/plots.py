@@ -59,13 +59,13 @@ def plot_parity(result: dict, path: Path, title: str) -> None:
 def plot_table(title: str, header: list[str], rows: list[list], path: Path) -> None:
     """A bench table as grouped bars: one group per row (its first cell names it), one bar per numeric column."""
     plt = _pyplot()
-    columns = [i for i in range(1, len(header)) if all(_number(row[i]) is not None for row in rows)]
+    columns = [i for i in range(1, len(header)) if any(_number(row[i]) is not None for row in rows)]
     if not columns or not rows:
         return
     figure, axes = plt.subplots(len(columns), 1, figsize=(max(6, 1.2 * len(rows) + 2), 2.4 * len(columns) + 0.6),
                                 squeeze=False)
     for axis, column in zip(axes[:, 0], columns):
-        values = [_number(row[column]) for row in rows]
+        values = [_number(row[column]) or 0.0 for row in rows]  # a missing figure ("-") draws no bar
         bars = axis.bar([str(row[0]) for row in rows], values, color="#4c72b0")
         axis.bar_label(bars, labels=[str(row[column]) for row in rows], fontsize=7)
         axis.set_ylabel(header[column], fontsize=8)
@@ -77,7 +77,7 @@ def plot_table(title: str, header: list[str], rows: list[list], path: Path) -> N
 
 def _number(cell) -> float | None:
     try:
-        return float(str(cell).rstrip("%x").split()[0])
+        return float(str(cell).split()[0].rstrip("%x"))
     except (ValueError, IndexError):
         return None
 
