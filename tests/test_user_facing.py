@@ -179,9 +179,27 @@ print(json.dumps(out[0, ids.shape[1]:].tolist()))
 """
 
 
+OPTIMUM_BATCH_SCRIPT = """
+import sys, torch
+from optimum.onnxruntime import ORTModelForCausalLM
+model = ORTModelForCausalLM.from_pretrained(sys.argv[1])
+a, b = [5, 17, 33, 41, 9, 12, 80], [7, 19, 3]
+pad = len(a) - len(b)
+ids = torch.tensor([a, [0] * pad + b])
+mask = torch.tensor([[1] * len(a), [0] * pad + [1] * len(b)])
+out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+for row, p in zip(out, (a, b)):
+    t = torch.tensor([p])
+    alone = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=10, min_new_tokens=10,
+                           do_sample=False)
+    print(row[len(a):].tolist() == alone[0, len(p):].tolist())
+"""
+
+
 @pytest.mark.skipif(not OPTIMUM_PYTHON, reason="set LLAMA_EXPORT_OPTIMUM_PYTHON to a Python with optimum-onnx "
                                                "installed (it pins transformers 4: a venv of its own)")
-def test_optimum_opens_the_cpu_package_and_generates_transformers_tokens(default_package, default_gguf):
+def test_optimum_opens_the_cpu_package_and_generates_transformers_tokens(default_package, default_gguf, tiny_models,
+                                                                        tmp_path):
     from llama_export.exporter.sources import open_checkpoint
     from llama_export.exporter.verify import reference_model
 
@@ -191,6 +209,14 @@ def test_optimum_opens_the_cpu_package_and_generates_transformers_tokens(default
     assert result.returncode == 0, result.stderr
     theirs = json.loads(result.stdout.strip().splitlines()[-1])
     assert theirs == transformers_greedy(reference_model(open_checkpoint(default_gguf)), ids, 32)
+    # --layout optimum: a left-padded batch through Optimum's generate gives each sequence's own tokens
+    out = tmp_path / "optimum"
+    assert run_cli("--model", str(tiny_models["llama2-gqa"]), "--layout", "optimum", "-o", str(out),
+                   "-q").returncode == 0
+    result = subprocess.run([OPTIMUM_PYTHON, "-c", OPTIMUM_BATCH_SCRIPT, str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
 
 
 def test_export_json_and_progress_lines(tiny_models, tmp_path):
@@ -253,3 +279,50 @@ def test_bench_tables_are_drawn_as_charts(tmp_path, capsys):
     import matplotlib.image
 
     assert matplotlib.image.imread(str(chart)).shape[0] > 300
+
+
+def padded_batch_logits(package: Path, sequences: list[list[int]]):
+    """Logits of every real position of each sequence, run as one left-padded batch and one by one, by ONNX
+    Runtime fed as Optimum feeds it (position_ids from the mask where the graph takes them)."""
+    import numpy as np
+
+    runner = OnnxPackage(package)
+    longest = max(len(s) for s in sequences)
+
+    def run(rows):
+        width = max(len(r) for r in rows)
+        ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int64)
+        mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+        positions = np.maximum(mask.cumsum(-1) - 1, 0)
+        logits, _ = runner.forward(ids, mask, positions, runner.empty_cache(len(rows)))
+        return [logits[i, width - len(r):] for i, r in enumerate(rows)]
+
+    assert longest > min(len(s) for s in sequences)
+    return run(sequences), [run([s])[0] for s in sequences]
+
+
+def test_optimum_layout_runs_left_padded_batches(tiny_models, tmp_path):
+    import numpy as np
+    import onnx
+
+    sequences = [[5, 17, 33, 41, 9, 12, 80], [7, 19, 3]]
+    out = tmp_path / "optimum"
+    result = run_cli("--model", str(tiny_models["llama2-gqa"]), "--layout", "optimum", "--output", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "position_ids" in [i.name for i in graph.input]
+    assert not any(n.op_type == "GroupQueryAttention" for n in graph.node)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layout"] == "optimum" and manifest["parity"]["passed"]
+    batched, alone = padded_batch_logits(out, sequences)
+    for ours, single in zip(batched, alone):
+        assert np.abs(ours - single).max() < 1e-4
+    # the default layout's GroupQueryAttention reads a left-padded row wrongly: why the layout exists
+    default = tmp_path / "genai"
+    assert run_cli("--model", str(tiny_models["llama2-gqa"]), "--output", str(default), "-q",
+                   "--no-verify").returncode == 0
+    batched, alone = padded_batch_logits(default, sequences)
+    assert np.abs(batched[1] - alone[1]).max() > 1e-2 and np.abs(batched[0] - alone[0]).max() < 1e-4
+    refused = run_cli("--model", str(tiny_models["llama2-gqa"]), "--layout", "optimum", "--target", "jetson-orin",
+                      "--output", str(tmp_path / "x"))
+    assert refused.returncode == 1 and "--layout optimum is for --target cpu" in refused.stderr

@@ -76,6 +76,10 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     if precision == "int4":  # with --eight-bit-share, its gradient pass runs here
         quant, hints = quantization_plan(options, block_size, checkpoint, preset, progress.log)
     passes = target.pipeline(precision, config, quant, hints)
+    if options.layout == "optimum":  # plain attention over the traced mask: padded batches, position_ids an input
+        from llama_export.passes.attention import FuseGroupQueryAttention
+
+        passes = [p for p in passes if not isinstance(p, FuseGroupQueryAttention)]
     lora_inputs = None
     if options.runtime_lora:
         from llama_export.exporter.runtime_adapters import lora_inputs_pass
@@ -116,7 +120,8 @@ def build(options: ExportOptions, source: Path, staging: Path, progress: Progres
     return Built(steps=progress.step, stages=progress.stages, io=io, context=context, vocab_size=config.vocab_size,
                  block_size=block_size,
                  weight_bytes=weight_bytes, report=format_report(reports) if options.report else None,
-                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), **quantization,
+                 manifest={**build_manifest(checkpoint, target.name, precision, io, reports), "layout": options.layout,
+                           **quantization,
                            **runtime_adapters})
 
 

@@ -89,6 +89,11 @@ def export_parser() -> Parser:
                             "package), else 0")
     quant.add_argument("--keep-embedding", action="store_true",
                        help="keep the embedding table at full precision instead of GatherBlockQuantized")
+    parser.add_argument("--layout", choices=("genai", "optimum"), default="genai",
+                        help="genai (default): GroupQueryAttention, onnxruntime-genai's fast layout; Optimum's "
+                             "ORTModelForCausalLM runs it one sequence at a time. optimum: plain attention over the "
+                             "attention mask with a position_ids input, for Optimum and left-padded batches (cpu "
+                             "target)")
     parser.add_argument("--context", type=_positive, metavar="N",
                         help="longest sequence the package serves: the memory plan, TensorRT shape profiles and "
                              "genai max_length (default: the model's, at most 4096)")
@@ -263,7 +268,8 @@ def cmd_export(args) -> int:
                                   eight_bit_share=args.eight_bit_share,
                                   gates=Gates(min_top1=args.min_top1, max_kl=args.max_kl),
                                   lora=tuple(parse_adapter(text) for text in args.lora),
-                                  runtime_lora=tuple(path.expanduser() for path in args.runtime_lora)))
+                                  runtime_lora=tuple(path.expanduser() for path in args.runtime_lora),
+                                  layout=args.layout))
     if args.json is not None:
         args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     if args.quiet:

@@ -46,6 +46,7 @@ class ExportOptions:
     gates: Gates = Gates()  # verify's opt-in quality gates
     lora: tuple = ()  # (adapter folder, weight) pairs merged into the weights
     runtime_lora: tuple = ()  # adapter folders the package takes at run time (cpu, fp32)
+    layout: str = "genai"  # "optimum": no GroupQueryAttention, for Optimum's loop and padded batches (cpu)
 
 
 def resolve_model(model: str | None, log) -> Path:
@@ -140,6 +141,10 @@ def check_options(options: ExportOptions, precision: str) -> None:
     given = [flag for flag, value in int4_only.items() if value]
     if given and precision != "int4":
         raise UserError(f"{', '.join(given)} applies to --precision int4 only")
+    if options.layout not in ("genai", "optimum"):
+        raise UserError(f"unknown layout '{options.layout}'; choose genai or optimum")
+    if options.layout == "optimum" and options.target != "cpu":
+        raise UserError("--layout optimum is for --target cpu (Optimum's ORTModelForCausalLM runs ONNX Runtime)")
     if options.runtime_lora and (options.target != "cpu" or precision != "fp32"):
         raise UserError("--runtime-lora needs --target cpu --precision fp32 (quantized and TensorRT packages take "
                         "adapters merged: --lora)")
