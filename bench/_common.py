@@ -79,6 +79,9 @@ def report_table(title: str, header: list[str], rows: list[list], chart: Path | 
     from llama_export.exporter.plots import plot_table
 
     cells = [[str(c) for c in row] for row in rows]
+    if not cells:
+        print(f"\n{title}: nothing measured")
+        return
     widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
 
     def line(row):

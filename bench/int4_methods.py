@@ -70,9 +70,9 @@ def main() -> None:
     for name, package in packages.items():
         results[name] = quality.of(package)
         print(f"scored {name}", file=sys.stderr)
-    report_quality(results, args.chart)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report_quality(results, args.chart)
 
 
 if __name__ == "__main__":

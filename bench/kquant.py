@@ -164,13 +164,13 @@ def main() -> None:
         row["ppl_vs_transformers"] = row["package_ppl"] / row["transformers_ppl"] - 1
         rows.append(row)
         print(json.dumps(row), flush=True)
+    (args.work / "kquant.json").write_text(json.dumps(rows, indent=2))
     report_table("GGUF K-quant files carried into cpu packages", ["type", "file MB", "package MB", "weights equal",
                                                                     "package ppl", "transformers", "diff", "llama.cpp"],
                  [[r["type"], f"{r['file_mb']:.1f}", f"{r['package_mb']:.1f}",
                    f"{r['weights_equal']}/{r['weights_equal'] + len(r['weights_differ'])}", f"{r['package_ppl']:.3f}",
                    f"{r['transformers_ppl']:.3f}", f"{r['ppl_vs_transformers']:+.2%}",
                    f"{r['llama_cpp_ppl']:.3f}" if r["llama_cpp_ppl"] else "-"] for r in rows], args.chart)
-    (args.work / "kquant.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

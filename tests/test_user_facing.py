@@ -98,6 +98,12 @@ def test_chat_refuses_bad_input_in_one_line(tmp_path, tiny_package):
     assert result.returncode == 1 and "missing" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = chat_cli(tiny_package, "hello\n", "--temperature", "-1")
     assert result.returncode == 2 and "temperature" in result.stderr and "Traceback" not in result.stderr
+    # a turn that cannot run is one line and the next turn is still read
+    result = chat_cli(tiny_package, "hello\nworld\n", "--max-new-tokens", "600")
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 1 and len(errors) == 2 and all("context of 512" in line for line in errors)
+    assert "Traceback" not in result.stderr
+    assert run_cli("run", str(tiny_package), "--prompt", "x", "--system", "y").returncode == 2
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +332,19 @@ def test_optimum_layout_runs_left_padded_batches(tiny_models, tmp_path):
     refused = run_cli("--model", str(tiny_models["llama2-gqa"]), "--layout", "optimum", "--target", "jetson-orin",
                       "--output", str(tmp_path / "x"))
     assert refused.returncode == 1 and "--layout optimum is for --target cpu" in refused.stderr
+
+
+def test_generation_config_end_tokens_reach_the_package(tiny_models, tmp_path):
+    """An instruction model's end-of-turn token listed only in generation_config.json (LLaMA 3 Instruct's
+    <|eot_id|>) is one the package stops on."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama2-gqa"], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7]}))
+    out = tmp_path / "pkg"
+    result = run_cli("--model", str(folder), "--output", str(out), "--no-verify", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"] == [2, 7]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+    assert OnnxPackage(out).eos_token_ids == {2, 7}

@@ -11,25 +11,50 @@ from llama_export.exporter.errors import UserError
 
 
 def export(model: str | Path | None = None, target: str = "cpu", output: str | Path | None = None,
-           precision: str | None = None, *, progress: bool = False, lora=(), runtime_lora=(), **options):
+           precision: str | None = None, *, progress: bool = False, lora=(), runtime_lora=(),
+           min_top1: float | None = None, max_kl: float | None = None, **options):
     """Export `model` (a Hugging Face or Meta folder, a .gguf file; None: the default model) for `target` and
     verify it; returns an ExportResult (.package, .manifest, .stages, .seconds, .as_dict()). `progress` prints
     the steps and bars on stderr. Other keywords are ExportOptions' fields (block_size, quant_method, context,
-    verify, force, ...); `lora` takes folders or (folder, weight) pairs."""
+    verify, force, layout, ...); `lora` takes folders or (folder, weight) pairs, `runtime_lora` folders;
+    `min_top1` and `max_kl` are verify's quality gates."""
     from llama_export.exporter.pipeline import ExportOptions, export_package
     from llama_export.exporter.sources.lora import parse_adapter
+    from llama_export.exporter.verify import Gates
 
-    known = {f.name for f in fields(ExportOptions)} - {"model", "target", "output", "precision", "quiet", "lora",
-                                                        "runtime_lora"}
+    types = {f.name: f.type for f in fields(ExportOptions)}
+    known = set(types) - {"model", "target", "output", "precision", "quiet", "lora", "runtime_lora", "gates"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"export() got unknown option {unknown[0]!r}; options: {', '.join(sorted(known))}")
-    adapters = tuple(parse_adapter(str(a)) if isinstance(a, (str, Path)) else (str(a[0]), float(a[1]))
-                     for a in lora)
+    options = {name: _checked(name, value, types[name]) for name, value in options.items()}
+    if isinstance(lora, (str, Path)):
+        lora = [lora]
+    if isinstance(runtime_lora, (str, Path)):
+        runtime_lora = [runtime_lora]
+    try:
+        adapters = tuple(parse_adapter(str(a)) if isinstance(a, (str, Path)) else (str(a[0]), float(a[1]))
+                         for a in lora)
+    except (TypeError, ValueError, IndexError):
+        raise UserError("lora: give adapter folders or (folder, weight) pairs") from None
     return export_package(ExportOptions(
         model=None if model is None else str(model), target=target, precision=precision,
         output=None if output is None else Path(output), quiet=not progress, lora=adapters,
-        runtime_lora=tuple(Path(p).expanduser() for p in runtime_lora), **options))
+        runtime_lora=tuple(Path(p).expanduser() for p in runtime_lora), gates=Gates(min_top1, max_kl), **options))
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "Path": (str, Path), "str": (str,)}
+
+
+def _checked(name: str, value, annotation: str):
+    """An option's value checked against ExportOptions' annotation (a string: postponed); a path given as str
+    becomes a Path."""
+    if value is None and "None" in annotation:
+        return None
+    kinds = _KINDS.get(annotation.replace(" | None", ""))
+    if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+        raise UserError(f"export() option {name}={value!r}: expected {annotation}")
+    return Path(value) if annotation.startswith("Path") else value
 
 
 def verify(package: str | Path, reference: str | Path | None = None, tokens: int = 32, min_top1: float | None = None,
@@ -102,11 +127,11 @@ class LoadedPackage:
 
     def chat(self, message: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
-        """The reply to `message`, the conversation so far kept (in the KV cache too). `system` opens a new
-        conversation with that system message."""
+        """The reply to `message`, the conversation so far kept (in the KV cache too). A `system` message other
+        than the conversation's starts a new conversation with it."""
         from llama_export.runtimes.chat import Chat
 
-        if self._chat is None or system is not None:
+        if self._chat is None or (system is not None and system != self._chat.system):
             self._chat = Chat(self.package, self.folder, system=system)
         self._chat.sampler = _sampler(temperature, top_k, top_p, seed)
         self._chat.max_new_tokens = max_new_tokens

@@ -271,7 +271,7 @@ def cmd_export(args) -> int:
                                   runtime_lora=tuple(path.expanduser() for path in args.runtime_lora),
                                   layout=args.layout))
     if args.json is not None:
-        args.json.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        write_text(args.json, json.dumps(result.as_dict(), indent=2) + "\n")
     if args.quiet:
         print(result.package)
     return 0
@@ -285,6 +285,17 @@ def check_writable(path: Path) -> None:
         raise UserError(f"{path} is a folder; give a file name")
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}: its folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: permission denied")
+
+
+def write_text(path: Path, text: str) -> None:
+    from llama_export.exporter.errors import UserError
+
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def sampler_for(args, command: str):
@@ -304,6 +315,10 @@ def cmd_run(args) -> int:
     from llama_export.runtimes.tokenizer import PackageTokenizer
 
     sampler = sampler_for(args, "run")
+    if args.system and not args.chat:
+        print(f"{PROG} run: error: --system applies to --chat only", file=sys.stderr)
+        return 2
+    check_runnable(args.package)
     package = open_for_run(args.package, args.threads)
     if args.chat:
         return chat_turns(package, args, [args.prompt], sampler)
@@ -336,11 +351,12 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     sampler = sampler_for(args, "chat")
+    check_runnable(args.package)
     package = open_for_run(args.package, args.threads)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message and Enter; /reset starts over, /exit ends.", file=sys.stderr)
-    return chat_turns(package, args, read_turns(interactive), sampler)
+    return chat_turns(package, args, read_turns(interactive), sampler, interactive)
 
 
 def read_turns(interactive: bool):
@@ -357,14 +373,19 @@ def read_turns(interactive: bool):
             yield line
 
 
-def chat_turns(package, args, turns, sampler) -> int:
-    """Each turn's reply streamed to stdout, its numbers to stderr."""
+def chat_turns(package, args, turns, sampler, interactive: bool = False) -> int:
+    """Each turn's reply streamed to stdout, its numbers to stderr. A turn that fails (the context is full, the
+    template refuses the message) is reported in one line and the conversation goes on; on a terminal Ctrl-C
+    stops the reply, not the chat. Exit code 1 when a turn failed."""
+    from llama_export.errors import LlamaExportError
+    from llama_export.exporter.errors import one_line
     from llama_export.runtimes.chat import Chat
 
     chat = Chat(package, args.package, system=args.system, sampler=sampler, max_new_tokens=args.max_new_tokens)
     if chat.template is None:
         print(f"note: {args.package} has no chat template (tokenizer_config.json's chat_template or "
               "chat_template.jinja); each message is continued as raw text", file=sys.stderr)
+    failed = False
     for text in turns:
         if text == "/exit":
             break
@@ -372,16 +393,34 @@ def chat_turns(package, args, turns, sampler) -> int:
             chat.reset()
             print("[conversation reset]", file=sys.stderr)
             continue
-        start = time.perf_counter()
-        for piece in chat.say(text):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        start, reply = time.perf_counter(), chat.say(text)
+        try:
+            for piece in reply:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except LlamaExportError as exc:
+            failed = True
+            print(f"\n{PROG} chat: error: {one_line(exc)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            reply.close()
+            print("\n[reply stopped]", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
         took = time.perf_counter() - start
         print(f"[{chat.reply_tokens} tokens in {took:.2f}s; {chat.prompt_tokens_run} prompt tokens run, "
               f"{len(chat.cached)} in the cache]", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
+
+
+def check_runnable(folder: Path) -> None:
+    """A package's genai_config.json and tokenizer, checked before its model is loaded."""
+    from llama_export.runtimes.onnx_package import PackageLayout
+    from llama_export.runtimes.tokenizer import PackageTokenizer
+
+    PackageLayout(folder)
+    PackageTokenizer(folder)
 
 
 def open_for_run(folder: Path, threads: int | None):
@@ -400,26 +439,25 @@ def open_for_run(folder: Path, threads: int | None):
 
 def cmd_verify(args) -> int:
     from llama_export.exporter.api import verify
+    from llama_export.exporter.errors import UserError
+    from llama_export.exporter.progress import Progress
 
     for path in (args.json, args.plot):
         if path is not None:
             check_writable(path)
-    from llama_export.exporter.progress import Progress
-
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UserError(f"--plot {args.plot}: give a .png (or .svg, .pdf) file name")
     result = verify(args.package, reference=args.reference, tokens=args.tokens, min_top1=args.min_top1,
                     max_kl=args.max_kl, log=Progress(0).log)  # its bars for the reference's layers
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.plot:
+        write_text(args.json, json.dumps(result, indent=2) + "\n")
+    print(f"FAILED: {result['non_finite']}" if result["non_finite"] else summary(result))
+    if args.plot and not result["non_finite"]:
         from llama_export.exporter.plots import plot_parity
 
         plot_parity(result, args.plot, title=f"{args.package.name}: {result['precision']} against PyTorch")
         print(f"plot written to {args.plot}", file=sys.stderr)
-    if result["non_finite"]:
-        print(f"FAILED: {result['non_finite']}")
-        return 1
-    print(summary(result))
-    return 0 if result["passed"] else 1
+    return 0 if result["passed"] and not result["non_finite"] else 1
 
 
 def summary(result: dict) -> str:
@@ -571,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args, command = export_parser().parse_args(argv), cmd_export
     from llama_export.exporter.errors import UserError, one_line
+    from llama_export.exporter.progress import close_bars
     from llama_export.exporter.signals import Terminated, handle_sigterm
     from llama_export.runtimes import PackageError
     from llama_export.targets import TargetError
@@ -578,7 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     if command is cmd_export:  # the other commands write nothing to clean up: SIGTERM ends them at once
         handle_sigterm()
     try:
-        return command(args)
+        try:
+            return command(args)
+        finally:
+            close_bars()  # an unfinished bar's line ends before any message below
     except (UserError, PackageError, TargetError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1

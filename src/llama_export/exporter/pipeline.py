@@ -78,7 +78,7 @@ class ExportResult:
         return {"package": str(self.package.resolve()), "target": self.manifest["target"],
                 "precision": self.manifest["precision"], "files": files, "total_bytes": sum(files.values()),
                 "seconds": round(self.seconds, 2), "stages": self.stages,
-                "peak_memory_gb": max((stage["peak_memory_gb"] for stage in self.stages), default=None),
+                "peak_memory_gb": max((stage["peak_memory_gb"] or 0 for stage in self.stages), default=None),
                 "parity": self.manifest.get("parity")}
 
 

@@ -85,7 +85,7 @@ def _number(cell) -> float | None:
 def _save(figure, plt, path: Path) -> None:
     try:
         figure.savefig(path, dpi=110)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a format matplotlib does not write
+        raise UserError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from None
     finally:
         plt.close(figure)

@@ -4,7 +4,6 @@ and the time left on a terminal (tqdm), a plain line every tenth of the way othe
 from __future__ import annotations
 
 import contextlib
-import resource
 import sys
 import threading
 import time
@@ -76,6 +75,9 @@ class Progress:
             bar.close()
 
 
+_OPEN_BARS: list = []  # bars drawn and not finished: closed before an error is printed (close_bars)
+
+
 def _bar(label: str, unit: str, stream):
     """tqdm's bar, opened at the first call and closed when done reaches total."""
     from tqdm import tqdm
@@ -86,16 +88,29 @@ def _bar(label: str, unit: str, stream):
         raise_if_terminated()
         if not bars:
             bars.append(tqdm(total=total, desc=f"      {label}", unit=unit, file=stream, dynamic_ncols=True))
+            _OPEN_BARS.append(bars[0])
         bars[0].update(done - bars[0].n)
-        if done >= total:
+        if done >= total and bars[0] in _OPEN_BARS:
+            _OPEN_BARS.remove(bars[0])
             bars[0].close()
 
     return update
 
 
-def peak_memory_gb() -> float:
-    """This process's largest resident memory so far (Linux reports kilobytes)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
+def close_bars() -> None:
+    """End every unfinished bar's line, so a message printed next starts on a line of its own."""
+    while _OPEN_BARS:
+        _OPEN_BARS.pop().close()
+
+
+def peak_memory_gb() -> float | None:
+    """This process's largest resident memory so far (Linux reports kilobytes, macOS bytes; None on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 30 if sys.platform == "darwin" else 1 << 20), 3)
 
 
 def format_seconds(seconds: float) -> str:

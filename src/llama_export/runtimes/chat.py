@@ -83,18 +83,20 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         reply: list[int] = []
         stream = TextStream(self.tokenizer.decode)
-        for step in range(self.max_new_tokens):
-            token = self.sampler(logits)
-            if token in self.package.eos_token_ids:
-                break
-            reply.append(token)
-            yield stream.push(token)
-            if step < self.max_new_tokens - 1:
-                logits = self.decoder.decode(token)
-                self.cached.append(token)
-        yield stream.flush()
-        self.reply_tokens = len(reply)
-        self.messages.append({"role": "assistant", "content": stream.emitted})
+        try:
+            for step in range(self.max_new_tokens):
+                token = self.sampler(logits)
+                if token in self.package.eos_token_ids:
+                    break
+                reply.append(token)
+                yield stream.push(token)
+                if step < self.max_new_tokens - 1:
+                    logits = self.decoder.decode(token)
+                    self.cached.append(token)
+            yield stream.flush()
+        finally:  # a reply cut short (Ctrl-C, an error) still closes the turn: roles keep alternating
+            self.reply_tokens = len(reply)
+            self.messages.append({"role": "assistant", "content": stream.decode(reply) if reply else ""})
 
     def _feed(self, prompt: list[int]):
         """Runs the part of `prompt` the cache does not hold; returns the last position's logits. Where the cache
@@ -106,6 +108,7 @@ class Chat:
             keep += 1
         keep = min(keep, len(prompt) - 1)  # at least one token runs, for the next token's logits
         self.decoder.truncate(keep)
+        self.cached = self.cached[:keep]  # in step with the cache should the prefill fail
         self.prompt_tokens_run = len(prompt) - keep
         logits = self.decoder.prefill(prompt[keep:])[-1]
         self.cached = list(prompt)

@@ -47,6 +47,22 @@ def _load_config(folder: Path):
     return text, multimodal
 
 
+def _add_end_tokens(folder: Path, config) -> None:
+    """generation_config.json's end tokens join config.json's: an instruction model may end its turns with a token
+    only that file lists (LLaMA 3 Instruct's <|eot_id|>), and chat, run and Optimum stop on the package's."""
+    if not (folder / "generation_config.json").is_file():
+        return
+    raw = read_json_object(_inside(folder, "generation_config.json"), "a generation config (a JSON object)")
+    extra = raw.get("eos_token_id")
+    extra = extra if isinstance(extra, list) else [extra]
+    current = config.eos_token_id if isinstance(config.eos_token_id, list) else [
+        t for t in [config.eos_token_id] if t is not None]
+    added = [t for t in extra if type(t) is int and 0 <= t < config.vocab_size and t not in current]
+    if added:
+        merged = current + added
+        config.eos_token_id = merged[0] if len(merged) == 1 else merged
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -187,6 +203,7 @@ def _inside(folder: Path, name: str) -> Path:
 def open_hf_folder(folder: Path) -> Checkpoint:
     config, multimodal = _load_config(folder)
     check_llama_config(config, folder)
+    _add_end_tokens(folder, config)
     files = _safetensors_files(folder)
     weights: dict[str, WeightInfo] = {}
     for path in files:
