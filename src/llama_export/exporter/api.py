@@ -4,6 +4,7 @@ and raise LlamaExportError (UserError, PackageError, TargetError) with a one-lin
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -95,6 +96,29 @@ def recorded_adapters(manifest: dict, package: Path) -> list[tuple[str, float]]:
     return adapters
 
 
+def check_runnable(folder: Path):
+    """A package's genai_config.json and tokenizer (returned), checked before its model is loaded."""
+    from llama_export.runtimes.onnx_package import PackageLayout
+    from llama_export.runtimes.tokenizer import PackageTokenizer
+
+    PackageLayout(folder)
+    return PackageTokenizer(folder)
+
+
+def open_for_run(folder: Path, threads: int | None):
+    """A package's engine with TensorRT where it has one and TensorRT runs here; else its ONNX graph on the CPU."""
+    from llama_export.runtimes import OnnxPackage
+    from llama_export.runtimes.tensorrt_package import TensorRTPackage, has_engine, tensorrt_unavailable
+
+    if has_engine(folder):
+        missing = tensorrt_unavailable()
+        if missing is None:
+            return TensorRTPackage(folder)
+        print(f"note: not running model.engine ({missing}); running model.onnx with ONNX Runtime on the CPU",
+              file=sys.stderr)
+    return OnnxPackage(folder, threads=threads)
+
+
 def load(package: str | Path, threads: int | None = None) -> LoadedPackage:
     """A package ready to generate (ONNX Runtime on the CPU; its TensorRT engine where TensorRT runs here)."""
     return LoadedPackage(Path(package), threads)
@@ -104,12 +128,9 @@ class LoadedPackage:
     """`generate` continues text; `chat` holds a conversation in the package's chat template (`reset` ends it)."""
 
     def __init__(self, folder: Path, threads: int | None = None):
-        from llama_export.exporter.cli import open_for_run
-        from llama_export.runtimes.tokenizer import PackageTokenizer
-
         self.folder = folder
+        self.tokenizer = check_runnable(folder)
         self.package = open_for_run(folder, threads)
-        self.tokenizer = PackageTokenizer(folder)
         self._chat = None
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -132,7 +153,7 @@ class LoadedPackage:
         from llama_export.runtimes.chat import Chat
 
         if self._chat is None or (system is not None and system != self._chat.system):
-            self._chat = Chat(self.package, self.folder, system=system)
+            self._chat = Chat(self.package, self.folder, system=system, tokenizer=self.tokenizer)
         self._chat.sampler = _sampler(temperature, top_k, top_p, seed)
         self._chat.max_new_tokens = max_new_tokens
         return "".join(self._chat.say(message))

@@ -310,19 +310,18 @@ def sampler_for(args, command: str):
 
 
 def cmd_run(args) -> int:
+    from llama_export.exporter.api import check_runnable, open_for_run
     from llama_export.runtimes import generate
     from llama_export.runtimes.generate import TextStream
-    from llama_export.runtimes.tokenizer import PackageTokenizer
 
     sampler = sampler_for(args, "run")
     if args.system and not args.chat:
         print(f"{PROG} run: error: --system applies to --chat only", file=sys.stderr)
         return 2
-    check_runnable(args.package)
+    tokenizer = check_runnable(args.package)
     package = open_for_run(args.package, args.threads)
     if args.chat:
-        return chat_turns(package, args, [args.prompt], sampler)
-    tokenizer = PackageTokenizer(args.package)
+        return chat_turns(package, tokenizer, args, [args.prompt], sampler)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         print(f"{PROG} run: error: the prompt encodes to no tokens", file=sys.stderr)
@@ -350,13 +349,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from llama_export.exporter.api import check_runnable, open_for_run
+
     sampler = sampler_for(args, "chat")
-    check_runnable(args.package)
+    tokenizer = check_runnable(args.package)
     package = open_for_run(args.package, args.threads)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message and Enter; /reset starts over, /exit ends.", file=sys.stderr)
-    return chat_turns(package, args, read_turns(interactive), sampler, interactive)
+    return chat_turns(package, tokenizer, args, read_turns(interactive), sampler, interactive)
 
 
 def read_turns(interactive: bool):
@@ -373,7 +374,7 @@ def read_turns(interactive: bool):
             yield line
 
 
-def chat_turns(package, args, turns, sampler, interactive: bool = False) -> int:
+def chat_turns(package, tokenizer, args, turns, sampler, interactive: bool = False) -> int:
     """Each turn's reply streamed to stdout, its numbers to stderr. A turn that fails (the context is full, the
     template refuses the message) is reported in one line and the conversation goes on; on a terminal Ctrl-C
     stops the reply, not the chat. Exit code 1 when a turn failed."""
@@ -381,7 +382,8 @@ def chat_turns(package, args, turns, sampler, interactive: bool = False) -> int:
     from llama_export.exporter.errors import one_line
     from llama_export.runtimes.chat import Chat
 
-    chat = Chat(package, args.package, system=args.system, sampler=sampler, max_new_tokens=args.max_new_tokens)
+    chat = Chat(package, args.package, system=args.system, sampler=sampler, max_new_tokens=args.max_new_tokens,
+                tokenizer=tokenizer)
     if chat.template is None:
         print(f"note: {args.package} has no chat template (tokenizer_config.json's chat_template or "
               "chat_template.jinja); each message is continued as raw text", file=sys.stderr)
@@ -412,29 +414,6 @@ def chat_turns(package, args, turns, sampler, interactive: bool = False) -> int:
         print(f"[{chat.reply_tokens} tokens in {took:.2f}s; {chat.prompt_tokens_run} prompt tokens run, "
               f"{len(chat.cached)} in the cache]", file=sys.stderr)
     return 1 if failed else 0
-
-
-def check_runnable(folder: Path) -> None:
-    """A package's genai_config.json and tokenizer, checked before its model is loaded."""
-    from llama_export.runtimes.onnx_package import PackageLayout
-    from llama_export.runtimes.tokenizer import PackageTokenizer
-
-    PackageLayout(folder)
-    PackageTokenizer(folder)
-
-
-def open_for_run(folder: Path, threads: int | None):
-    """A package's engine with TensorRT where it has one and TensorRT runs here; else its ONNX graph on the CPU."""
-    from llama_export.runtimes import OnnxPackage
-    from llama_export.runtimes.tensorrt_package import TensorRTPackage, has_engine, tensorrt_unavailable
-
-    if has_engine(folder):
-        missing = tensorrt_unavailable()
-        if missing is None:
-            return TensorRTPackage(folder)
-        print(f"note: not running model.engine ({missing}); running model.onnx with ONNX Runtime on the CPU",
-              file=sys.stderr)
-    return OnnxPackage(folder, threads=threads)
 
 
 def cmd_verify(args) -> int:

@@ -48,8 +48,8 @@ class Progress:
                 last[0] = done * 10 // total
                 elapsed = time.perf_counter() - started
                 rate = f", {done / elapsed:.2f} {unit}/s" if 0 < done and elapsed > 0 else ""
-                left = f", about {format_seconds(elapsed / done * (total - done))} left" if 0 < done < total else ""
-                print(f"      {label} {done}/{total}{rate}{left}", file=self.stream, flush=True)
+                print(f"      {label} {done}/{total}{rate}{_time_left(elapsed, done, total)}", file=self.stream,
+                      flush=True)
 
         return update
 
@@ -113,6 +113,11 @@ def peak_memory_gb() -> float | None:
     return round(peak / (1 << 30 if sys.platform == "darwin" else 1 << 20), 3)
 
 
+def _time_left(elapsed: float, done: int, total: int) -> str:
+    """", about 1m05s left" at the pace so far; nothing before the first or after the last."""
+    return f", about {format_seconds(elapsed / done * (total - done))} left" if 0 < done < total else ""
+
+
 def format_seconds(seconds: float) -> str:
     """12s, 3m05s, 1h02m."""
     seconds = int(round(seconds))
@@ -136,7 +141,6 @@ def counter_for(log, label: str, unit: str = "it"):
         if log is None:
             return
         elapsed = time.perf_counter() - started
-        left = f", about {format_seconds(elapsed / done * (total - done))} left" if 0 < done < total else ""
-        log(f"      {label} {done}/{total} ({format_seconds(elapsed)} so far{left})")
+        log(f"      {label} {done}/{total} ({format_seconds(elapsed)} so far{_time_left(elapsed, done, total)})")
 
     return update

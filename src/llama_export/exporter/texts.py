@@ -25,10 +25,9 @@ def read(split: str, kind: str, render_chat: Callable[[list[dict]], str]) -> str
 def chat_renderer(tokenizer_folder: Path) -> Callable[[list[dict]], str]:
     """The chat template a tokenizer folder carries (tokenizer_config.json or chat_template.jinja), applied by
     transformers; without one, 'role: content' lines."""
-    config = tokenizer_folder / "tokenizer_config.json"
-    has_template = (tokenizer_folder / "chat_template.jinja").is_file() or (
-        config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8")))
-    if not has_template:
+    from llama_export.runtimes.chat import has_chat_template
+
+    if not has_chat_template(tokenizer_folder):
         return lambda messages: "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n"
     from transformers import PreTrainedTokenizerFast
 

@@ -87,7 +87,6 @@ class StreamedReference:
 
     def __call__(self, sequences: list[list[int]], log=None) -> list[np.ndarray]:
         """Logits [tokens, vocab] of each sequence, every position."""
-
         import torch
 
         from llama_export.exporter.calibrate import embed, final_norm, float_tensor, layer_output, load_layer
@@ -354,7 +353,8 @@ def _compare(runs, references, tolerance: Tolerance | None, log) -> dict:
         ours = np.asarray(ours)
         non_finite = non_finite or _first_non_finite(ours, "the package's", number) or _first_non_finite(
             theirs, "the PyTorch reference's (the source weights hold NaN or Inf)", number)
-        diff = float(np.max(np.abs(ours - theirs)))
+        position_diff = np.abs(ours - theirs).max(-1)
+        diff = float(np.max(position_diff))
         largest_logit = max(largest_logit, float(np.max(np.abs(theirs))))
         top1 = ours.argmax(-1) == theirs.argmax(-1)
         kl = kl_divergence(theirs, ours)
@@ -366,7 +366,7 @@ def _compare(runs, references, tolerance: Tolerance | None, log) -> dict:
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference_next)) if a != b), len(tokens))
         per_prompt.append({"prompt_tokens": len(prompt), "max_abs_logit_diff": diff, "greedy_tokens_matched": prefix,
                            "top1_agreement": float(top1.mean()), "per_position": {  # for verify --plot
-                               "max_abs_logit_diff": [float(f"{d:.4g}") for d in np.abs(ours - theirs).max(-1)],
+                               "max_abs_logit_diff": [float(f"{d:.4g}") for d in position_diff],
                                "top1_agrees": [bool(t) for t in top1], "kl": [float(f"{k:.4g}") for k in kl]}})
         compared, matched = compared + len(tokens), matched + prefix
         if log:

@@ -52,9 +52,9 @@ class Chat:
     `reply_tokens` how many its reply has."""
 
     def __init__(self, package, folder: Path, system: str | None = None, sampler: Sampler | None = None,
-                 max_new_tokens: int = 256):
+                 max_new_tokens: int = 256, tokenizer: PackageTokenizer | None = None):
         self.package, self.folder = package, Path(folder)
-        self.tokenizer = PackageTokenizer(folder)
+        self.tokenizer = tokenizer or PackageTokenizer(folder)
         self.template = ChatTemplate(folder) if has_chat_template(folder) else None
         self.system, self.sampler, self.max_new_tokens = system, sampler or Sampler(), max_new_tokens
         self.reset()

@@ -81,8 +81,7 @@ def genai_config(model: ir.Model, config, max_length: int | None = None, filenam
                 "num_key_value_heads": config.num_key_value_heads,
             },
             "eos_token_id": eos,
-            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else
-            (eos[0] if isinstance(eos, list) else eos),
+            "pad_token_id": pad_token(config),
             "type": family_of(config).genai_type,
             "vocab_size": config.vocab_size,
         },
@@ -120,10 +119,14 @@ def hf_config(config, architecture: str) -> dict:
 
 def generation_config(config, context: int) -> dict:
     """generation_config.json: the end and padding tokens, greedy by default as `llama-export run` is."""
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": pad_token(config),
+            "do_sample": False, "max_length": context}
+
+
+def pad_token(config) -> int | None:
+    """The config's padding token, else its (first) end token."""
     eos = config.eos_token_id
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False,
-            "max_length": context}
+    return config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
 
 
 def write_json(path: Path, data: dict) -> None:
